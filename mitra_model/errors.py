@@ -1,0 +1,81 @@
+"""One error hierarchy for the whole pipeline.
+
+Every class inherits `MitraBuildError` (so the CLI can turn any of them into a clean one-paragraph
+message without a traceback) and the builtin exception that fits, so callers that already catch
+`FileNotFoundError`, `PermissionError`, ... keep working. Messages say what failed, what was expected,
+what was found and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class MitraBuildError(Exception):
+    """Base class of every error the pipeline raises on purpose."""
+
+
+class ConfigError(MitraBuildError, ValueError):
+    """The build configuration (config/*.toml or a value passed in) is invalid."""
+
+
+class SnapshotError(MitraBuildError, ValueError):
+    """A checkpoint folder (config.json + model.safetensors) is missing, malformed or unsafe."""
+
+
+class ExportError(MitraBuildError, RuntimeError):
+    """`torch.onnx.export` failed or produced a file that does not match the I/O contract."""
+
+
+class OnnxCheckError(MitraBuildError, ValueError):
+    """`onnx.checker` or ONNX shape inference rejected the exported model."""
+
+
+class VerificationError(MitraBuildError, AssertionError):
+    """At least one cell of the verification matrix exceeded its tolerance.
+
+    Attributes:
+        failures: one human-readable line per failed cell (cell name, metric, value, tolerance).
+    """
+
+    def __init__(self, message: str, failures: list[str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+class HubError(MitraBuildError, OSError):
+    """Talking to the Hugging Face hub (or a mirror) failed."""
+
+
+class HubUnreachableError(HubError, ConnectionError):
+    """The hub endpoint could not be reached at all."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """The hub answered 401/403: the repo is gated or private, or HF_TOKEN is wrong."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """The repo, the revision or a required file does not exist on the hub."""
+
+
+class ChecksumMismatchError(MitraBuildError, ValueError):
+    """A file's SHA-256 differs from the digest it was supposed to have."""
+
+
+class PublishError(MitraBuildError, RuntimeError):
+    """Publishing to the artifact store failed or was refused."""
+
+
+class PullError(MitraBuildError, ValueError):
+    """A pulled release was refused: bad manifest, unsafe name, wrong digest or older version."""
+
+
+class VersionConflictError(PublishError):
+    """An object under an existing, immutable version already holds different bytes."""
+
+
+class StoreAuthError(PublishError, PermissionError):
+    """The S3 store refused the credentials (the message never contains the secret)."""
+
+
+class StoreUnreachableError(PublishError, ConnectionError):
+    """The S3 endpoint could not be reached."""
