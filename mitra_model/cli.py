@@ -1,0 +1,157 @@
+"""`mitra-build`: a thin command line over the library. Library errors become one-paragraph
+messages on stderr (no traceback) and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import MitraBuildError, VerificationError
+
+EXIT_ERROR = 2  # bad input or a failed stage
+EXIT_VERIFICATION_FAILED = 1
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .snapshot import write_synthetic_snapshot
+
+    config = load_config(args.config)
+    if args.size not in config.sizes:
+        raise MitraBuildError(f"--size {args.size!r} is not defined in the configuration (have: {', '.join(config.sizes)})")
+    snapshot = write_synthetic_snapshot(
+        args.output, task=args.task, size_name=args.size, size=config.sizes[args.size], seed=args.seed
+    )
+    weights = snapshot.digest("model.safetensors")
+    print(f"wrote SYNTHETIC {args.size} {args.task} snapshot (random weights, seed {args.seed}) to {snapshot.path}")
+    print(f"model.safetensors: {weights.size} bytes, sha256 {weights.sha256}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .check import check_onnx
+    from .config import load_config
+    from .export import export_onnx
+    from .snapshot import load_model
+
+    config = load_config(args.config)
+    model, snapshot = load_model(args.snapshot)
+    if snapshot.synthetic:
+        _say(f"note: {snapshot.path} is a SYNTHETIC snapshot (random weights); the ONNX file says so in its metadata")
+    _say(f"exporting {snapshot.path} (dim {model.config.dim}, {model.config.n_layers} layers) ...")
+    result = export_onnx(
+        model, args.output, opset=config.export.opset, trace_shape=config.export.trace_shape,
+        metadata=snapshot_metadata(snapshot),
+    )
+    try:
+        checked = check_onnx(result.path, config=model.config)
+    except MitraBuildError:
+        result.path.unlink(missing_ok=True)  # a file that fails the gate is not an export
+        raise
+    print(f"wrote {result.path} ({result.size} bytes, opset {result.opset}, {checked.n_nodes} nodes) in {result.seconds:.1f} s")
+    print(f"sha256 {result.sha256}")
+    return 0
+
+
+def snapshot_metadata(snapshot) -> dict[str, str]:  # noqa: ANN001 - Snapshot, imported lazily
+    return {
+        "mitra.weights_sha256": snapshot.digest("model.safetensors").sha256,
+        "mitra.synthetic": "true" if snapshot.synthetic else "false",
+    }
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_onnx
+    from .snapshot import read_model_config
+
+    model_config, _ = read_model_config(args.snapshot)
+    result = check_onnx(args.onnx, config=model_config)
+    print(f"{result.path}: onnx.checker (full) and strict shape inference passed; opset {result.opset}, {result.n_nodes} nodes")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .snapshot import load_model
+    from .verify import require_passed, verify_onnx, write_report
+
+    config = load_config(args.config)
+    model, _ = load_model(args.snapshot)
+    cells = config.verification.cells
+    done = 0
+
+    def show(cell) -> None:  # noqa: ANN001 - CellResult
+        nonlocal done
+        done += 1
+        status = "ok" if cell.passed else "FAIL " + "; ".join(cell.failures)
+        _say(f"[{done}/{len(cells)}] {cell.name} {cell.shape}: max abs {cell.max_abs_err:.2e} ({cell.onnx_seconds:.2f} s) {status}")
+
+    report = verify_onnx(
+        model, args.onnx, cells=cells, tolerance=config.verification.tolerance(args.precision),
+        precision=args.precision, seed=config.verification.seed, on_cell=show,
+    )
+    if args.report:
+        write_report(report, args.report, args.markdown)
+    print(report.to_markdown())
+    require_passed(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mitra-build", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mitra-build {__version__}")
+    parser.add_argument("--config", type=Path, default=None, help="configuration file (default: config/mitra-build.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write a synthetic snapshot (real architecture, random weights)")
+    synth.add_argument("--task", choices=("classification", "regression"), required=True)
+    synth.add_argument("--size", choices=("tiny", "full"), required=True)
+    synth.add_argument("--output", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
+
+    export = sub.add_parser("export", help="export a snapshot folder to ONNX (and run the check stage)")
+    export.add_argument("--snapshot", type=Path, required=True)
+    export.add_argument("--output", type=Path, required=True)
+    export.set_defaults(func=cmd_export)
+
+    check = sub.add_parser("check", help="onnx.checker + shape inference + I/O contract")
+    check.add_argument("--snapshot", type=Path, required=True, help="the snapshot the file was exported from")
+    check.add_argument("--onnx", type=Path, required=True)
+    check.set_defaults(func=cmd_check)
+
+    verify = sub.add_parser("verify", help="run the verification matrix (exit 1 if any cell fails)")
+    verify.add_argument("--snapshot", type=Path, required=True)
+    verify.add_argument("--onnx", type=Path, required=True)
+    verify.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    verify.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
+    verify.add_argument("--precision", default="fp32", help="tolerance set from the configuration (default fp32)")
+    verify.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VerificationError as exc:
+        _say(f"mitra-build {args.command}: {exc}")
+        return EXIT_VERIFICATION_FAILED
+    except MitraBuildError as exc:
+        _say(f"mitra-build {args.command}: error: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _say(f"mitra-build {args.command}: interrupted; no partial output was left in place")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The build configuration: `config/mitra-build.toml`, validated at load.
+
+This is the only module that reads the configuration file or the environment variable naming it;
+every other module receives typed values from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "mitra-build.toml"
+CONFIG_ENV_VAR = "MITRA_BUILD_CONFIG"
+
+TaskName = Literal["classification", "regression"]
+SizeName = Literal["tiny", "full"]
+DataKind = Literal["mixed", "continuous", "integer_ties", "large_magnitude", "constant"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Shape(_Strict):
+    batch: int = Field(ge=1)
+    n_support: int = Field(ge=1)
+    n_query: int = Field(ge=1)
+    n_features: int = Field(ge=1)
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.n_support, self.n_query, self.n_features)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(ge=17, le=21)
+    trace_shape: Shape
+
+
+class SizeConfig(_Strict):
+    dim: int = Field(ge=8)
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> SizeConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        return self
+
+
+class Tolerance(_Strict):
+    max_abs: float = Field(gt=0)
+    min_argmax_agreement: float = Field(ge=0, le=1)
+    min_correlation: float = Field(ge=-1, le=1)
+
+
+class Cell(Shape):
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    data: DataKind = "mixed"
+    padded_support_rows: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _keeps_a_valid_row(self) -> Cell:
+        if self.padded_support_rows >= self.n_support:
+            raise ValueError(
+                f"padded_support_rows ({self.padded_support_rows}) must leave at least one valid row "
+                f"of n_support ({self.n_support})"
+            )
+        return self
+
+
+class VerificationConfig(_Strict):
+    seed: int
+    tolerances: dict[str, Tolerance]
+    cells: tuple[Cell, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names_and_fp32(self) -> VerificationConfig:
+        names = [cell.name for cell in self.cells]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"cell names must be unique; repeated: {', '.join(duplicates)}")
+        if "fp32" not in self.tolerances:
+            raise ValueError("tolerances.fp32 is required")
+        return self
+
+    def tolerance(self, precision: str) -> Tolerance:
+        if precision not in self.tolerances:
+            raise ConfigError(
+                f"no verification tolerance for precision {precision!r}: add [verification.tolerances.{precision}] "
+                f"to the configuration (have: {', '.join(sorted(self.tolerances))})"
+            )
+        return self.tolerances[precision]
+
+
+class Variant(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    revision: str = Field(default="main", min_length=1)
+    task: TaskName
+
+
+class BuildConfig(_Strict):
+    export: ExportConfig
+    sizes: dict[SizeName, SizeConfig]
+    verification: VerificationConfig
+    variants: tuple[Variant, ...] = ()
+
+    @model_validator(mode="after")
+    def _matrix_avoids_trace_shape(self) -> BuildConfig:
+        traced = self.export.trace_shape.as_tuple()
+        for cell in self.verification.cells:
+            if cell.as_tuple() == traced:
+                raise ValueError(
+                    f"verification cell {cell.name!r} has the trace shape {traced}: a dimension frozen "
+                    "at trace time would pass unnoticed; change the cell or export.trace_shape"
+                )
+        return self
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        known = ", ".join(v.name for v in self.variants) or "none"
+        raise ConfigError(f"no variant named {name!r} in the configuration (known: {known})")
+
+
+def config_path() -> Path:
+    """The configuration file in use: $MITRA_BUILD_CONFIG if set, else config/mitra-build.toml."""
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path | None = None) -> BuildConfig:
+    """Read and validate the build configuration.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or a field is invalid (the message names the
+            file and every bad field with its dotted path).
+    """
+    path = Path(path) if path is not None else config_path()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist (set {CONFIG_ENV_VAR} or pass --config)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field `{'.'.join(str(part) for part in err['loc']) or '<root>'}`: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"configuration file {path} is invalid: {problems}") from None
+
+
+def config_digest(config: BuildConfig) -> str:
+    """SHA-256 of the validated configuration in canonical form (what a rebuild decision compares)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()

@@ -1,0 +1,320 @@
+"""Mitra (AutoGluon Tab2D) rewritten so that `torch.onnx.export` can trace it.
+
+Upstream: `autogluon.tabular.models.mitra._internal.models.{tab2d,embedding}` (AutoGluon 1.6.3). This
+file reproduces upstream's CPU path operation for operation, with the same parameter names and shapes,
+so upstream checkpoints load without renaming. What changed, and why:
+
+- `torch.quantile` and `vmap(torch.bucketize)` do not export. The quantile is rebuilt from a sort and
+  the exact rank/lerp arithmetic ATen uses; bucketize is a fixed-depth (10-step) replica of ATen's
+  lower-bound binary search, so a value equal to a boundary counts only the boundaries *strictly
+  below* it (`right=False`), exactly like upstream, and memory stays O(B·F·N) instead of O(B·F·N·999).
+- In-place masked writes (`x[padding] = 0`) become `torch.where`.
+- einops/einx/checkpointing/flash-attention are gone; shapes are spelled out in comments.
+- The final layer norm and head run on the label token only (upstream computes them for every token
+  and then keeps token 0: same numbers, F+1 times less work), and the last layer skips the support
+  update that no output depends on.
+
+Like upstream's CPU path, padded support rows are excluded from the quantile statistics but still
+take part in row attention, and there is no feature padding.
+
+Shapes: B batch, S support rows, Q query rows, F features, T = F + 1 tokens per row (label token
+first), D model dim, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+N_QUANTILES = 999  # upstream: torch.arange(1, 1000) / 1000
+PADDING_SENTINEL = 9999.0  # upstream writes this into padded support rows before the quantiles
+
+
+class Task(str, Enum):
+    CLASSIFICATION = "CLASSIFICATION"
+    REGRESSION = "REGRESSION"
+
+
+@dataclass(frozen=True)
+class MitraConfig:
+    """The five keys of upstream's `config.json` (written by `Tab2D.save_pretrained`)."""
+
+    dim: int
+    dim_output: int  # classes for classification; 1 for the official regressor
+    n_layers: int
+    n_heads: int
+    task: Task
+
+    @property
+    def label_is_class(self) -> bool:
+        # Upstream embeds labels as classes for classification, and also for "regression" with
+        # several outputs (binned regression); only single-output regression embeds a float.
+        return self.task is Task.CLASSIFICATION or self.dim_output > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantile embedding
+
+
+def bucketize_strict(values: torch.Tensor, boundaries: torch.Tensor, n_boundaries: int) -> torch.Tensor:
+    """`torch.bucketize(values, boundaries, right=False)` per row, as a fixed-depth binary search.
+
+    Args:
+        values: (..., N) values to place.
+        boundaries: (..., K) boundaries, sorted ascending along the last dim.
+        n_boundaries: K as a Python int (the loop depth must not depend on a traced shape).
+
+    Returns:
+        (..., N) int64: for sorted boundaries, the number of boundaries strictly below each value.
+
+    The loop replays ATen's `cus_lower_bound` step by step (same midpoints, same `!(mid >= value)`
+    test), so even NaNs and not-quite-sorted boundaries land where upstream puts them.
+    """
+    low = torch.zeros_like(values, dtype=torch.int64)
+    high = torch.full_like(values, n_boundaries, dtype=torch.int64)
+    for _ in range(n_boundaries.bit_length()):  # 10 halvings empty any range of 999
+        mid = low + (high - low) // 2
+        mid_value = torch.gather(boundaries, -1, mid.clamp(max=n_boundaries - 1))
+        go_right = ~(mid_value >= values)
+        active = low < high
+        low = torch.where(active & go_right, mid + 1, low)
+        high = torch.where(active & ~go_right, mid, high)
+    return low
+
+
+def support_quantiles(x_support: torch.Tensor, padding_obs_support: torch.Tensor) -> torch.Tensor:
+    """The 999 quantiles of every support column, as `torch.quantile(..., interpolation='linear')`.
+
+    Args:
+        x_support: (B, S, F) float32.
+        padding_obs_support: (B, S) bool, True for padded rows (they count as 9999, like upstream).
+
+    Returns:
+        (B, F, 999) float32 boundaries.
+    """
+    x = torch.where(padding_obs_support.unsqueeze(-1), PADDING_SENTINEL, x_support)  # (B, S, F)
+    ordered = torch.sort(x, dim=1).values  # (B, S, F)
+    levels = torch.arange(1, N_QUANTILES + 1, dtype=torch.float32, device=x.device) / 1000  # (999,)
+    # ATen: ranks = q * last_index in float32; below = trunc(ranks); above = ceil(ranks)
+    last_index = (x.shape[1] - 1) * torch.ones((), dtype=torch.float32, device=x.device)
+    ranks = levels * last_index  # (999,)
+    below = ranks.to(torch.int64)
+    above = torch.ceil(ranks).to(torch.int64)
+    weight = ranks - below.to(torch.float32)  # (999,) in [0, 1)
+    start = torch.index_select(ordered, 1, below)  # (B, 999, F)
+    end = torch.index_select(ordered, 1, above)  # (B, 999, F)
+    # ATen's lerp switches formula at weight 0.5 to stay exact at both ends
+    weight = weight.view(1, -1, 1)
+    low_side = start + weight * (end - start)
+    high_side = end - (end - start) * (1 - weight)
+    boundaries = torch.where(weight < 0.5, low_side, high_side)  # (B, 999, F)
+    return boundaries.transpose(1, 2)  # (B, F, 999)
+
+
+class Tab2DQuantileEmbeddingX(nn.Module):
+    """Replace each value by its quantile bucket in the support column, standardized per column."""
+
+    def forward(
+        self, x_support: torch.Tensor, x_query: torch.Tensor, padding_obs_support: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x_support (B, S, F), x_query (B, Q, F), padding_obs_support (B, S)
+        boundaries = support_quantiles(x_support, padding_obs_support)  # (B, F, 999)
+        # upstream buckets the support with its padded rows still at 9999
+        x_support = torch.where(padding_obs_support.unsqueeze(-1), PADDING_SENTINEL, x_support)
+        support_rank = bucketize_strict(x_support.transpose(1, 2), boundaries, N_QUANTILES)  # (B, F, S)
+        query_rank = bucketize_strict(x_query.transpose(1, 2), boundaries, N_QUANTILES)  # (B, F, Q)
+
+        padding = padding_obs_support.unsqueeze(-1)  # (B, S, 1)
+        n_valid = (~padding_obs_support).sum(dim=1).view(-1, 1, 1).to(torch.float32)  # (B, 1, 1)
+        support = support_rank.transpose(1, 2).to(torch.float32) / n_valid  # (B, S, F)
+        query = query_rank.transpose(1, 2).to(torch.float32) / n_valid  # (B, Q, F)
+
+        support = torch.where(padding, 0.0, support)
+        mean = support.sum(dim=1, keepdim=True) / n_valid  # (B, 1, F)
+        support = torch.where(padding, 0.0, support - mean)
+        query = query - mean
+        var = (support * support).sum(dim=1, keepdim=True) / n_valid  # (B, 1, F)
+
+        # A constant column has zero variance: upstream maps it to 0 (after a 0/0 we never produce)
+        constant = var == 0
+        std = torch.where(constant, 1.0, var.sqrt())
+        support = torch.where(constant, 0.0, support / std)
+        query = torch.where(constant, 0.0, query / std)
+        return support, query
+
+
+class Tab2DEmbeddingX(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.x_embedding = nn.Linear(1, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x_embedding(x.unsqueeze(-1))  # (B, N, F) -> (B, N, F, D)
+
+
+class Tab2DEmbeddingYClasses(nn.Module):
+    def __init__(self, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.y_embedding = nn.Embedding(n_classes, dim)
+        self.y_mask = nn.Embedding(1, dim)  # the query's unknown label is a class of its own
+
+    def forward(
+        self, y_support: torch.Tensor, padding_obs_support: torch.Tensor, n_query: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # y_support (B, S) integer class ids; padded rows may hold anything (upstream: -100)
+        padding = padding_obs_support.unsqueeze(-1)  # (B, S, 1)
+        labels = torch.where(padding_obs_support, 0, y_support.to(torch.int64))
+        support = torch.where(padding, 0.0, self.y_embedding(labels))  # (B, S, D)
+        query = self.y_mask.weight.expand(y_support.shape[0], n_query, -1)  # (B, Q, D)
+        return support.unsqueeze(2), query.unsqueeze(2)  # (B, S, 1, D), (B, Q, 1, D)
+
+
+class Tab2DEmbeddingYRegression(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.y_embedding = nn.Linear(1, dim)
+        self.y_mask = nn.Embedding(1, dim)
+
+    def forward(
+        self, y_support: torch.Tensor, padding_obs_support: torch.Tensor, n_query: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # y_support (B, S) float targets
+        padding = padding_obs_support.unsqueeze(-1)  # (B, S, 1)
+        support = self.y_embedding(y_support.to(torch.float32).unsqueeze(-1))  # (B, S, D)
+        support = torch.where(padding, 0.0, support)
+        query = self.y_mask.weight.expand(y_support.shape[0], n_query, -1)  # (B, Q, D)
+        return support.unsqueeze(2), query.unsqueeze(2)  # (B, S, 1, D), (B, Q, 1, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer
+
+
+class MultiheadAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        assert dim % n_heads == 0, f"dim {dim} is not divisible by n_heads {n_heads}"
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (N, L, D) -> (N, H, L, D/H)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+        # query (N, Lq, D), key_value (N, Lk, D): N independent sequences
+        q = self.split_heads(self.q(query))
+        k = self.split_heads(self.k(key_value))
+        v = self.split_heads(self.v(key_value))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, Lq, D/H), no mask: as upstream
+        return self.o(out.transpose(1, 2).flatten(-2))  # (N, Lq, D)
+
+
+def rows_as_sequences(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(0, 1)  # (B, N, T, D) -> (B*T, N, D)
+
+
+def sequences_as_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
+    return x.unflatten(0, (batch, -1)).transpose(1, 2)  # (B*T, N, D) -> (B, N, T, D)
+
+
+class Layer(nn.Module):
+    """Attention across rows (queries read the support), MLP, attention across features, MLP."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim)
+        self.attention1 = MultiheadAttention(dim, n_heads)
+        self.layer_norm2 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, dim * 4)
+        self.linear2 = nn.Linear(dim * 4, dim)
+        self.layer_norm3 = nn.LayerNorm(dim)
+        self.attention2 = MultiheadAttention(dim, n_heads)
+        self.layer_norm4 = nn.LayerNorm(dim)
+        self.linear3 = nn.Linear(dim, dim * 4)
+        self.linear4 = nn.Linear(dim * 4, dim)
+
+    def row_attention(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # support (B, S, T, D), query (B, Q, T, D): per token column, rows attend to support rows
+        batch = support.shape[0]
+        support_seq = rows_as_sequences(self.layer_norm1(support))  # (B*T, S, D)
+        query_seq = rows_as_sequences(self.layer_norm1(query))  # (B*T, Q, D)
+        support_att = self.attention1(support_seq, support_seq)
+        query_att = self.attention1(query_seq, support_seq)
+        return support + sequences_as_rows(support_att, batch), query + sequences_as_rows(query_att, batch)
+
+    def feature_block(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, N, T, D) after row attention: MLP, attention across the T tokens of a row, MLP
+        x = x + self.linear2(F.gelu(self.linear1(self.layer_norm2(x))))
+        tokens = self.layer_norm3(x).flatten(0, 1)  # (B*N, T, D)
+        x = x + self.attention2(tokens, tokens).view_as(x)
+        return x + self.linear4(F.gelu(self.linear3(self.layer_norm4(x))))
+
+    def forward(
+        self, support: torch.Tensor, query: torch.Tensor, update_support: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        support, query = self.row_attention(support, query)
+        query = self.feature_block(query)
+        if update_support:
+            support = self.feature_block(support)
+        return support, query
+
+
+class Tab2D(nn.Module):
+    """Mitra. forward(x_support, y_support, x_query, padding_obs_support) -> (B, Q, C) or (B, Q)."""
+
+    def __init__(self, config: MitraConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.x_quantile = Tab2DQuantileEmbeddingX()
+        self.x_embedding = Tab2DEmbeddingX(config.dim)
+        self.y_embedding: nn.Module
+        if config.label_is_class:
+            self.y_embedding = Tab2DEmbeddingYClasses(config.dim, config.dim_output)
+        else:
+            self.y_embedding = Tab2DEmbeddingYRegression(config.dim)
+        self.layers = nn.ModuleList(Layer(config.dim, config.n_heads) for _ in range(config.n_layers))
+        self.final_layer_norm = nn.LayerNorm(config.dim)
+        self.final_layer = nn.Linear(config.dim, config.dim_output)
+
+    def forward(
+        self,
+        x_support: torch.Tensor,  # (B, S, F) float32
+        y_support: torch.Tensor,  # (B, S) int64 class ids, or float32 targets
+        x_query: torch.Tensor,  # (B, Q, F) float32
+        padding_obs_support: torch.Tensor,  # (B, S) bool, True = padded row
+    ) -> torch.Tensor:
+        x_support, x_query = self.x_quantile(x_support, x_query, padding_obs_support)
+        y_support_tok, y_query_tok = self.y_embedding(y_support, padding_obs_support, x_query.shape[1])
+        support = torch.cat([y_support_tok, self.x_embedding(x_support)], dim=2)  # (B, S, T, D)
+        query = torch.cat([y_query_tok, self.x_embedding(x_query)], dim=2)  # (B, Q, T, D)
+
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            support, query = layer(support, query, update_support=index < last)
+
+        out = self.final_layer(self.final_layer_norm(query[:, :, 0]))  # (B, Q, C), label token only
+        if self.config.label_is_class:
+            return out
+        return out[..., 0]  # (B, Q): single-output regression
+
+
+def expected_parameter_shapes(config: MitraConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape an upstream checkpoint of this config holds."""
+    return {name: tuple(p.shape) for name, p in _shape_only_model(config).state_dict().items()}
+
+
+def _shape_only_model(config: MitraConfig) -> Tab2D:
+    with torch.device("meta"):
+        return Tab2D(config)
+
+
+def count_parameters(config: MitraConfig) -> int:
+    return sum(math.prod(shape) for shape in expected_parameter_shapes(config).values())
