@@ -211,10 +211,8 @@ def resolve_revision(
             retry_delay_s=retry_delay_s,
             what=f"model_info {repo_id}@{revision}",
         )
-    except MitraBuildError:
-        raise
     except Exception as exc:  # noqa: BLE001 - translated into our hierarchy, original chained
-        raise _translate(exc, where, action="resolve the revision", attempts=max_attempts) from exc
+        raise _translate(exc, where, action="resolve", attempts=max_attempts) from exc
 
     commit = info.sha
     if not isinstance(commit, str) or not _COMMIT_RE.fullmatch(commit):
@@ -296,7 +294,8 @@ def download_snapshot(
         if found is not None:
             logger.info("reusing verified snapshot %s", final)
             return DownloadedSnapshot(path=final, revision=revision, sha256=found)
-        logger.warning("snapshot %s does not match %s@%s: downloading it again", final, revision.repo_id, revision.commit)
+        logger.warning("snapshot %s does not match %s@%s: downloading it again", final, revision.repo_id,
+                       revision.commit)
 
     dest_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest_root))
@@ -357,10 +356,8 @@ def _download_one(
             retry_delay_s=retry_delay_s,
             what=f"download {remote.path} from {revision.repo_id}@{revision.commit}",
         )
-    except MitraBuildError:
-        raise
     except Exception as exc:  # noqa: BLE001 - translated into our hierarchy, original chained
-        raise _translate(exc, where, action=f"download {remote.path}", attempts=max_attempts) from exc
+        raise _translate(exc, where, action=f"download {remote.path} of", attempts=max_attempts) from exc
     # The cache holds `snapshots/<sha>/<path>` -> `blobs/<etag>`; move the blob itself (no copy).
     target = staged / remote.path
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +373,9 @@ def _verify(staged: Path, revision: ResolvedRevision, dest_root: Path) -> dict[s
         sha256[remote.path] = sha
         found = f"sha256:{sha}" if remote.sha256 is not None else f"gitsha1:{git}"
         if found != remote.digest or size != remote.size:
-            problems.append(f"{remote.path}: expected {remote.digest} ({remote.size} bytes), found {found} ({size} bytes)")
+            problems.append(
+                f"{remote.path}: expected {remote.digest} ({remote.size} bytes), found {found} ({size} bytes)"
+            )
     if problems:
         raise ChecksumMismatchError(
             f"Downloaded files of {revision.repo_id}@{revision.commit} do not match the hub's metadata: "
@@ -496,32 +495,34 @@ def _translate(exc: Exception, where: _Where, *, action: str, attempts: int) -> 
     for cause in _causes(exc):
         if isinstance(cause, OfflineModeIsEnabled):
             return HubUnreachableError(
-                f"Cannot {action} for {subject}: HF_HUB_OFFLINE is set, so huggingface_hub refuses "
+                f"Cannot {action} {subject}: HF_HUB_OFFLINE is set, so huggingface_hub refuses "
                 "every request. Unset HF_HUB_OFFLINE, or pass a local snapshot folder holding "
                 "config.json and model.safetensors with `--snapshot DIR`."
             )
         if isinstance(cause, HfHubHTTPError):
             return _translate_http(cause, exc, where, subject, action, attempts)
-        if isinstance(cause, _TRANSIENT_EXCEPTIONS) or isinstance(cause, _http.TransportError):
+        if isinstance(cause, _http.TransportError):  # connection, DNS, timeout, protocol, proxy
             return HubUnreachableError(
-                f"Could not reach the hub at {where.endpoint} to {action} for {subject} "
+                f"Could not reach the hub at {where.endpoint} to {action} {subject} "
                 f"({type(cause).__name__}: {where.redact(_short(cause))}; {_tries(exc, attempts)}). "
                 f"Check the network connection and proxy settings. {_SNAPSHOT_HINT}"
             )
         if isinstance(cause, FileMetadataError):
             return HubError(
                 f"The endpoint {where.endpoint} does not behave like a Hugging Face hub while trying to "
-                f"{action} for {subject}: {where.redact(_short(cause))} Check HF_ENDPOINT / endpoint=. "
+                f"{action} {subject}: {where.redact(_short(cause))} Check HF_ENDPOINT / endpoint=. "
                 f"{_SNAPSHOT_HINT}"
             )
     if isinstance(exc, (LocalEntryNotFoundError, ConnectionError)):
-        return HubUnreachableError(f"Could not {action} for {subject} from {where.endpoint}: "
+        return HubUnreachableError(f"Could not {action} {subject} from {where.endpoint}: "
                                    f"{where.redact(_short(exc))} {_SNAPSHOT_HINT}")
     if isinstance(exc, (ValueError, KeyError, TypeError)):
-        return HubError(f"The endpoint {where.endpoint} gave an answer that is not the hub API while trying to "
-                        f"{action} for {subject} ({type(exc).__name__}: {where.redact(_short(exc))}). "
-                        "Check HF_ENDPOINT / endpoint=.")
-    return HubError(f"Failed to {action} for {subject} from {where.endpoint}: "
+        return HubError(
+            f"The endpoint {where.endpoint} gave an answer that is not the hub API while trying to "
+            f"{action} {subject} ({type(exc).__name__}: {where.redact(_short(exc))}). "
+            "Check HF_ENDPOINT / endpoint=."
+        )
+    return HubError(f"Failed to {action} {subject} from {where.endpoint}: "
                     f"{type(exc).__name__}: {where.redact(_short(exc))}")
 
 
@@ -530,23 +531,29 @@ def _translate_http(
 ) -> MitraBuildError:
     """Map an HTTP error answer (by status code: the hub sends 401 for missing repos too)."""
     status = err.response.status_code
-    said = f" The hub said: {where.redact(err.server_message)}." if err.server_message else ""
+    said = ""
+    if err.server_message:
+        said = f" The hub said: {where.redact(err.server_message).rstrip('.')}."
     if status in (401, 403):
-        token_state = "the token passed was refused" if where.token else "no token was passed, so HF_TOKEN or the saved login was used if any"
+        token_state = (
+            "the token passed was refused"
+            if where.token
+            else "no token was passed (HF_TOKEN or the saved login was used, if any)"
+        )
         return HubAuthError(
-            f"The hub at {where.endpoint} refused to {action} for {subject} (HTTP {status}): the repo is "
+            f"The hub at {where.endpoint} refused to {action} {subject} (HTTP {status}): the repo is "
             f"private or gated, or does not exist, and {token_state}.{said} Set HF_TOKEN to a token with "
             f"access to {where.repo_id} (and accept the repo's terms on its page if it is gated)."
         )
     if status == 404:
         if isinstance(err, RevisionNotFoundError):
             return HubNotFoundError(
-                f"Revision {where.revision!r} does not exist in {where.repo_id} on {where.endpoint}.{said} "
-                "Pass an existing branch, tag or full commit sha."
+                f"Revision {where.revision!r} does not exist in {where.repo_id} on "
+                f"{where.endpoint}.{said} Pass an existing branch, tag or full commit sha."
             )
         if isinstance(err, RemoteEntryNotFoundError):
             return HubNotFoundError(
-                f"Cannot {action}: the file is missing from {subject} on {where.endpoint}.{said} "
+                f"Cannot {action} {subject}: the file is missing on {where.endpoint}.{said} "
                 f"A Mitra checkpoint needs {' and '.join(REQUIRED_FILES)} at the repo root."
             )
         return HubNotFoundError(
@@ -556,10 +563,10 @@ def _translate_http(
         )
     if status in _TRANSIENT_STATUS:
         return HubUnreachableError(
-            f"The hub at {where.endpoint} kept answering HTTP {status} while trying to {action} for "
+            f"The hub at {where.endpoint} kept answering HTTP {status} while trying to {action} "
             f"{subject} ({_tries(outer, attempts)}).{said} Try again later. {_SNAPSHOT_HINT}"
         )
-    return HubError(f"The hub at {where.endpoint} answered HTTP {status} while trying to {action} for "
+    return HubError(f"The hub at {where.endpoint} answered HTTP {status} while trying to {action} "
                     f"{subject}.{said} Check the repo id, revision and HF_ENDPOINT.")
 
 

@@ -216,5 +216,6 @@ def write_synthetic_snapshot(output: Path, *, task: TaskName, size_name: str, si
     with atomic_directory(Path(output)) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", SYNTHETIC_KEY: json.dumps(marker, sort_keys=True)})
+        # One metadata key only: safetensors writes a multi-key header in hash order, not reproducibly
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={SYNTHETIC_KEY: json.dumps(marker, sort_keys=True)})
     return read_snapshot(Path(output))

@@ -103,6 +103,19 @@ def test_tags_and_full_commit_shas_resolve_to_their_commit(local_hub: LocalHub):
     assert _resolve(local_hub, "main").commit == second
 
 
+def test_download_neither_reads_nor_writes_the_global_hub_cache(local_hub: LocalHub, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    global_cache = tmp_path / "global-hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(global_cache))
+    _publish(local_hub)
+
+    snap = _download(local_hub, _resolve(local_hub), tmp_path / "snapshots")
+
+    assert not global_cache.exists()
+    assert os.listdir(tmp_path / "snapshots") == ["acme--mitra-tiny"]  # the private cache went with the temp dir
+    assert _entries(snap.path) == sorted(REQUIRED_FILES)
+
+
 # ---- digests decide rebuilds ----------------------------------------------------------------------
 
 

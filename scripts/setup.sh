@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install mitra-build and its pinned toolchain into .venv (idempotent: re-runs only when the lock changes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.mitra-build-installed
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing the pinned toolchain into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -r requirements.lock
+  .venv/bin/python -m pip install --quiet --no-deps -e .
+  # Test-only oracle: upstream AutoGluon Mitra, without AutoGluon's dependency tree.
+  .venv/bin/python -m pip install --quiet --no-deps autogluon.tabular==1.6.3
+  echo "$want" > "$stamp"
+fi

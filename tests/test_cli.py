@@ -1,0 +1,76 @@
+"""The `mitra-build` command line: the documented forms work, bad input gets one clean paragraph."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from mitra_model.cli import main
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mitra_model.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_synth_export_verify_round_trip(tmp_path: Path) -> None:
+    snap, model, report = tmp_path / "snap", tmp_path / "model.onnx", tmp_path / "report.json"
+    done = run_cli("synth", "--task", "regression", "--size", "tiny", "--output", str(snap), "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    assert "SYNTHETIC" in done.stdout
+    done = run_cli("export", "--snapshot", str(snap), "--output", str(model))
+    assert done.returncode == 0, done.stderr
+    assert "SYNTHETIC" in done.stderr and "sha256" in done.stdout
+    done = run_cli("verify", "--snapshot", str(snap), "--onnx", str(model), "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report.read_text())["passed"] is True
+    assert "**PASSED**" in done.stdout
+
+
+def test_verify_exits_non_zero_on_a_corrupted_model(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
+    proto = onnx.load(str(tiny_exports["classification"].path))
+    init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    values = numpy_helper.to_array(init) * 1.5
+    init.CopyFrom(numpy_helper.from_array(values.astype(np.float32), init.name))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    code = main(["verify", "--snapshot", str(tiny_snapshots["classification"].path), "--onnx", str(tmp_path / "bad.onnx"),
+                 "--report", str(tmp_path / "r.json")])
+    assert code == 1
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+
+
+def test_bad_snapshot_is_one_paragraph_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "config.json").write_text("{not json")
+    (tmp_path / "snap" / "model.safetensors").write_bytes(b"x")
+    done = run_cli("export", "--snapshot", str(tmp_path / "snap"), "--output", str(tmp_path / "out.onnx"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "config.json is not valid JSON" in done.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["snap"]
+
+
+def test_missing_snapshot_folder_is_named(tmp_path: Path, capsys) -> None:
+    code = main(["export", "--snapshot", str(tmp_path / "nope"), "--output", str(tmp_path / "o.onnx")])
+    assert code == 2
+    assert f"snapshot folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+def test_bad_config_file_names_the_field(tmp_path: Path, capsys) -> None:
+    from mitra_model.config import DEFAULT_CONFIG_PATH
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEFAULT_CONFIG_PATH.read_text().replace("opset = 17", "opset = 9"))
+    code = main(["--config", str(bad), "synth", "--task", "regression", "--size", "tiny", "--output", str(tmp_path / "s")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "field `export.opset`" in err and str(bad) in err
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,55 @@
+"""Configuration validation names the offending field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mitra_model.config import DEFAULT_CONFIG_PATH, load_config
+from mitra_model.errors import ConfigError
+
+
+def _with(tmp_path: Path, old: str, new: str) -> Path:
+    text = DEFAULT_CONFIG_PATH.read_text()
+    assert old in text
+    path = tmp_path / "c.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize(
+    "old, new, needle",
+    [
+        ("max_abs = 1e-4", "max_abs = -1", "field `verification.tolerances.fp32.max_abs`"),
+        ('name = "base"', 'name = "Base Cell"', "field `verification.cells.0.name`"),
+        ("n_query = 16\nn_features = 8", "n_query = 0\nn_features = 8", "field `verification.cells.0.n_query`"),
+        ('task = "classification"', 'task = "ranking"', "field `variants.0.task`"),
+        ("n_heads = 4", "n_heads = 5", "dim 64 is not divisible by n_heads 5"),
+        ("[verification]\nseed = 1234", "[verification]\nseed = 1234\ncolour = 1", "field `verification.colour`"),
+    ],
+)
+def test_invalid_field_is_named(tmp_path: Path, old: str, new: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_with(tmp_path, old, new))
+    assert needle in str(info.value)
+
+
+def test_a_cell_at_the_trace_shape_is_refused(tmp_path: Path) -> None:
+    path = _with(tmp_path, "batch = 1\nn_support = 64\nn_query = 16\nn_features = 8",
+                 "batch = 2\nn_support = 11\nn_query = 5\nn_features = 3")
+    with pytest.raises(ConfigError, match="has the trace shape"):
+        load_config(path)
+
+
+def test_padding_must_leave_a_valid_row(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="padded_support_rows \\(12\\) must leave"):
+        load_config(_with(tmp_path, "n_support = 48", "n_support = 12"))
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml")
+    (tmp_path / "x.toml").write_text("[export\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "x.toml")
