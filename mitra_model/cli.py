@@ -48,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _say(f"exporting {snapshot.path} (dim {model.config.dim}, {model.config.n_layers} layers) ...")
     result = export_onnx(
         model, args.output, opset=config.export.opset, trace_shape=config.export.trace_shape,
-        metadata=snapshot_metadata(snapshot),
+        metadata=snapshot.onnx_metadata(),
     )
     try:
         checked = check_onnx(result.path, config=model.config)
@@ -58,13 +58,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({result.size} bytes, opset {result.opset}, {checked.n_nodes} nodes) in {result.seconds:.1f} s")
     print(f"sha256 {result.sha256}")
     return 0
-
-
-def snapshot_metadata(snapshot) -> dict[str, str]:  # noqa: ANN001 - Snapshot, imported lazily
-    return {
-        "mitra.weights_sha256": snapshot.digest("model.safetensors").sha256,
-        "mitra.synthetic": "true" if snapshot.synthetic else "false",
-    }
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -104,6 +97,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    # Prefect reads these when imported; a cold ephemeral API on a busy 2-core machine needs > 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.mitra_build import mitra_build
+
+    results = mitra_build(
+        variants=args.variant or None, force=args.force, snapshot=str(args.snapshot) if args.snapshot else None,
+        synthetic_fallback=args.synthetic_fallback, hub_endpoint=args.hub_endpoint,
+        config_path=str(args.config) if args.config else None, artifacts_root=str(args.artifacts) if args.artifacts else None,
+    )
+    for result in results:
+        marker = "  [SYNTHETIC: random weights]" if result["synthetic"] else ""
+        print(f"{result['variant']}: {result['status']} {result['version']} -> {result['build_dir']}{marker}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mitra-build", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mitra-build {__version__}")
@@ -134,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
     verify.add_argument("--precision", default="fp32", help="tolerance set from the configuration (default fp32)")
     verify.set_defaults(func=cmd_verify)
+
+    run = sub.add_parser("run", help="run the whole mitra-build flow in this process (no server to start)")
+    run.add_argument("--variant", action="append", help="variant name from the configuration (repeatable; default all)")
+    run.add_argument("--force", action="store_true", help="rebuild even if this version is already built")
+    run.add_argument("--snapshot", type=Path, default=None, help="build this local snapshot folder instead of downloading")
+    run.add_argument("--synthetic-fallback", action="store_true",
+                     help="if the hub is unreachable, build a SYNTHETIC full-size snapshot instead of failing")
+    run.add_argument("--hub-endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or the public hub)")
+    run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default ./artifacts)")
+    run.set_defaults(func=cmd_run)
     return parser
 
 

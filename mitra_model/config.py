@@ -108,8 +108,26 @@ class Variant(_Strict):
     task: TaskName
 
 
+class ScheduleConfig(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _valid_cron(self) -> ScheduleConfig:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(self.cron, datetime(2026, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"cron {self.cron!r} is not a valid 5-field cron expression: {exc}") from None
+        return self
+
+
 class BuildConfig(_Strict):
     export: ExportConfig
+    schedule: ScheduleConfig
     sizes: dict[SizeName, SizeConfig]
     verification: VerificationConfig
     variants: tuple[Variant, ...] = ()

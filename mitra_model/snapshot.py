@@ -51,6 +51,13 @@ class Snapshot:
     def digest(self, name: str) -> FileDigest:
         return next(f for f in self.files if f.path == name)
 
+    def onnx_metadata(self) -> dict[str, str]:
+        """What an exported file records about its weights (content only, so exports stay reproducible)."""
+        return {
+            "mitra.weights_sha256": self.digest(WEIGHTS_FILE).sha256,
+            "mitra.synthetic": "true" if self.synthetic else "false",
+        }
+
 
 def read_model_config(folder: Path) -> tuple[MitraConfig, bool]:
     """Parse and validate `config.json`; return the config and whether the snapshot is synthetic."""

@@ -1,12 +1,51 @@
 #!/usr/bin/env bash
-# The main job end to end on embedded defaults. Interim version (core only): synthetic full-size
-# snapshot -> export -> check -> verification matrix, into artifacts/demo/.
+# The main job end to end on embedded defaults: a local Prefect server (SQLite), a process worker,
+# the deployments, and a run of `mitra-build/build` watched to the end. The hub is tried first;
+# if it is unreachable the build uses a SYNTHETIC full-size snapshot and says so everywhere.
+# Everything it starts is stopped on exit; state and logs are kept under artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-out=artifacts/demo
-mkdir -p "$out"
-echo "==> hub unreachable from here: building from a SYNTHETIC full-size snapshot (random weights)"
-.venv/bin/mitra-build synth --task classification --size full --output "$out/snapshot"
-.venv/bin/mitra-build export --snapshot "$out/snapshot" --output "$out/model.onnx"
-.venv/bin/mitra-build verify --snapshot "$out/snapshot" --onnx "$out/model.onnx" --report "$out/verification.json" --markdown "$out/verification.md"
+
+export PREFECT_HOME="$PWD/artifacts/prefect" # the server's SQLite database lives here
+export PREFECT_API_URL="http://127.0.0.1:${MITRA_DEMO_PREFECT_PORT:-4200}/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_DISABLE_TELEMETRY=1
+mkdir -p "$PREFECT_HOME" artifacts/logs
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+start() { # name, command...: run in its own process group, log to artifacts/logs/NAME.log
+  local name=$1; shift
+  setsid "$@" >"artifacts/logs/$name.log" 2>&1 &
+  pids+=($!)
+}
+wait_for() { # what, seconds, test command...
+  local what=$1 limit=$2; shift 2
+  for _ in $(seq "$limit"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
+  echo "!! $what did not come up in ${limit}s; see artifacts/logs/" >&2; exit 1
+}
+
+echo "==> starting Prefect server on $PREFECT_API_URL (SQLite in $PREFECT_HOME)"
+start prefect-server .venv/bin/prefect server start --host 127.0.0.1 --port "${MITRA_DEMO_PREFECT_PORT:-4200}"
+wait_for "Prefect server" 240 curl -sf "$PREFECT_API_URL/health"
+
+scripts/deploy.sh
+echo "==> starting a process worker on mitra-build-pool"
+start prefect-worker .venv/bin/prefect worker start --pool mitra-build-pool
+
+echo "==> running mitra-build/build (hub first; SYNTHETIC full-size fallback if the hub is unreachable)"
+.venv/bin/prefect deployment run 'mitra-build/build' -p synthetic_fallback=true --watch --watch-timeout 3600
+echo "==> running it again: nothing changed, so it must finish in seconds as up to date"
+.venv/bin/prefect deployment run 'mitra-build/scheduled' -p synthetic_fallback=true --watch --watch-timeout 600
+
+echo "==> builds:"
+for manifest in artifacts/builds/*/*/manifest.json; do
+  .venv/bin/python - "$manifest" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+tag = "  ** SYNTHETIC (random weights) **" if m["source"]["synthetic"] else ""
+arts = ", ".join(f"{a['file']} {a['size'] / 1e6:.1f} MB sha256 {a['sha256'][:16]}" for a in m["artifacts"])
+ver = ", ".join(f"{p}: {v['cells']} cells {'passed' if v['passed'] else 'FAILED'}" for p, v in m["verification"].items())
+print(f"{m['variant']} {m['version']}{tag}\n  {arts}\n  verification {ver}\n  manifest {sys.argv[1]}")
+PY
+done

@@ -1,0 +1,198 @@
+"""Build bookkeeping: content-derived versions, the local build record, and the manifest draft.
+
+A build's version is a digest of everything that decides its bytes: the source files' digests (as the
+hub reports them, so deciding "up to date" needs one API call and no download), the validated build
+configuration, the toolchain and the code of this package. The same inputs always map to the same
+version; a commit that only edits README.md maps to the version already built.
+
+Completed builds live in `<artifacts>/builds/<variant>/<version>/` and only appear there whole
+(assembled in a temp folder, renamed into place), after verification passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import REPO_ROOT
+from .export import ExportResult, io_contract
+from .fileutil import atomic_directory, sha256_file
+from .model import MitraConfig
+from .snapshot import Snapshot
+from .verify import VerificationReport
+
+MANIFEST_SCHEMA_ID = "mitra-build/manifest/v1"
+MANIFEST_FILE = "manifest.json"
+PORTABLE_RUNTIMES = ("onnxruntime>=1.17 (any execution provider)", "onnxruntime-node", "onnxruntime-web")
+_TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "safetensors")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the weights came from, as recorded in the manifest."""
+
+    repo_id: str
+    requested_revision: str
+    resolved_commit: str | None  # None for a local or synthetic snapshot
+    synthetic: bool
+    digests: dict[str, str]  # path -> "sha256:<hex>" | "gitsha1:<hex>", as known before download
+
+
+def toolchain_versions() -> dict[str, str]:
+    versions = {name: metadata.version(name).split("+")[0] for name in _TOOLCHAIN_PACKAGES}
+    versions["python"] = platform.python_version()
+    versions["mitra_build"] = __version__
+    return versions
+
+
+def code_digest() -> str:
+    """SHA-256 over this package's source: a code change is a new version."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "mitra_model").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def build_version(*, source_digests: dict[str, str], config_digest: str, toolchain: dict[str, str], code: str) -> str:
+    """The content-derived version id: `v-` + 16 hex digits."""
+    payload = json.dumps(
+        {"source": source_digests, "config": config_digest, "toolchain": toolchain, "code": code}, sort_keys=True
+    )
+    return "v-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_dir(artifacts_root: Path, variant: str, version: str) -> Path:
+    return Path(artifacts_root) / "builds" / variant / version
+
+
+def completed_build(artifacts_root: Path, variant: str, version: str) -> dict[str, Any] | None:
+    """The manifest of a complete, intact local build of this version, or None.
+
+    Intact means every artifact the manifest lists is there with its recorded size and sha256, so a
+    deleted or damaged build is rebuilt instead of being trusted.
+    """
+    folder = build_dir(artifacts_root, variant, version)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    for artifact in manifest.get("artifacts", []):
+        path = folder / artifact["file"]
+        if not path.is_file() or path.stat().st_size != artifact["size"] or sha256_file(path) != artifact["sha256"]:
+            return None
+    return manifest
+
+
+def _tensor_specs(specs) -> list[dict[str, Any]]:  # noqa: ANN001 - tuple[TensorSpec, ...]
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
+
+
+def draft_manifest(
+    *,
+    variant: str,
+    version: str,
+    source: SourceInfo,
+    snapshot: Snapshot,
+    model_config: MitraConfig,
+    config_digest: str,
+    opset: int,
+    export: ExportResult,
+    reports: dict[str, VerificationReport],
+    toolchain: dict[str, str],
+) -> dict[str, Any]:
+    """The manifest as the build writes it; publishing adds manifest_version, previous digest, S3 keys."""
+    inputs, outputs = io_contract(model_config)
+    artifact = {
+        "name": "fp32",
+        "file": export.path.name,
+        "size": export.size,
+        "sha256": export.sha256,
+        "precision": "fp32",
+        "flavour": "portable",
+        "runtimes": list(PORTABLE_RUNTIMES),
+        "inputs": _tensor_specs(inputs),
+        "outputs": _tensor_specs(outputs),
+    }
+    return {
+        "schema": MANIFEST_SCHEMA_ID,
+        "variant": variant,
+        "version": version,
+        "source": {
+            "repo_id": source.repo_id,
+            "requested_revision": source.requested_revision,
+            "resolved_commit": source.resolved_commit,
+            # a synthetic snapshot stays synthetic wherever it was fetched from (e.g. a mirror)
+            "synthetic": source.synthetic or snapshot.synthetic,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in snapshot.files],
+        },
+        "model": {
+            "task": model_config.task.value, "dim": model_config.dim, "dim_output": model_config.dim_output,
+            "n_layers": model_config.n_layers, "n_heads": model_config.n_heads,
+        },
+        "build": {
+            "toolchain": toolchain,
+            "opset": opset,
+            "config_sha256": config_digest,
+            "code_sha256": code_digest(),
+            "exporter": {"name": "torch.onnx.export", "dynamo": False, "do_constant_folding": True},
+        },
+        "artifacts": [artifact],
+        "verification": {
+            precision: {
+                "passed": report.passed,
+                "cells": len(report.cells),
+                "failed_cells": sum(not c.passed for c in report.cells),
+                "max_abs_err": report.summary["max_abs_err"],
+                "tolerance": report.tolerance,
+                "report": f"verification-{precision}.json",
+            }
+            for precision, report in reports.items()
+        },
+    }
+
+
+def assemble_build(
+    artifacts_root: Path,
+    manifest: dict[str, Any],
+    *,
+    files: list[Path],
+    reports: dict[str, VerificationReport],
+) -> Path:
+    """Write the build folder whole: artifact files (moved in), verification reports, manifest.json.
+
+    Refuses (ValueError) a manifest whose verification did not pass: a failed build never lands.
+    """
+    failed = [p for p, entry in manifest["verification"].items() if not entry["passed"]]
+    if failed:
+        raise ValueError(f"refusing to assemble build {manifest['version']}: verification failed for {', '.join(failed)}")
+    final = build_dir(artifacts_root, manifest["variant"], manifest["version"])
+    with atomic_directory(final) as tmp:
+        for path in files:
+            shutil.move(path, tmp / path.name)  # a rename: work and build folders share a filesystem
+        for precision, report in reports.items():
+            (tmp / f"verification-{precision}.json").write_text(report.to_json(), encoding="utf-8")
+            (tmp / f"verification-{precision}.md").write_text(report.to_markdown(), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return final
+
+
+def manifest_markdown(manifest: dict[str, Any]) -> str:
+    """A human summary of a manifest (shown as a Prefect artifact and printed by the CLI)."""
+    source = manifest["source"]
+    origin = "**SYNTHETIC snapshot (random weights)**" if source["synthetic"] else (
+        f"`{source['repo_id']}` @ `{source['requested_revision']}` = commit `{source['resolved_commit']}`")
+    lines = [f"# {manifest['variant']} {manifest['version']}", "", f"Source: {origin}", "",
+             "| artifact | precision | size | sha256 |", "|---|---|---|---|"]
+    for a in manifest["artifacts"]:
+        lines.append(f"| {a['file']} | {a['precision']} ({a['flavour']}) | {a['size']:,} | `{a['sha256']}` |")
+    lines += ["", "| precision | verification | cells | max abs err |", "|---|---|---|---|"]
+    for precision, v in manifest["verification"].items():
+        lines.append(f"| {precision} | {'passed' if v['passed'] else 'FAILED'} | {v['cells']} | {v['max_abs_err']:.2e} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""The `mitra-build` flow against the local hub: rebuild only when weights change, skip when nothing
+changed, stop before export on a checksum mismatch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.mitra_build as flow_module
+from local_hub import local_hub  # noqa: F401 - fixture
+from mitra_model.config import DEFAULT_CONFIG_PATH
+from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
+from mitra_model.snapshot import write_synthetic_snapshot
+
+REPO = "acme/mitra-finetuned"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
+
+
+def small_config(tmp_path: Path) -> Path:
+    """The default configuration with a two-cell matrix and one variant served by the local hub."""
+    text = DEFAULT_CONFIG_PATH.read_text()
+    head = text[: text.index("[[verification.cells]]")]
+    schedule = text[text.index("[schedule]") : text.index("[[variants]]")]
+    path = tmp_path / "config.toml"
+    path.write_text(
+        head + schedule
+        + '[[verification.cells]]\nname = "small"\nbatch = 1\nn_support = 20\nn_query = 4\nn_features = 3\n\n'
+        + '[[verification.cells]]\nname = "ties-padded"\nbatch = 2\nn_support = 16\nn_query = 2\nn_features = 2\n'
+        + 'data = "integer_ties"\npadded_support_rows = 4\n\n'
+        + f'[[variants]]\nname = "finetuned"\nrepo_id = "{REPO}"\nrevision = "main"\ntask = "classification"\n'
+    )
+    return path
+
+
+def snapshot_files(tmp_path: Path, build_config, seed: int) -> dict[str, bytes]:
+    folder = tmp_path / f"weights-{seed}"
+    write_synthetic_snapshot(folder, task="classification", size_name="tiny", size=build_config.sizes["tiny"], seed=seed)
+    return {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+
+@pytest.fixture()
+def exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Records every export the flow performs."""
+    calls: list[Path] = []
+    real = flow_module.export_onnx
+
+    def counting(model, output, **kwargs):
+        calls.append(Path(output))
+        return real(model, output, **kwargs)
+
+    monkeypatch.setattr(flow_module, "export_onnx", counting)
+    return calls
+
+
+def run(local_hub, config: Path, artifacts: Path, **kwargs):  # noqa: F811
+    return flow_module.mitra_build(
+        config_path=str(config), artifacts_root=str(artifacts), hub_endpoint=local_hub.endpoint, **kwargs
+    )[0]
+
+
+def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+    files = snapshot_files(tmp_path, build_config, seed=1)
+    first_commit = local_hub.add_commit(REPO, files)
+
+    first = run(local_hub, config, artifacts)
+    assert first["status"] == "built" and len(exports) == 1
+    manifest = json.loads((Path(first["build_dir"]) / "manifest.json").read_text())
+    assert manifest["source"]["resolved_commit"] == first_commit
+    assert manifest["source"]["requested_revision"] == "main"
+    weights = next(f for f in manifest["source"]["files"] if f["path"] == "model.safetensors")
+    assert weights["sha256"] == hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert manifest["verification"]["fp32"]["passed"] is True
+
+    again = run(local_hub, config, artifacts)
+    assert again == {**first, "status": "up-to-date"} and len(exports) == 1  # nothing re-exported
+
+    readme_commit = local_hub.add_commit(REPO, {"README.md": b"# new model card\n"})
+    assert readme_commit != first_commit
+    assert run(local_hub, config, artifacts)["status"] == "up-to-date" and len(exports) == 1
+
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=2))
+    changed = run(local_hub, config, artifacts)
+    assert changed["status"] == "built" and changed["version"] != first["version"] and len(exports) == 2
+
+    forced = run(local_hub, config, artifacts, force=True)
+    assert forced["status"] == "built" and forced["version"] == changed["version"] and len(exports) == 3
+
+
+def test_damaged_build_is_rebuilt_not_trusted(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    first = run(local_hub, config, artifacts)
+    (Path(first["build_dir"]) / "model.onnx").write_bytes(b"damaged")
+    assert run(local_hub, config, artifacts)["status"] == "built" and len(exports) == 2
+
+
+def test_checksum_mismatch_stops_before_export(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    local_hub.corrupt(REPO, "model.safetensors")
+    with pytest.raises(ChecksumMismatchError, match="model.safetensors"):
+        run(local_hub, config, artifacts)
+    assert exports == []
+    assert not (artifacts / "builds").exists()
+
+
+def test_unknown_revision_fails_with_a_clear_error(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+    config = small_config(tmp_path)
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    with pytest.raises(HubNotFoundError, match="no-such-branch"):
+        run(local_hub, config, tmp_path / "artifacts", revision="no-such-branch")
+    assert exports == []
