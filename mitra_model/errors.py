@@ -73,9 +73,13 @@ class VersionConflictError(PublishError):
     """An object under an existing, immutable version already holds different bytes."""
 
 
-class StoreAuthError(PublishError, PermissionError):
+class StoreError(MitraBuildError, OSError):
+    """Talking to the S3 artifact store failed (for publishing and pulling alike)."""
+
+
+class StoreAuthError(StoreError, PermissionError):
     """The S3 store refused the credentials (the message never contains the secret)."""
 
 
-class StoreUnreachableError(PublishError, ConnectionError):
+class StoreUnreachableError(StoreError, ConnectionError):
     """The S3 endpoint could not be reached."""
