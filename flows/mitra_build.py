@@ -1,7 +1,8 @@
 """The `mitra-build` Prefect flow: thin orchestration over `mitra_model`, readable as the pipeline.
 
-    resolve revision -> (up to date? stop) -> download -> checksum -> export -> check
-    -> verification matrix -> assemble the build folder (manifest.json)
+    resolve revision -> (published latest is this version? stop) -> download -> checksum
+    -> per artifact: export (portable, optimized) | quantize (int8, fp16) -> check -> verification matrix
+    -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, pointer)
 
 Every task wraps one library function. Tasks keep no Prefect cache: whether to rebuild is decided
 from content (the version is a digest of source digests, config, toolchain and code), and a build
@@ -20,10 +21,13 @@ from prefect.cache_policies import NO_CACHE
 from mitra_model import build as builds
 from mitra_model import source as sources
 from mitra_model.check import check_onnx
+from mitra_model.store import StoreConfig, make_s3_client
 from mitra_model.config import REPO_ROOT, BuildConfig, Variant, config_digest, load_config
-from mitra_model.export import ExportResult, export_onnx
+from mitra_model.export import export_onnx
+from mitra_model.publish import PublishResult, latest_release, publish_build
+from mitra_model.quantize import quantize_onnx
 from mitra_model.snapshot import Snapshot, load_model
-from mitra_model.verify import VerificationReport, require_passed, verify_onnx
+from mitra_model.verify import require_passed, verify_onnx
 
 DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts"
 
@@ -48,83 +52,127 @@ def checksum(snapshot: Snapshot, source: builds.SourceInfo) -> None:
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export(snapshot: Snapshot, config: BuildConfig, work: Path) -> ExportResult:
+def export(snapshot: Snapshot, config: BuildConfig, work: Path, spec: builds.ArtifactSpec) -> Path:
     model, _ = load_model(snapshot.path)
-    return export_onnx(model, work / "model.onnx", opset=config.export.opset,
-                       trace_shape=config.export.trace_shape, metadata=snapshot.onnx_metadata())
+    return export_onnx(model, work / spec.file, opset=config.export.opset, trace_shape=config.export.trace_shape,
+                       metadata=snapshot.onnx_metadata(), flavour=spec.flavour).path
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize(source: Path, work: Path, spec: builds.ArtifactSpec) -> tuple[Path, dict[str, Any]]:
+    result = quantize_onnx(source, work / spec.file, precision=spec.precision)
+    return result.path, result.details
 
 
 @task(name="check", cache_policy=NO_CACHE)
-def check(exported: ExportResult, snapshot: Snapshot) -> None:
-    check_onnx(exported.path, config=snapshot.config)
+def check(path: Path, snapshot: Snapshot) -> None:
+    check_onnx(path, config=snapshot.config)
 
 
 @task(name="verify", cache_policy=NO_CACHE)
-def verify(exported: ExportResult, snapshot: Snapshot, config: BuildConfig, variant: Variant) -> VerificationReport:
+def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant, spec: builds.ArtifactSpec,
+           details: dict[str, Any]) -> builds.BuiltArtifact:
     logger = get_run_logger()
     model, _ = load_model(snapshot.path)
     report = verify_onnx(
-        model, exported.path, cells=config.verification.cells, tolerance=config.verification.tolerance("fp32"),
-        seed=config.verification.seed,
-        on_cell=lambda c: logger.info("cell %s %s: max abs %.2e %s", c.name, c.shape, c.max_abs_err,
+        model, path, cells=config.verification.cells, tolerance=config.verification.tolerance(spec.precision),
+        precision=spec.precision, seed=config.verification.seed,
+        on_cell=lambda c: logger.info("%s cell %s %s: max abs %.2e %s", spec.name, c.name, c.shape, c.max_abs_err,
                                       "ok" if c.passed else "FAIL " + "; ".join(c.failures)),
     )
     create_table_artifact(
-        key=f"{variant.name}-verification-fp32",
+        key=f"{variant.name}-verification-{spec.name}",
         table=[{"cell": c.name, "B,S,Q,F": ",".join(map(str, c.shape)), "data": c.data, "max_abs_err": f"{c.max_abs_err:.2e}",
-                "passed": c.passed} for c in report.cells],
-        description=f"{variant.name}: verification matrix, fp32 ({'passed' if report.passed else 'FAILED'})",
+                "agreement/corr": c.argmax_agreement if c.argmax_agreement is not None else c.correlation,
+                "onnx_s": round(c.onnx_seconds, 3), "passed": c.passed} for c in report.cells],
+        description=f"{variant.name}: verification matrix, {spec.name} ({'passed' if report.passed else 'FAILED'})",
     )
     require_passed(report)
-    return report
+    return builds.BuiltArtifact(spec=spec, path=path, size=path.stat().st_size, sha256=report.onnx_sha256,
+                                report=report, details=details)
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
-def assemble(manifest: dict[str, Any], files: list[Path], reports: dict[str, VerificationReport], artifacts: Path) -> Path:
-    folder = builds.assemble_build(artifacts, manifest, files=files, reports=reports)
+def assemble(manifest: dict[str, Any], built: list[builds.BuiltArtifact], artifacts: Path) -> Path:
+    folder = builds.assemble_build(artifacts, manifest, built)
     create_markdown_artifact(key=f"{manifest['variant']}-manifest", markdown=builds.manifest_markdown(manifest),
                              description=f"{manifest['variant']} {manifest['version']}")
     return folder
 
 
+@task(name="read-latest-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def read_latest_release(store: StoreConfig, variant: Variant) -> dict[str, Any] | None:
+    return latest_release(make_s3_client(store), store, variant.name)
+
+
+@task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # idempotent: a retry converges
+def publish_release(folder: Path, store: StoreConfig) -> PublishResult:
+    result = publish_build(folder, client=make_s3_client(store), store=store)
+    get_run_logger().info("published %s %s as manifest_version %d (%s)", result.variant, result.version,
+                          result.manifest_version, store.url(result.manifest_key))
+    return result
+
+
 @flow(name="build-variant", flow_run_name="{variant_name}@{revision}")
 def build_variant(variant_name: str, revision: str, config: BuildConfig, artifacts: Path, force: bool,
-                  snapshot: str | None, hub_endpoint: str | None, synthetic_fallback: bool) -> dict[str, Any]:
+                  snapshot: str | None, hub_endpoint: str | None, synthetic_fallback: bool,
+                  publish_to_store: bool) -> dict[str, Any]:
     logger = get_run_logger()
     variant = config.variant(variant_name).model_copy(update={"revision": revision})
     source, pinned, local = resolve_revision(variant, config, artifacts, snapshot, hub_endpoint, synthetic_fallback)
     toolchain = builds.toolchain_versions()
     version = builds.build_version(source_digests=source.digests, config_digest=config_digest(config),
                                    toolchain=toolchain, code=builds.code_digest())
+    store = config.store if publish_to_store else None
+    latest = read_latest_release(store, variant) if store else None
+    if latest is not None and latest["version"] == version and not force:
+        logger.info("%s is up to date: %s is already the published latest (manifest_version %d)",
+                    variant.name, version, latest["manifest_version"])
+        return {"variant": variant.name, "status": "up-to-date", "version": version,
+                "synthetic": source.synthetic, "published": store.url(latest["manifest_key"])}
     done = builds.completed_build(artifacts, variant.name, version)
     if done is not None and not force:
-        logger.info("%s is up to date: version %s already built from these weights and config", variant.name, version)
-        return {"variant": variant.name, "status": "up-to-date", "version": version, "synthetic": source.synthetic,
-                "build_dir": str(builds.build_dir(artifacts, variant.name, version))}
+        logger.info("%s %s is already built locally; no export or verification needed", variant.name, version)
+        folder = builds.build_dir(artifacts, variant.name, version)
+        return finish(variant, version, folder, done, store, "up-to-date" if store is None else "published")
 
     snapshot_files = local if local is not None else download(pinned, artifacts, hub_endpoint)
     checksum(snapshot_files, source)
     work = artifacts / "work" / variant.name / version
-    exported = export(snapshot_files, config, work)
-    check(exported, snapshot_files)
-    reports = {"fp32": verify(exported, snapshot_files, config, variant)}
+    built: dict[str, builds.BuiltArtifact] = {}
+    for spec in builds.planned_artifacts(config.artifacts):
+        if spec.precision == "fp32":
+            path, details = export(snapshot_files, config, work, spec), {}
+        else:  # reduced precisions derive from the verified optimized fp32 file
+            path, details = quantize(built["fp32-ort"].path, work, spec)
+        check(path, snapshot_files)
+        built[spec.name] = verify(path, snapshot_files, config, variant, spec, details)
     manifest = builds.draft_manifest(
         variant=variant.name, version=version, source=source, snapshot=snapshot_files, model_config=snapshot_files.config,
-        config_digest=config_digest(config), opset=config.export.opset, export=exported, reports=reports,
+        config_digest=config_digest(config), opset=config.export.opset, artifacts=list(built.values()),
         toolchain=toolchain,
     )
-    folder = assemble(manifest, [exported.path], reports, artifacts)
-    if source.synthetic:
+    folder = assemble(manifest, list(built.values()), artifacts)
+    return finish(variant, version, folder, manifest, store, "built")
+
+
+def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any], store: StoreConfig | None,
+           status: str) -> dict[str, Any]:
+    """Publish a complete build folder (when a store is configured) and report."""
+    logger = get_run_logger()
+    published = publish_release(folder, store) if store is not None else None
+    synthetic = manifest["source"]["synthetic"]
+    if synthetic:
         logger.warning(sources.SYNTHETIC_BANNER.format(variant=variant.name))
-    logger.info("%s %s built into %s", variant.name, version, folder)
-    return {"variant": variant.name, "status": "built", "version": version, "synthetic": source.synthetic,
-            "build_dir": str(folder)}
+    return {"variant": variant.name, "status": status, "version": version, "synthetic": synthetic,
+            "build_dir": str(folder),
+            "published": store.url(published.manifest_key) if published and store else None}
 
 
 @flow(name="mitra-build")
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
-                artifacts_root: str | None = None) -> list[dict[str, Any]]:
+                artifacts_root: str | None = None, publish: bool = True) -> list[dict[str, Any]]:
     """Build every configured variant (or the named ones) whose weights or config changed.
 
     Args:
@@ -138,6 +186,7 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
         hub_endpoint: a hub mirror (default: huggingface_hub's, i.e. HF_ENDPOINT or the public hub).
         config_path: configuration file (default config/mitra-build.toml or $MITRA_BUILD_CONFIG).
         artifacts_root: where builds and caches go (default ./artifacts).
+        publish: publish to the configured [store] (default); False keeps builds local.
     """
     config = load_config(Path(config_path) if config_path else None)
     selected = [config.variant(name) for name in variants] if variants else list(config.variants)
@@ -145,7 +194,8 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
         raise ValueError(f"--snapshot builds one variant; {len(selected)} selected: name one with variants=[...]")
     artifacts = Path(artifacts_root) if artifacts_root else DEFAULT_ARTIFACTS
     results = [
-        build_variant(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint, synthetic_fallback)
+        build_variant(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
+                      synthetic_fallback, publish)
         for v in selected
     ]
     get_run_logger().info("summary: %s", "; ".join(f"{r['variant']} {r['status']} {r['version']}" for r in results))

@@ -21,16 +21,50 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import REPO_ROOT
-from .export import ExportResult, io_contract
+from .config import REPO_ROOT, ArtifactsConfig
+from .export import FLAVOUR_FILES, FLAVOUR_RUNTIMES, io_contract
 from .fileutil import atomic_directory, sha256_file
 from .model import MitraConfig
+from .publish import MANIFEST_NAME as MANIFEST_FILE
+from .publish import MANIFEST_SCHEMA_ID
 from .snapshot import Snapshot
 from .verify import VerificationReport
 
-MANIFEST_SCHEMA_ID = "mitra-build/manifest/v1"
-MANIFEST_FILE = "manifest.json"
-PORTABLE_RUNTIMES = ("onnxruntime>=1.17 (any execution provider)", "onnxruntime-node", "onnxruntime-web")
+# Why each reduced precision exists, for consumers choosing a file (CPU figures: bench/results-precision.md).
+PRECISION_PURPOSE = {
+    "fp32": "reference precision; what upstream computes",
+    "int8": "CPU inference: dynamic int8 MatMul weights, ~4x smaller and faster than fp32 on CPU",
+    "fp16": "GPU / WebGPU execution providers (fp16 weights); on CPU it is no faster than fp32",
+}
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """One file a build produces."""
+
+    name: str  # manifest key: fp32 | fp32-ort | int8 | fp16
+    file: str
+    precision: str  # fp32 | int8 | fp16 (selects the verification tolerance)
+    flavour: str  # portable | optimized
+
+
+def planned_artifacts(artifacts: ArtifactsConfig) -> list[ArtifactSpec]:
+    """The artifacts a build produces, in build order (fp32 exports first, then what derives from them)."""
+    specs = [ArtifactSpec("fp32", FLAVOUR_FILES["portable"], "fp32", "portable")]
+    if "optimized" in artifacts.flavours:
+        specs.append(ArtifactSpec("fp32-ort", FLAVOUR_FILES["optimized"], "fp32", "optimized"))
+    specs += [ArtifactSpec(p, f"model-{p}.onnx", p, "optimized") for p in artifacts.precisions]
+    return specs
+
+
+@dataclass(frozen=True)
+class BuiltArtifact:
+    spec: ArtifactSpec
+    path: Path
+    size: int
+    sha256: str
+    report: VerificationReport
+    details: dict[str, Any]  # how it was made (e.g. quantized MatMul count)
 _TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "safetensors")
 
 
@@ -103,23 +137,11 @@ def draft_manifest(
     model_config: MitraConfig,
     config_digest: str,
     opset: int,
-    export: ExportResult,
-    reports: dict[str, VerificationReport],
+    artifacts: list[BuiltArtifact],
     toolchain: dict[str, str],
 ) -> dict[str, Any]:
     """The manifest as the build writes it; publishing adds manifest_version, previous digest, S3 keys."""
     inputs, outputs = io_contract(model_config)
-    artifact = {
-        "name": "fp32",
-        "file": export.path.name,
-        "size": export.size,
-        "sha256": export.sha256,
-        "precision": "fp32",
-        "flavour": "portable",
-        "runtimes": list(PORTABLE_RUNTIMES),
-        "inputs": _tensor_specs(inputs),
-        "outputs": _tensor_specs(outputs),
-    }
     return {
         "schema": MANIFEST_SCHEMA_ID,
         "variant": variant,
@@ -143,28 +165,39 @@ def draft_manifest(
             "code_sha256": code_digest(),
             "exporter": {"name": "torch.onnx.export", "dynamo": False, "do_constant_folding": True},
         },
-        "artifacts": [artifact],
-        "verification": {
-            precision: {
-                "passed": report.passed,
-                "cells": len(report.cells),
-                "failed_cells": sum(not c.passed for c in report.cells),
-                "max_abs_err": report.summary["max_abs_err"],
-                "tolerance": report.tolerance,
-                "report": f"verification-{precision}.json",
+        "artifacts": [
+            {
+                "name": a.spec.name,
+                "file": a.spec.file,
+                "size": a.size,
+                "sha256": a.sha256,
+                "precision": a.spec.precision,
+                "flavour": a.spec.flavour,
+                "purpose": PRECISION_PURPOSE[a.spec.precision],
+                "runtimes": list(FLAVOUR_RUNTIMES[a.spec.flavour]),
+                "inputs": _tensor_specs(inputs),
+                "outputs": _tensor_specs(outputs),
+                "details": a.details,
             }
-            for precision, report in reports.items()
+            for a in artifacts
+        ],
+        "verification": {
+            a.spec.name: {
+                "passed": a.report.passed,
+                "precision": a.spec.precision,
+                "cells": len(a.report.cells),
+                "failed_cells": sum(not c.passed for c in a.report.cells),
+                "max_abs_err": a.report.summary["max_abs_err"],
+                "onnx_seconds": a.report.summary["onnx_seconds"],
+                "tolerance": a.report.tolerance,
+                "report": f"verification-{a.spec.name}.json",
+            }
+            for a in artifacts
         },
     }
 
 
-def assemble_build(
-    artifacts_root: Path,
-    manifest: dict[str, Any],
-    *,
-    files: list[Path],
-    reports: dict[str, VerificationReport],
-) -> Path:
+def assemble_build(artifacts_root: Path, manifest: dict[str, Any], artifacts: list[BuiltArtifact]) -> Path:
     """Write the build folder whole: artifact files (moved in), verification reports, manifest.json.
 
     Refuses (ValueError) a manifest whose verification did not pass: a failed build never lands.
@@ -174,11 +207,10 @@ def assemble_build(
         raise ValueError(f"refusing to assemble build {manifest['version']}: verification failed for {', '.join(failed)}")
     final = build_dir(artifacts_root, manifest["variant"], manifest["version"])
     with atomic_directory(final) as tmp:
-        for path in files:
-            shutil.move(path, tmp / path.name)  # a rename: work and build folders share a filesystem
-        for precision, report in reports.items():
-            (tmp / f"verification-{precision}.json").write_text(report.to_json(), encoding="utf-8")
-            (tmp / f"verification-{precision}.md").write_text(report.to_markdown(), encoding="utf-8")
+        for artifact in artifacts:
+            shutil.move(artifact.path, tmp / artifact.spec.file)  # a rename: work and build share a filesystem
+            (tmp / f"verification-{artifact.spec.name}.json").write_text(artifact.report.to_json(), encoding="utf-8")
+            (tmp / f"verification-{artifact.spec.name}.md").write_text(artifact.report.to_markdown(), encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return final
 
@@ -192,7 +224,7 @@ def manifest_markdown(manifest: dict[str, Any]) -> str:
              "| artifact | precision | size | sha256 |", "|---|---|---|---|"]
     for a in manifest["artifacts"]:
         lines.append(f"| {a['file']} | {a['precision']} ({a['flavour']}) | {a['size']:,} | `{a['sha256']}` |")
-    lines += ["", "| precision | verification | cells | max abs err |", "|---|---|---|---|"]
-    for precision, v in manifest["verification"].items():
-        lines.append(f"| {precision} | {'passed' if v['passed'] else 'FAILED'} | {v['cells']} | {v['max_abs_err']:.2e} |")
+    lines += ["", "| artifact | verification | cells | max abs err |", "|---|---|---|---|"]
+    for name, v in manifest["verification"].items():
+        lines.append(f"| {name} | {'passed' if v['passed'] else 'FAILED'} | {v['cells']} | {v['max_abs_err']:.2e} |")
     return "\n".join(lines) + "\n"

@@ -48,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _say(f"exporting {snapshot.path} (dim {model.config.dim}, {model.config.n_layers} layers) ...")
     result = export_onnx(
         model, args.output, opset=config.export.opset, trace_shape=config.export.trace_shape,
-        metadata=snapshot.onnx_metadata(),
+        metadata=snapshot.onnx_metadata(), flavour=args.flavour,
     )
     try:
         checked = check_onnx(result.path, config=model.config)
@@ -117,6 +117,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import onnx
+
+    from .quantize import quantize_onnx
+
+    result = quantize_onnx(args.onnx, args.output, precision=args.precision)  # validates the input first
+    metadata = {p.key: p.value for p in onnx.load(str(args.onnx), load_external_data=False).metadata_props}
+    if metadata.get("mitra_build.flavour") != "optimized":
+        _say(f"note: {args.onnx} is not the optimized flavour; the pipeline quantizes that one "
+             "(mitra-build export --flavour optimized), which its tolerances were measured on")
+    print(f"wrote {result.path} ({result.precision}, {result.size} bytes) in {result.seconds:.1f} s")
+    print(f"sha256 {result.sha256}")
+    print(f"verify it: mitra-build verify --snapshot DIR --onnx {result.path} --precision {result.precision}")
+    return 0
+
+
+def _store(config_path: Path | None):  # noqa: ANN202 - StoreConfig
+    from .config import config_path as default_config_path
+    from .config import load_config
+
+    config = load_config(config_path)
+    if config.store is None:
+        raise MitraBuildError(f"no [store] section in {config_path or default_config_path()}: nothing to talk to")
+    return config.store
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .pull import pull_release
+    from .store import make_s3_client
+
+    store = _store(args.config)
+    result = pull_release(args.variant, version=args.version, dest=args.dest, client=make_s3_client(store), store=store,
+                          progress=not args.quiet)
+    print(f"pulled {args.variant} {result.version} (manifest_version {result.manifest_version}) into {args.dest}; "
+          f"every file's size and sha256 verified")
+    for name, path in sorted(result.files.items()):
+        print(f"  {name}: {path}")
+    print(f"  manifest: {result.manifest_path} (sha256 {result.manifest_sha256})")
+    return 0
+
+
+def cmd_local_s3(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .local_s3 import LocalS3Server
+    from .store import ensure_bucket, make_s3_client
+
+    store = _store(args.config)
+    server = LocalS3Server(args.dir, s3_port=args.port)
+    with server:
+        ensure_bucket(make_s3_client(store.model_copy(update={"endpoint_url": server.endpoint_url})), store.bucket)
+        print(f"SeaweedFS S3 on {server.endpoint_url} (data in {args.dir}, log {server.log_path}); bucket "
+              f"{store.bucket!r} ready. Ctrl-C stops it.", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mitra-build", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mitra-build {__version__}")
@@ -133,7 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a snapshot folder to ONNX (and run the check stage)")
     export.add_argument("--snapshot", type=Path, required=True)
     export.add_argument("--output", type=Path, required=True)
+    export.add_argument("--flavour", choices=("portable", "optimized"), default="portable",
+                        help="portable: standard ONNX ops; optimized: ONNX Runtime's memory-efficient attention")
     export.set_defaults(func=cmd_export)
+
+    quantize = sub.add_parser("quantize", help="derive an int8 or fp16 artifact from an fp32 export")
+    quantize.add_argument("--onnx", type=Path, required=True, help="fp32 export (the optimized flavour)")
+    quantize.add_argument("--precision", choices=("int8", "fp16"), required=True)
+    quantize.add_argument("--output", type=Path, required=True)
+    quantize.set_defaults(func=cmd_quantize)
 
     check = sub.add_parser("check", help="onnx.checker + shape inference + I/O contract")
     check.add_argument("--snapshot", type=Path, required=True, help="the snapshot the file was exported from")
@@ -157,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hub-endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or the public hub)")
     run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default ./artifacts)")
     run.set_defaults(func=cmd_run)
+
+    pull = sub.add_parser("pull", help="download a published release and verify every byte")
+    pull.add_argument("--variant", required=True)
+    pull.add_argument("--version", default="latest", help="'latest' (the pointer) or a version id")
+    pull.add_argument("--dest", type=Path, required=True)
+    pull.add_argument("--quiet", action="store_true", help="no progress bars")
+    pull.set_defaults(func=cmd_pull)
+
+    local_s3 = sub.add_parser("local-s3", help="serve the configured bucket from a local SeaweedFS until stopped")
+    local_s3.add_argument("--dir", type=Path, required=True, help="data folder (kept between runs)")
+    local_s3.add_argument("--port", type=int, default=8333)
+    local_s3.set_defaults(func=cmd_local_s3)
     return parser
 
 

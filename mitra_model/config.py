@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .store import StoreConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "mitra-build.toml"
@@ -44,6 +45,29 @@ class ExportConfig(_Strict):
     trace_shape: Shape
 
 
+FlavourName = Literal["portable", "optimized"]
+PrecisionName = Literal["int8", "fp16"]
+
+
+class ArtifactsConfig(_Strict):
+    """Which artifacts a build produces. Each is verified over the full matrix; one that fails is not
+    published and fails the run."""
+
+    flavours: tuple[FlavourName, ...] = ("portable",)
+    precisions: tuple[PrecisionName, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArtifactsConfig:
+        if "portable" not in self.flavours:
+            raise ValueError("flavours must include 'portable' (the reference artifact every consumer can run)")
+        if self.precisions and "optimized" not in self.flavours:
+            raise ValueError("precisions (int8/fp16) are built from the optimized flavour: add 'optimized' to flavours")
+        for field, values in (("flavours", self.flavours), ("precisions", self.precisions)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{field} lists a value twice: {list(values)}")
+        return self
+
+
 class SizeConfig(_Strict):
     dim: int = Field(ge=8)
     n_layers: int = Field(ge=1)
@@ -58,6 +82,7 @@ class SizeConfig(_Strict):
 
 class Tolerance(_Strict):
     max_abs: float = Field(gt=0)
+    max_prob_err: float | None = Field(default=None, gt=0, le=1)  # classifier: softmax probabilities
     min_argmax_agreement: float = Field(ge=0, le=1)
     min_correlation: float = Field(ge=-1, le=1)
 
@@ -88,8 +113,9 @@ class VerificationConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"cell names must be unique; repeated: {', '.join(duplicates)}")
-        if "fp32" not in self.tolerances:
-            raise ValueError("tolerances.fp32 is required")
+        missing = {"fp32", "int8", "fp16"} - set(self.tolerances)
+        if missing:
+            raise ValueError(f"tolerances for {', '.join(sorted(missing))} are required")
         return self
 
     def tolerance(self, precision: str) -> Tolerance:
@@ -127,7 +153,9 @@ class ScheduleConfig(_Strict):
 
 class BuildConfig(_Strict):
     export: ExportConfig
+    artifacts: ArtifactsConfig = ArtifactsConfig()
     schedule: ScheduleConfig
+    store: StoreConfig | None = None  # where builds are published; None: local builds only
     sizes: dict[SizeName, SizeConfig]
     verification: VerificationConfig
     variants: tuple[Variant, ...] = ()

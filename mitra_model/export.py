@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -22,8 +23,15 @@ from .config import Shape
 from .errors import ExportError
 from .fileutil import atomic_file, sha256_file
 from .inputs import make_inputs
-from .model import MitraConfig, Tab2D
+from .model import MitraConfig, Tab2D, fused_attention
 
+Flavour = Literal["portable", "optimized"]
+FLAVOUR_FILES: dict[str, str] = {"portable": "model.onnx", "optimized": "model-ort.onnx"}
+# Where each flavour runs. "optimized" uses ONNX Runtime's contrib MultiHeadAttention (com.microsoft).
+FLAVOUR_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "portable": ("any ONNX runtime with opset 17 (standard ops only)", "onnxruntime", "onnxruntime-node", "onnxruntime-web"),
+    "optimized": ("onnxruntime>=1.17 with com.microsoft contrib ops (CPU/CUDA: Python, C++, onnxruntime-node)",),
+}
 INPUT_NAMES = ("x_support", "y_support", "x_query", "padding_obs_support")
 OUTPUT_NAME = "output"
 _DIM_NAMES = {
@@ -66,6 +74,7 @@ def export_onnx(
     opset: int,
     trace_shape: Shape,
     metadata: dict[str, str] | None = None,
+    flavour: Flavour = "portable",
 ) -> ExportResult:
     """Export `model` to `output` (written atomically; nothing is left behind on failure).
 
@@ -75,6 +84,8 @@ def export_onnx(
         opset: ONNX opset (>= 17).
         trace_shape: shape of the example inputs the export is traced with.
         metadata: extra `metadata_props` (content-derived values only, to keep the file reproducible).
+        flavour: "portable" (standard ONNX ops only) or "optimized" (attention as ONNX Runtime's
+            memory-efficient contrib MultiHeadAttention; same numbers, far less memory at large S).
 
     Raises:
         ExportError: the exporter failed.
@@ -88,7 +99,10 @@ def export_onnx(
     dynamic_axes[OUTPUT_NAME] = {0: "batch", 1: "n_query"}
 
     started = time.perf_counter()
-    with atomic_file(output) as raw_path, torch.no_grad(), warnings.catch_warnings():
+    if flavour not in FLAVOUR_FILES:
+        raise ExportError(f"unknown export flavour {flavour!r}; expected one of {', '.join(FLAVOUR_FILES)}")
+    with atomic_file(output) as raw_path, torch.no_grad(), warnings.catch_warnings(), \
+            fused_attention(model, flavour == "optimized"):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
             torch.onnx.export(
@@ -101,11 +115,12 @@ def export_onnx(
                 opset_version=opset,
                 dynamo=False,
                 do_constant_folding=True,
+                custom_opsets={"com.microsoft": 1} if flavour == "optimized" else None,
             )
         except Exception as exc:  # the exporter raises many unrelated types
             raise ExportError(f"torch.onnx.export failed for {output}: {type(exc).__name__}: {exc}") from exc
         proto = onnx.load(str(raw_path))
-        _pin_volatile_fields(proto, config, metadata or {})
+        _pin_volatile_fields(proto, config, {"mitra_build.flavour": flavour, **(metadata or {})})
         _name_output_dims(proto, outputs[0].shape)
         onnx.save_model(proto, str(raw_path))
     seconds = time.perf_counter() - started

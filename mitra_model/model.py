@@ -23,7 +23,9 @@ first), D model dim, H heads.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -195,26 +197,48 @@ class Tab2DEmbeddingYRegression(nn.Module):
 # Transformer
 
 
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (n_heads, -1)).transpose(1, 2)  # (N, L, D) -> (N, H, L, D/H)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Unmasked multi-head attention over projected q (N, Lq, D) and k, v (N, Lk, D) -> (N, Lq, D)."""
+    out = F.scaled_dot_product_attention(split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads))
+    return out.transpose(1, 2).flatten(-2)  # (N, H, Lq, D/H) -> (N, Lq, D)
+
+
+class FusedAttention(torch.autograd.Function):
+    """`attention` in PyTorch; exported as ONNX Runtime's contrib `com.microsoft.MultiHeadAttention`,
+    which never materializes the (N, H, Lq, Lk) scores (17 GB at S=4096 in the portable graph)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int) -> torch.Tensor:  # noqa: ANN001
+        return attention(q, k, v, n_heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, n_heads: int):  # noqa: ANN001, ANN205 - TorchScript exporter hook
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=n_heads)
+        out.setType(q.type())
+        return out
+
+
 class MultiheadAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
         assert dim % n_heads == 0, f"dim {dim} is not divisible by n_heads {n_heads}"
         self.n_heads = n_heads
+        self.fused = False  # export flavour switch (same numbers in PyTorch); see Tab2D.fused_attention
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (N, L, D) -> (N, H, L, D/H)
-
     def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
-        # query (N, Lq, D), key_value (N, Lk, D): N independent sequences
-        q = self.split_heads(self.q(query))
-        k = self.split_heads(self.k(key_value))
-        v = self.split_heads(self.v(key_value))
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, Lq, D/H), no mask: as upstream
-        return self.o(out.transpose(1, 2).flatten(-2))  # (N, Lq, D)
+        # query (N, Lq, D), key_value (N, Lk, D): N independent sequences, no mask (as upstream)
+        q, k, v = self.q(query), self.k(key_value), self.v(key_value)
+        if self.fused:
+            return self.o(FusedAttention.apply(q, k, v, self.n_heads))
+        return self.o(attention(q, k, v, self.n_heads))
 
 
 def rows_as_sequences(x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +328,21 @@ class Tab2D(nn.Module):
         if self.config.label_is_class:
             return out
         return out[..., 0]  # (B, Q): single-output regression
+
+
+@contextlib.contextmanager
+def fused_attention(model: Tab2D, enabled: bool = True) -> Iterator[Tab2D]:
+    """Within the block, attention exports as `com.microsoft.MultiHeadAttention` (PyTorch outputs are
+    unchanged); the previous setting is restored afterwards."""
+    modules = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+    previous = [m.fused for m in modules]
+    for module in modules:
+        module.fused = enabled
+    try:
+        yield model
+    finally:
+        for module, value in zip(modules, previous):
+            module.fused = value
 
 
 def expected_parameter_shapes(config: MitraConfig) -> dict[str, tuple[int, ...]]:

@@ -572,6 +572,12 @@ def _advance_pointer(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> 
     )
 
 
+def latest_release(client: Any, store: StoreConfig, variant: str) -> dict[str, Any] | None:
+    """The variant's pointer (`latest.json`) as a dict, or None when nothing was published yet."""
+    found = _Store(client, store).read_pointer(pointer_key_for(store, variant))
+    return None if found is None else found[0]
+
+
 def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> PublishResult:
     """Upload a verified build and make it the variant's latest release.
 

@@ -33,6 +33,7 @@ class CellResult:
     max_abs_err: float
     max_rel_err: float
     argmax_agreement: float | None  # classifier
+    max_prob_err: float | None  # classifier, when the tolerance bounds it
     correlation: float | None  # regressor
     torch_seconds: float
     onnx_seconds: float
@@ -85,9 +86,14 @@ class VerificationReport:
 
 
 def onnx_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (threads=0: ORT's default, all cores)."""
+    """A CPU ONNX Runtime session (threads=0: ORT's default, all cores).
+
+    The CPU memory arena is off: it keeps every freed block, which took a tiny-model forward at
+    (1,4096,16,64) from 1.12 to 1.49 GiB peak RSS here (bench/results-memory.md).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -98,14 +104,16 @@ def compare_outputs(
     """Error metrics of `candidate` against `reference` and the list of tolerance violations."""
     failures: list[str] = []
     if candidate.shape != reference.shape:
-        return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "argmax_agreement": None, "correlation": None}, [
+        return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "argmax_agreement": None, "correlation": None, "max_prob_err": None}, [
             f"output shape {candidate.shape} != reference {reference.shape}"
         ]
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     finite = bool(np.isfinite(candidate).all())
     max_abs = float(diff.max()) if finite else float("inf")
     max_rel = float((diff / np.maximum(np.abs(reference), 1e-6)).max()) if finite else float("inf")
-    metrics: dict[str, float | None] = {"max_abs_err": max_abs, "max_rel_err": max_rel, "argmax_agreement": None, "correlation": None}
+    metrics: dict[str, float | None] = {
+        "max_abs_err": max_abs, "max_rel_err": max_rel, "argmax_agreement": None, "correlation": None, "max_prob_err": None,
+    }
     if not finite:
         failures.append("output has NaN or inf")
     if max_abs > tolerance.max_abs:
@@ -113,6 +121,11 @@ def compare_outputs(
     if is_classifier:
         agreement = float((candidate.argmax(-1) == reference.argmax(-1)).mean())
         metrics["argmax_agreement"] = agreement
+        if tolerance.max_prob_err is not None and finite:
+            prob_err = float(np.abs(_softmax(candidate) - _softmax(reference)).max())
+            metrics["max_prob_err"] = prob_err
+            if prob_err > tolerance.max_prob_err:
+                failures.append(f"max probability error {prob_err:.3e} > {tolerance.max_prob_err}")
         if agreement < tolerance.min_argmax_agreement:
             failures.append(f"argmax agreement {agreement:.4f} < {tolerance.min_argmax_agreement}")
     elif finite and reference.size >= 3 and reference.std() > 1e-4 * max(1.0, float(np.abs(reference).max())):
@@ -122,6 +135,11 @@ def compare_outputs(
         if not correlation >= tolerance.min_correlation:
             failures.append(f"correlation {correlation:.6f} < {tolerance.min_correlation}")
     return metrics, failures
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
 
 
 def verify_onnx(
@@ -157,7 +175,10 @@ def verify_onnx(
             candidate, error = None, f"ONNX Runtime failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         onnx_seconds = time.perf_counter() - started
         if candidate is None:
-            metrics: dict[str, float | None] = {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "argmax_agreement": None, "correlation": None}
+            metrics: dict[str, float | None] = {
+                "max_abs_err": float("inf"), "max_rel_err": float("inf"), "argmax_agreement": None, "correlation": None,
+                "max_prob_err": None,
+            }
             failures = [error]
         else:
             metrics, failures = compare_outputs(reference, candidate, is_classifier=is_classifier, tolerance=tolerance)
@@ -165,6 +186,7 @@ def verify_onnx(
             name=cell.name, shape=cell.as_tuple(), data=cell.data, padded_support_rows=cell.padded_support_rows,
             max_abs_err=float(metrics["max_abs_err"]), max_rel_err=float(metrics["max_rel_err"]),
             argmax_agreement=metrics["argmax_agreement"], correlation=metrics["correlation"],
+            max_prob_err=metrics["max_prob_err"],
             torch_seconds=torch_seconds, onnx_seconds=onnx_seconds, failures=tuple(failures),
         )
         results.append(result)

@@ -10,6 +10,8 @@ scripts/setup.sh
 export PREFECT_HOME="$PWD/artifacts/prefect" # the server's SQLite database lives here
 export PREFECT_API_URL="http://127.0.0.1:${MITRA_DEMO_PREFECT_PORT:-4200}/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_DISABLE_TELEMETRY=1
+# The local SeaweedFS accepts these (demo-only) keys; boto3 in the worker picks them up the usual way.
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-mitra-demo}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-mitra-demo-secret}"
 mkdir -p "$PREFECT_HOME" artifacts/logs
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done; }
@@ -25,6 +27,10 @@ wait_for() { # what, seconds, test command...
   echo "!! $what did not come up in ${limit}s; see artifacts/logs/" >&2; exit 1
 }
 
+echo "==> starting local S3 (SeaweedFS) on 127.0.0.1:8333, data in artifacts/s3"
+start local-s3 .venv/bin/mitra-build local-s3 --dir artifacts/s3 --port 8333
+wait_for "local S3" 60 grep -q "bucket .* ready" artifacts/logs/local-s3.log
+
 echo "==> starting Prefect server on $PREFECT_API_URL (SQLite in $PREFECT_HOME)"
 start prefect-server .venv/bin/prefect server start --host 127.0.0.1 --port "${MITRA_DEMO_PREFECT_PORT:-4200}"
 wait_for "Prefect server" 240 curl -sf "$PREFECT_API_URL/health"
@@ -38,14 +44,19 @@ echo "==> running mitra-build/build (hub first; SYNTHETIC full-size fallback if 
 echo "==> running it again: nothing changed, so it must finish in seconds as up to date"
 .venv/bin/prefect deployment run 'mitra-build/scheduled' -p synthetic_fallback=true --watch --watch-timeout 600
 
-echo "==> builds:"
-for manifest in artifacts/builds/*/*/manifest.json; do
-  .venv/bin/python - "$manifest" <<'PY'
+echo "==> pulling latest of every variant from the bucket into a fresh folder (checks size + sha256)"
+pulled=$(mktemp -d artifacts/pulled.XXXXXX)
+for variant in $(.venv/bin/python -c 'from mitra_model.config import load_config; print(" ".join(v.name for v in load_config().variants))'); do
+  .venv/bin/mitra-build pull --variant "$variant" --version latest --dest "$pulled/$variant" --quiet
+  .venv/bin/python - "$pulled/$variant/manifest.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 tag = "  ** SYNTHETIC (random weights) **" if m["source"]["synthetic"] else ""
-arts = ", ".join(f"{a['file']} {a['size'] / 1e6:.1f} MB sha256 {a['sha256'][:16]}" for a in m["artifacts"])
-ver = ", ".join(f"{p}: {v['cells']} cells {'passed' if v['passed'] else 'FAILED'}" for p, v in m["verification"].items())
-print(f"{m['variant']} {m['version']}{tag}\n  {arts}\n  verification {ver}\n  manifest {sys.argv[1]}")
+print(f"{m['variant']} {m['version']} (manifest_version {m['manifest_version']}){tag}")
+for a in m["artifacts"]:
+    v = m["verification"][a["name"]]
+    print(f"  {a['file']:18} {a['size'] / 1e6:7.1f} MB  sha256 {a['sha256'][:16]}  "
+          f"verified {v['cells']} cells, max abs err {v['max_abs_err']:.1e}")
 PY
 done
+echo "==> done: releases in s3://mitra-build/releases (SeaweedFS data: artifacts/s3), pulled copies in $pulled"

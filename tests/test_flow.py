@@ -12,9 +12,11 @@ from prefect.testing.utilities import prefect_test_harness
 
 import flows.mitra_build as flow_module
 from local_hub import local_hub  # noqa: F401 - fixture
+from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 from mitra_model.config import DEFAULT_CONFIG_PATH
 from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
 from mitra_model.snapshot import write_synthetic_snapshot
+from mitra_model.store import StoreConfig
 
 REPO = "acme/mitra-finetuned"
 
@@ -25,14 +27,17 @@ def prefect_server():
         yield
 
 
-def small_config(tmp_path: Path) -> Path:
-    """The default configuration with a two-cell matrix and one variant served by the local hub."""
+def small_config(tmp_path: Path, store: StoreConfig | None = None) -> Path:
+    """The default configuration with a two-cell matrix, one variant served by the local hub, and
+    the given store (none by default)."""
     text = DEFAULT_CONFIG_PATH.read_text()
     head = text[: text.index("[[verification.cells]]")]
-    schedule = text[text.index("[schedule]") : text.index("[[variants]]")]
+    schedule = text[text.index("[schedule]") : text.index("[store]")]
+    store_section = "" if store is None else (
+        f'[store]\nbucket = "{store.bucket}"\nprefix = "{store.prefix}"\nendpoint_url = "{store.endpoint_url}"\n\n')
     path = tmp_path / "config.toml"
     path.write_text(
-        head + schedule
+        head + schedule + store_section
         + '[[verification.cells]]\nname = "small"\nbatch = 1\nn_support = 20\nn_query = 4\nn_features = 3\n\n'
         + '[[verification.cells]]\nname = "ties-padded"\nbatch = 2\nn_support = 16\nn_query = 2\nn_features = 2\n'
         + 'data = "integer_ties"\npadded_support_rows = 4\n\n'
@@ -61,9 +66,10 @@ def exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
-def run(local_hub, config: Path, artifacts: Path, **kwargs):  # noqa: F811
+def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwargs):  # noqa: F811
     return flow_module.mitra_build(
-        config_path=str(config), artifacts_root=str(artifacts), hub_endpoint=local_hub.endpoint, **kwargs
+        config_path=str(config), artifacts_root=str(artifacts), hub_endpoint=local_hub.endpoint, publish=publish,
+        **kwargs,
     )[0]
 
 
@@ -120,3 +126,54 @@ def test_unknown_revision_fails_with_a_clear_error(local_hub, tmp_path: Path, bu
     with pytest.raises(HubNotFoundError, match="no-such-branch"):
         run(local_hub, config, tmp_path / "artifacts", revision="no-such-branch")
     assert exports == []
+
+
+def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
+                                                       exports) -> None:
+    from mitra_model.publish import latest_release
+    from mitra_model.pull import pull_release
+
+    config, artifacts = small_config(tmp_path, store=s3_store), tmp_path / "artifacts"
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    first = run(local_hub, config, artifacts, publish=True)
+    assert first["status"] == "built" and first["published"].endswith("/manifest.json")
+    pointer = latest_release(s3_client, s3_store, "finetuned")
+    assert pointer["version"] == first["version"] and pointer["manifest_version"] == 1
+
+    # The bucket, not the local folder, records what was built: a fresh machine is up to date too.
+    import shutil
+
+    shutil.rmtree(artifacts)
+    again = run(local_hub, config, artifacts, publish=True)
+    assert again["status"] == "up-to-date" and len(exports) == 1
+
+    pulled = pull_release("finetuned", dest=tmp_path / "pulled", client=s3_client, store=s3_store, progress=False)
+    manifest = json.loads(pulled.manifest_path.read_text())
+    assert manifest["version"] == first["version"]
+    for artifact in manifest["artifacts"]:
+        assert hashlib.sha256(pulled.files[artifact["name"]].read_bytes()).hexdigest() == artifact["sha256"]
+
+
+def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitra_model.errors import VerificationError
+    from mitra_model.publish import latest_release
+
+    monkeypatch.setattr(flow_module, "verify_onnx", _failing_verify(flow_module.verify_onnx))
+    config = small_config(tmp_path, store=s3_store)
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    with pytest.raises(VerificationError, match="cell 'small'"):
+        run(local_hub, config, tmp_path / "artifacts", publish=True)
+    assert latest_release(s3_client, s3_store, "finetuned") is None
+    assert not (tmp_path / "artifacts" / "builds").exists()
+
+
+def _failing_verify(real):
+    """verify_onnx with a tolerance nothing meets: the stage must fail, never warn."""
+    from mitra_model.config import Tolerance
+
+    def verify(model, path, **kwargs):
+        kwargs["tolerance"] = Tolerance(max_abs=1e-15, min_argmax_agreement=1.0, min_correlation=1.0)
+        return real(model, path, **kwargs)
+
+    return verify

@@ -1,0 +1,154 @@
+"""Precision and speed benchmark on the full-size model, all engines in one run on the same inputs:
+upstream-equivalent PyTorch eager, portable fp32, ORT-optimized fp32, int8 and fp16 ONNX.
+
+    .venv/bin/python bench/bench_precision.py [--repeats 3] [--task classification]
+
+Each engine runs in its own process (so its peak RSS is its own): one warm-up, then the median of
+`--repeats` runs per shape. Errors are measured against PyTorch fp32 on identical inputs. Writes
+bench/results-precision.{json,md}. Takes ~20-30 min on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mitra_model.config import REPO_ROOT, load_config
+
+WORK = REPO_ROOT / "artifacts" / "bench"
+SHAPES = [(1, 512, 64, 16), (4, 256, 32, 16), (1, 2048, 16, 8)]
+ENGINES = ("torch", "portable", "optimized", "int8", "fp16")
+FILES = {"portable": "model.onnx", "optimized": "model-ort.onnx", "int8": "model-int8.onnx", "fp16": "model-fp16.onnx"}
+
+
+def prepare(task: str) -> Path:
+    """Snapshot and the four ONNX files (built once, reused)."""
+    from mitra_model.export import export_onnx
+    from mitra_model.quantize import quantize_onnx
+    from mitra_model.snapshot import load_model, write_synthetic_snapshot
+
+    config = load_config()
+    folder = WORK / f"precision-{task}"
+    snapshot = folder / "snapshot"
+    if not (snapshot / "model.safetensors").exists():
+        write_synthetic_snapshot(snapshot, task=task, size_name="full", size=config.sizes["full"], seed=0)
+    model, _ = load_model(snapshot)
+    for flavour in ("portable", "optimized"):
+        if not (folder / FILES[flavour]).exists():
+            export_onnx(model, folder / FILES[flavour], opset=config.export.opset,
+                        trace_shape=config.export.trace_shape, flavour=flavour)
+    for precision in ("int8", "fp16"):
+        if not (folder / FILES[precision]).exists():
+            quantize_onnx(folder / FILES["optimized"], folder / FILES[precision], precision=precision)
+    return folder
+
+
+def child(engine: str, folder: Path, repeats: int) -> None:
+    """Run every shape on one engine; print a JSON line with latencies and peak RSS."""
+    import resource
+
+    import torch
+
+    from mitra_model.export import INPUT_NAMES, numpy_inputs
+    from mitra_model.inputs import make_inputs
+    from mitra_model.snapshot import load_model
+    from mitra_model.verify import onnx_session
+
+    model, _ = load_model(folder / "snapshot")
+    if engine == "torch":
+        def run(inputs):
+            with torch.no_grad():
+                return model(*numpy_inputs(inputs)).numpy()
+    else:
+        session = onnx_session(folder / FILES[engine])
+
+        def run(inputs):
+            return session.run(None, {name: inputs[name] for name in INPUT_NAMES})[0]
+    results = []
+    for shape in SHAPES:
+        inputs = make_inputs(shape, config=model.config, seed=0, salt="bench-precision")
+        output = run(inputs)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run(inputs)
+            times.append(time.perf_counter() - started)
+        np.save(folder / f"out-{engine}-{'x'.join(map(str, shape))}.npy", output)
+        results.append({"shape": shape, "median_s": statistics.median(times), "runs_s": times})
+        print(f"{engine} {shape}: {statistics.median(times):.2f} s", file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"engine": engine, "peak_rss_gib": peak, "shapes": results}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="classification", choices=("classification", "regression"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=ENGINES)
+    args = parser.parse_args()
+    folder = WORK / f"precision-{args.task}"
+    if args.child:
+        child(args.child, folder, args.repeats)
+        return
+    prepare(args.task)
+    engines = {}
+    for engine in ENGINES:
+        done = subprocess.run([sys.executable, __file__, "--child", engine, "--task", args.task, "--repeats", str(args.repeats)],
+                              check=True, stdout=subprocess.PIPE, text=True)
+        engines[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+    for engine, result in engines.items():
+        result["file_mb"] = (folder / FILES[engine]).stat().st_size / 1e6 if engine in FILES else None
+        for entry in result["shapes"]:
+            tag = "x".join(map(str, entry["shape"]))
+            ref, out = np.load(folder / f"out-torch-{tag}.npy"), np.load(folder / f"out-{engine}-{tag}.npy")
+            entry["max_abs_err"] = float(np.abs(out - ref).max())
+            if args.task == "classification":
+                entry["argmax_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).mean())
+            else:
+                entry["correlation"] = float(np.corrcoef(out.ravel(), ref.ravel())[0, 1])
+    from bench_core import machine  # same folder
+
+    results = {"machine": machine(), "task": args.task, "repeats": args.repeats, "engines": engines}
+    (REPO_ROOT / "bench" / "results-precision.json").write_text(json.dumps(results, indent=2) + "\n")
+    (REPO_ROOT / "bench" / "results-precision.md").write_text(render(results))
+    print(render(results))
+
+
+def render(r: dict) -> str:
+    m, engines = r["machine"], r["engines"]
+    lines = [
+        "# Precision and speed benchmark (full-size model)", "",
+        f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
+        f"onnxruntime {m['onnxruntime']}. Task {r['task']}, synthetic full-size weights, median of {r['repeats']} "
+        "runs after one warm-up, every engine in its own process on identical inputs. Errors vs PyTorch fp32.", "",
+        "| engine | file MB | peak RSS GiB | " + " | ".join(f"{'x'.join(map(str, s))} s" for s in SHAPES)
+        + " | max abs err | agreement / corr |",
+        "|---|---|---|" + "---|" * len(SHAPES) + "---|---|",
+    ]
+    for name, e in engines.items():
+        times = " | ".join(f"{s['median_s']:.2f}" for s in e["shapes"])
+        err = max(s["max_abs_err"] for s in e["shapes"])
+        quality = min(s.get("argmax_agreement", s.get("correlation", 1.0)) for s in e["shapes"])
+        size = "-" if e["file_mb"] is None else f"{e['file_mb']:.1f}"
+        lines.append(f"| {name} | {size} | {e['peak_rss_gib']:.2f} | {times} | {err:.2e} | {quality:.4f} |")
+    lines += ["", "Speed-up ratios (median latency):", "", "| shape | optimized vs PyTorch | int8 vs portable | fp16 vs portable |",
+              "|---|---|---|---|"]
+    for i, shape in enumerate(SHAPES):
+        t = {name: e["shapes"][i]["median_s"] for name, e in engines.items()}
+        lines.append(f"| {'x'.join(map(str, shape))} | {t['torch'] / t['optimized']:.2f}x | {t['portable'] / t['int8']:.2f}x "
+                     f"| {t['portable'] / t['fp16']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    main()
