@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 import flows.mitra_build as flow_module
 from local_hub import local_hub  # noqa: F401 - fixture
 from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
-from mitra_model.config import DEFAULT_CONFIG_PATH
+from configs import write_config
 from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
 from mitra_model.snapshot import write_synthetic_snapshot
 from mitra_model.store import StoreConfig
@@ -28,22 +28,10 @@ def prefect_server():
 
 
 def small_config(tmp_path: Path, store: StoreConfig | None = None) -> Path:
-    """The default configuration with a two-cell matrix, one variant served by the local hub, and
-    the given store (none by default)."""
-    text = DEFAULT_CONFIG_PATH.read_text()
-    head = text[: text.index("[[verification.cells]]")]
-    schedule = text[text.index("[schedule]") : text.index("[store]")]
-    store_section = "" if store is None else (
-        f'[store]\nbucket = "{store.bucket}"\nprefix = "{store.prefix}"\nendpoint_url = "{store.endpoint_url}"\n\n')
-    path = tmp_path / "config.toml"
-    path.write_text(
-        head + schedule + store_section
-        + '[[verification.cells]]\nname = "small"\nbatch = 1\nn_support = 20\nn_query = 4\nn_features = 3\n\n'
-        + '[[verification.cells]]\nname = "ties-padded"\nbatch = 2\nn_support = 16\nn_query = 2\nn_features = 2\n'
-        + 'data = "integer_ties"\npadded_support_rows = 4\n\n'
-        + f'[[variants]]\nname = "finetuned"\nrepo_id = "{REPO}"\nrevision = "main"\ntask = "classification"\n'
-    )
-    return path
+    """Two matrix cells, one variant served by the local hub, and the given store (none by default)."""
+    store_table = None if store is None else {"bucket": store.bucket, "prefix": store.prefix, "endpoint_url": store.endpoint_url}
+    variants = [{"name": "finetuned", "repo_id": REPO, "revision": "main", "task": "classification"}]
+    return write_config(tmp_path / "config.toml", store=store_table, variants=variants)
 
 
 def snapshot_files(tmp_path: Path, build_config, seed: int) -> dict[str, bytes]:

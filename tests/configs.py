@@ -1,0 +1,34 @@
+"""Test configurations derived from config/mitra-build.toml with a few fields replaced."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import toml
+
+from mitra_model.config import DEFAULT_CONFIG_PATH, load_config
+
+SMALL_CELLS = [
+    {"name": "small", "batch": 1, "n_support": 20, "n_query": 4, "n_features": 3},
+    {"name": "ties-padded", "batch": 2, "n_support": 16, "n_query": 2, "n_features": 2, "data": "integer_ties",
+     "padded_support_rows": 4},
+]
+
+
+def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store: dict[str, Any] | None = None,
+                 variants: list[dict[str, Any]] | None = None, artifacts: dict[str, Any] | None = None) -> Path:
+    """The default configuration with the matrix, store, variants or artifacts replaced; validated."""
+    raw = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    raw["verification"]["cells"] = cells if cells is not None else SMALL_CELLS
+    raw.pop("store", None)
+    if store is not None:
+        raw["store"] = store
+    if variants is not None:
+        raw["variants"] = variants
+    if artifacts is not None:
+        raw["artifacts"] = artifacts
+    path.write_text(toml.dumps(raw))
+    load_config(path)
+    return path
