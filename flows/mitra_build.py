@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -22,12 +23,13 @@ from mitra_model import build as builds
 from mitra_model import source as sources
 from mitra_model.check import check_onnx
 from mitra_model.store import StoreConfig, make_s3_client
-from mitra_model.config import REPO_ROOT, BuildConfig, Variant, config_digest, load_config
+from mitra_model.config import REPO_ROOT, BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
 from mitra_model.export import export_onnx
 from mitra_model.publish import PublishResult, latest_release, publish_build
 from mitra_model.quantize import quantize_onnx
 from mitra_model.snapshot import Snapshot, load_model
-from mitra_model.verify import require_passed, verify_onnx
+from mitra_model import verify as verification
+from mitra_model.verify import CellResult
 
 DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts"
 
@@ -69,17 +71,19 @@ def check(path: Path, snapshot: Snapshot) -> None:
     check_onnx(path, config=snapshot.config)
 
 
-@task(name="verify", cache_policy=NO_CACHE)
-def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant, spec: builds.ArtifactSpec,
-           details: dict[str, Any]) -> builds.BuiltArtifact:
-    logger = get_run_logger()
-    model, _ = load_model(snapshot.path)
-    report = verify_onnx(
-        model, path, cells=config.verification.cells, tolerance=config.verification.tolerance(spec.precision),
-        precision=spec.precision, seed=config.verification.seed,
-        on_cell=lambda c: logger.info("%s cell %s %s: max abs %.2e %s", spec.name, c.name, c.shape, c.max_abs_err,
-                                      "ok" if c.passed else "FAIL " + "; ".join(c.failures)),
-    )
+@task(name="verify-cell", cache_policy=NO_CACHE, task_run_name="verify-{spec.name}-{cell.name}")
+def verify_cell(snapshot_dir: Path, path: Path, cell: Cell, spec: builds.ArtifactSpec, tolerance: Tolerance,
+                seed: int) -> CellResult:
+    result = verification.verify_cell(snapshot_dir, path, cell, tolerance=tolerance, seed=seed)
+    get_run_logger().info("%s cell %s %s: max abs %.2e %s", spec.name, cell.name, result.shape,
+                          result.max_abs_err, "ok" if result.passed else "FAIL " + "; ".join(result.failures))
+    return result
+
+
+@task(name="verification-report", cache_policy=NO_CACHE)
+def verification_report(path: Path, spec: builds.ArtifactSpec, tolerance: Tolerance, results: list[CellResult],
+                        variant: Variant, details: dict[str, Any]) -> builds.BuiltArtifact:
+    report = verification.make_report(path, precision=spec.precision, tolerance=tolerance, results=results)
     create_table_artifact(
         key=f"{variant.name}-verification-{spec.name}",
         table=[{"cell": c.name, "B,S,Q,F": ",".join(map(str, c.shape)), "data": c.data, "max_abs_err": f"{c.max_abs_err:.2e}",
@@ -87,9 +91,19 @@ def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant
                 "onnx_s": round(c.onnx_seconds, 3), "passed": c.passed} for c in report.cells],
         description=f"{variant.name}: verification matrix, {spec.name} ({'passed' if report.passed else 'FAILED'})",
     )
-    require_passed(report)
+    verification.require_passed(report)
     return builds.BuiltArtifact(spec=spec, path=path, size=path.stat().st_size, sha256=report.onnx_sha256,
                                 report=report, details=details)
+
+
+def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant, spec: builds.ArtifactSpec,
+           details: dict[str, Any]) -> builds.BuiltArtifact:
+    """The matrix as one task per cell on the configured task runner (threads here, or Dask)."""
+    tolerance = config.verification.tolerance(spec.precision)
+    cells = list(config.verification.cells)
+    futures = verify_cell.map(unmapped(snapshot.path), unmapped(path), cells, unmapped(spec), unmapped(tolerance),
+                              unmapped(config.verification.seed))
+    return verification_report(path, spec, tolerance, [f.result() for f in futures], variant, details)
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
@@ -169,6 +183,18 @@ def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any
             "published": store.url(published.manifest_key) if published and store else None}
 
 
+def task_runner(execution: ExecutionConfig) -> TaskRunner:
+    """The runner for the verification cells, from [execution] in the configuration."""
+    if execution.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if execution.dask_address:
+            return DaskTaskRunner(address=execution.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": execution.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=execution.max_workers)
+
+
 @flow(name="mitra-build")
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
@@ -193,8 +219,9 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
     if snapshot and len(selected) != 1:
         raise ValueError(f"--snapshot builds one variant; {len(selected)} selected: name one with variants=[...]")
     artifacts = Path(artifacts_root) if artifacts_root else DEFAULT_ARTIFACTS
+    build = build_variant.with_options(task_runner=task_runner(config.execution))
     results = [
-        build_variant(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
+        build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
                       synthetic_fallback, publish)
         for v in selected
     ]

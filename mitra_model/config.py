@@ -151,8 +151,18 @@ class ScheduleConfig(_Strict):
         return self
 
 
+class ExecutionConfig(_Strict):
+    """How the verification cells run (each cell is one Prefect task)."""
+
+    task_runner: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(default=1, ge=1)  # thread runner: cells at once (each already uses every core)
+    dask_address: str | None = None  # an existing scheduler, e.g. "tcp://10.0.0.5:8786"; None: a LocalCluster
+    dask_workers: int = Field(default=2, ge=1)  # LocalCluster worker processes (one thread each)
+
+
 class BuildConfig(_Strict):
     export: ExportConfig
+    execution: ExecutionConfig = ExecutionConfig()
     artifacts: ArtifactsConfig = ArtifactsConfig()
     schedule: ScheduleConfig
     store: StoreConfig | None = None  # where builds are published; None: local builds only

@@ -22,6 +22,7 @@ from .export import INPUT_NAMES, numpy_inputs
 from .fileutil import sha256_file, write_bytes_atomic
 from .inputs import make_inputs
 from .model import Tab2D
+from .snapshot import load_model
 
 
 @dataclass(frozen=True)
@@ -142,56 +143,50 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(-1, keepdims=True)
 
 
-def verify_onnx(
-    model: Tab2D,
-    onnx_path: Path,
-    *,
-    cells: Sequence[Cell],
-    tolerance: Tolerance,
-    precision: str = "fp32",
-    seed: int = 0,
-    on_cell: Callable[[CellResult], None] | None = None,
-) -> VerificationReport:
-    """Run every cell through `model` (PyTorch) and `onnx_path` (ONNX Runtime) and compare.
+def run_cell(model: Tab2D, session: ort.InferenceSession, cell: Cell, *, tolerance: Tolerance, seed: int) -> CellResult:
+    """One cell: the same inputs through PyTorch and ONNX Runtime, compared against `tolerance`."""
+    inputs = make_inputs(
+        cell.as_tuple(), config=model.config, data=cell.data, padded_support_rows=cell.padded_support_rows,
+        seed=seed, salt=cell.name,
+    )
+    started = time.perf_counter()
+    with torch.no_grad():
+        reference = model(*numpy_inputs(inputs)).numpy()
+    torch_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    try:
+        candidate = session.run(None, {name: inputs[name] for name in INPUT_NAMES})[0]
+    except Exception as exc:  # an ORT failure on one cell is a failed cell, not a crash
+        candidate, error = None, f"ONNX Runtime failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    onnx_seconds = time.perf_counter() - started
+    if candidate is None:
+        metrics: dict[str, float | None] = {
+            "max_abs_err": float("inf"), "max_rel_err": float("inf"), "argmax_agreement": None, "correlation": None,
+            "max_prob_err": None,
+        }
+        failures = [error]
+    else:
+        metrics, failures = compare_outputs(
+            reference, candidate, is_classifier=model.config.label_is_class, tolerance=tolerance
+        )
+    return CellResult(
+        name=cell.name, shape=cell.as_tuple(), data=cell.data, padded_support_rows=cell.padded_support_rows,
+        max_abs_err=float(metrics["max_abs_err"]), max_rel_err=float(metrics["max_rel_err"]),
+        argmax_agreement=metrics["argmax_agreement"], correlation=metrics["correlation"],
+        max_prob_err=metrics["max_prob_err"],
+        torch_seconds=torch_seconds, onnx_seconds=onnx_seconds, failures=tuple(failures),
+    )
 
-    Returns the report whether or not cells failed; call `require_passed` to turn failure into an error.
-    """
-    session = onnx_session(onnx_path)
-    results: list[CellResult] = []
-    is_classifier = model.config.label_is_class
-    for cell in cells:
-        inputs = make_inputs(
-            cell.as_tuple(), config=model.config, data=cell.data, padded_support_rows=cell.padded_support_rows,
-            seed=seed, salt=cell.name,
-        )
-        started = time.perf_counter()
-        with torch.no_grad():
-            reference = model(*numpy_inputs(inputs)).numpy()
-        torch_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        try:
-            candidate = session.run(None, {name: inputs[name] for name in INPUT_NAMES})[0]
-        except Exception as exc:  # an ORT failure on one cell is a failed cell, not a crash
-            candidate, error = None, f"ONNX Runtime failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        onnx_seconds = time.perf_counter() - started
-        if candidate is None:
-            metrics: dict[str, float | None] = {
-                "max_abs_err": float("inf"), "max_rel_err": float("inf"), "argmax_agreement": None, "correlation": None,
-                "max_prob_err": None,
-            }
-            failures = [error]
-        else:
-            metrics, failures = compare_outputs(reference, candidate, is_classifier=is_classifier, tolerance=tolerance)
-        result = CellResult(
-            name=cell.name, shape=cell.as_tuple(), data=cell.data, padded_support_rows=cell.padded_support_rows,
-            max_abs_err=float(metrics["max_abs_err"]), max_rel_err=float(metrics["max_rel_err"]),
-            argmax_agreement=metrics["argmax_agreement"], correlation=metrics["correlation"],
-            max_prob_err=metrics["max_prob_err"],
-            torch_seconds=torch_seconds, onnx_seconds=onnx_seconds, failures=tuple(failures),
-        )
-        results.append(result)
-        if on_cell is not None:
-            on_cell(result)
+
+def verify_cell(snapshot_dir: Path, onnx_path: Path, cell: Cell, *, tolerance: Tolerance, seed: int) -> CellResult:
+    """`run_cell` from files alone: what a worker on another process or machine runs. Both paths
+    must be readable there (a shared filesystem); nothing is pickled but paths and small values."""
+    model, _ = load_model(snapshot_dir)
+    return run_cell(model, onnx_session(onnx_path), cell, tolerance=tolerance, seed=seed)
+
+
+def make_report(onnx_path: Path, *, precision: str, tolerance: Tolerance, results: Sequence[CellResult]) -> VerificationReport:
+    """Assemble cell results (in matrix order) into a report."""
     summary: dict[str, float | int | bool] = {
         "cells": len(results),
         "failed_cells": sum(not r.passed for r in results),
@@ -203,6 +198,29 @@ def verify_onnx(
         onnx_path=str(onnx_path), onnx_sha256=sha256_file(Path(onnx_path)), precision=precision,
         tolerance=tolerance.model_dump(), cells=tuple(results), summary=summary,
     )
+
+
+def verify_onnx(
+    model: Tab2D,
+    onnx_path: Path,
+    *,
+    cells: Sequence[Cell],
+    tolerance: Tolerance,
+    precision: str = "fp32",
+    seed: int = 0,
+    on_cell: Callable[[CellResult], None] | None = None,
+) -> VerificationReport:
+    """Run every cell through `model` (PyTorch) and `onnx_path` (ONNX Runtime) in this process.
+
+    Returns the report whether or not cells failed; call `require_passed` to turn failure into an error.
+    """
+    session = onnx_session(onnx_path)
+    results: list[CellResult] = []
+    for cell in cells:
+        results.append(run_cell(model, session, cell, tolerance=tolerance, seed=seed))
+        if on_cell is not None:
+            on_cell(results[-1])
+    return make_report(onnx_path, precision=precision, tolerance=tolerance, results=results)
 
 
 def require_passed(report: VerificationReport) -> None:

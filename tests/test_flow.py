@@ -147,7 +147,7 @@ def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, t
     from mitra_model.errors import VerificationError
     from mitra_model.publish import latest_release
 
-    monkeypatch.setattr(flow_module, "verify_onnx", _failing_verify(flow_module.verify_onnx))
+    monkeypatch.setattr(flow_module.verification, "verify_cell", _failing_verify(flow_module.verification.verify_cell))
     config = small_config(tmp_path, store=s3_store)
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     with pytest.raises(VerificationError, match="cell 'small'"):
@@ -157,11 +157,11 @@ def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, t
 
 
 def _failing_verify(real):
-    """verify_onnx with a tolerance nothing meets: the stage must fail, never warn."""
+    """verify_cell with a tolerance nothing meets: the stage must fail, never warn."""
     from mitra_model.config import Tolerance
 
-    def verify(model, path, **kwargs):
+    def verify(snapshot_dir, path, cell, **kwargs):
         kwargs["tolerance"] = Tolerance(max_abs=1e-15, min_argmax_agreement=1.0, min_correlation=1.0)
-        return real(model, path, **kwargs)
+        return real(snapshot_dir, path, cell, **kwargs)
 
     return verify
