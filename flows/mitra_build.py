@@ -2,6 +2,7 @@
 
     resolve revision -> (published latest is this version? stop) -> download -> checksum
     -> per artifact: export (portable, optimized) | quantize (int8, fp16) -> check -> verification matrix
+       -> consumer check (onnxruntime-node, optionally the browser)
     -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, pointer)
 
 Every task wraps one library function. Tasks keep no Prefect cache: whether to rebuild is decided
@@ -11,6 +12,7 @@ only counts as done while its folder holds every file with its recorded sha256.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from mitra_model import build as builds
+from mitra_model import consumers
 from mitra_model import source as sources
 from mitra_model.check import check_onnx
 from mitra_model.store import StoreConfig, make_s3_client
@@ -106,6 +109,25 @@ def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant
     return verification_report(path, spec, tolerance, [f.result() for f in futures], variant, details)
 
 
+@task(name="consumer-check", cache_policy=NO_CACHE)
+def consumer_check(built: builds.BuiltArtifact, snapshot: Snapshot, config: BuildConfig, work: Path) -> builds.BuiltArtifact:
+    """Load the artifact where it is consumed (onnxruntime-node; optionally the browser) and require
+    the outputs of Python ONNX Runtime on a fixed set of inputs."""
+    fixture = consumers.write_fixture(built.path, snapshot.config, work / f"fixture-{built.spec.name}")
+    checks = []
+    if config.consumers.node:
+        consumers.ensure_node_modules()
+        checks.append(consumers.check_in_node(
+            built.path, fixture, tolerance_abs=config.consumers.tolerance(built.spec.precision, "onnxruntime-node")))
+    if config.consumers.browser:
+        checks.append(consumers.check_in_browser(
+            built.path, fixture, tolerance_abs=config.consumers.tolerance(built.spec.precision, "onnxruntime-web")))
+    for check in checks:
+        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", built.spec.name, check.runtime,
+                              check.runtime_version, check.host, check.max_abs_err)
+    return dataclasses.replace(built, checked_in=tuple(check.to_record() for check in checks))
+
+
 @task(name="assemble", cache_policy=NO_CACHE)
 def assemble(manifest: dict[str, Any], built: list[builds.BuiltArtifact], artifacts: Path) -> Path:
     folder = builds.assemble_build(artifacts, manifest, built)
@@ -161,6 +183,8 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
             path, details = quantize(built["fp32-ort"].path, work, spec)
         check(path, snapshot_files)
         built[spec.name] = verify(path, snapshot_files, config, variant, spec, details)
+        if config.consumers.node or config.consumers.browser:
+            built[spec.name] = consumer_check(built[spec.name], snapshot_files, config, work)
     manifest = builds.draft_manifest(
         variant=variant.name, version=version, source=source, snapshot=snapshot_files, model_config=snapshot_files.config,
         config_digest=config_digest(config), opset=config.export.opset, artifacts=list(built.values()),

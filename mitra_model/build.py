@@ -33,8 +33,8 @@ from .verify import VerificationReport
 # Why each reduced precision exists, for consumers choosing a file (CPU figures: bench/results-precision.md).
 PRECISION_PURPOSE = {
     "fp32": "reference precision; what upstream computes",
-    "int8": "CPU inference: dynamic int8 MatMul weights, ~4x smaller and faster than fp32 on CPU",
-    "fp16": "GPU / WebGPU execution providers (fp16 weights); on CPU it is no faster than fp32",
+    "int8": "CPU inference: dynamic int8 MatMul weights, ~3.9x smaller and ~2.3x faster than fp32 on CPU",
+    "fp16": "GPU / WebGPU execution providers (fp16 weights and transformer compute); on CPU no faster than fp32",
 }
 
 
@@ -65,6 +65,7 @@ class BuiltArtifact:
     sha256: str
     report: VerificationReport
     details: dict[str, Any]  # how it was made (e.g. quantized MatMul count)
+    checked_in: tuple[dict[str, Any], ...] = ()  # consumer runtimes it ran in (consumers.ConsumerResult.to_record)
 _TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "safetensors")
 
 
@@ -178,6 +179,7 @@ def draft_manifest(
                 "inputs": _tensor_specs(inputs),
                 "outputs": _tensor_specs(outputs),
                 "details": a.details,
+                "checked_in": list(a.checked_in),
             }
             for a in artifacts
         ],

@@ -85,6 +85,9 @@ class Tolerance(_Strict):
     max_prob_err: float | None = Field(default=None, gt=0, le=1)  # classifier: softmax probabilities
     min_argmax_agreement: float = Field(ge=0, le=1)
     min_correlation: float = Field(ge=-1, le=1)
+    # Correlation is only judged where the reference's spread (std) reaches this: below it, quantization
+    # noise of a few 1e-2 dominates any correlation while max_abs still bounds the error.
+    correlation_min_spread: float = Field(default=0.0, ge=0)
 
 
 class Cell(Shape):
@@ -160,8 +163,27 @@ class ExecutionConfig(_Strict):
     dask_workers: int = Field(default=2, ge=1)  # LocalCluster worker processes (one thread each)
 
 
+ConsumerRuntime = Literal["onnxruntime-node", "onnxruntime-web"]
+
+
+class ConsumersConfig(_Strict):
+    """Where each artifact is loaded after verification, and how close it must stay to Python ORT."""
+
+    node: bool = True  # the flow's consumer-check stage (onnxruntime-node)
+    browser: bool = False  # headless Chromium + onnxruntime-web (WASM); the tests always run it on tiny models
+    tolerances: dict[str, dict[ConsumerRuntime, float]]
+
+    def tolerance(self, precision: str, runtime: str) -> float:
+        try:
+            return self.tolerances[precision][runtime]  # type: ignore[index]
+        except KeyError:
+            raise ConfigError(f"no consumer tolerance for {precision} in {runtime}: add it under "
+                              f"[consumers.tolerances.{precision}]") from None
+
+
 class BuildConfig(_Strict):
     export: ExportConfig
+    consumers: ConsumersConfig
     execution: ExecutionConfig = ExecutionConfig()
     artifacts: ArtifactsConfig = ArtifactsConfig()
     schedule: ScheduleConfig

@@ -30,7 +30,8 @@ FLAVOUR_FILES: dict[str, str] = {"portable": "model.onnx", "optimized": "model-o
 # Where each flavour runs. "optimized" uses ONNX Runtime's contrib MultiHeadAttention (com.microsoft).
 FLAVOUR_RUNTIMES: dict[str, tuple[str, ...]] = {
     "portable": ("any ONNX runtime with opset 17 (standard ops only)", "onnxruntime", "onnxruntime-node", "onnxruntime-web"),
-    "optimized": ("onnxruntime>=1.17 with com.microsoft contrib ops (CPU/CUDA: Python, C++, onnxruntime-node)",),
+    "optimized": ("onnxruntime>=1.17 with com.microsoft contrib ops (Python, C++, onnxruntime-node, "
+                  "onnxruntime-web WASM)",),
 }
 INPUT_NAMES = ("x_support", "y_support", "x_query", "padding_obs_support")
 OUTPUT_NAME = "output"

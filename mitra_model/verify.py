@@ -133,7 +133,8 @@ def compare_outputs(
         # (near-)constant outputs (e.g. all-constant columns) make correlation meaningless: max_abs covers them
         correlation = float(np.corrcoef(reference.ravel(), candidate.ravel())[0, 1])
         metrics["correlation"] = correlation
-        if not correlation >= tolerance.min_correlation:
+        gated = reference.std() >= tolerance.correlation_min_spread
+        if gated and not correlation >= tolerance.min_correlation:
             failures.append(f"correlation {correlation:.6f} < {tolerance.min_correlation}")
     return metrics, failures
 

@@ -16,3 +16,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --no-deps autogluon.tabular==1.6.3
   echo "$want" > "$stamp"
 fi
+
+# Consumer checks: onnxruntime-node/-web (npm; its install script would fetch CUDA binaries, which
+# cannot be reached and are not needed) and Debian's Chromium for the headless-browser check.
+if ! cmp -s consumers/package-lock.json consumers/node_modules/.package-lock.json 2>/dev/null; then
+  echo "==> installing consumers/ npm packages (npm ci)"
+  (cd consumers && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error)
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing Debian chromium for the browser check"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "!! chromium is missing: run 'sudo apt-get install -y chromium' (the browser check needs it)" >&2
+  fi
+fi

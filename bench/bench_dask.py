@@ -1,0 +1,80 @@
+"""Wall time of the full-size verification matrix: in-process (thread runner, one cell at a time)
+vs prefect-dask on a 2-worker LocalCluster. Writes bench/results-dask.{json,md}.
+
+    .venv/bin/python bench/bench_dask.py [--flavour optimized]
+
+Both runs go through the same Prefect task (`flows.mitra_build.verify_cell`), which loads the snapshot
+and the ONNX file by path in whichever process runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from prefect import flow, unmapped  # noqa: E402
+
+import flows.mitra_build as pipeline  # noqa: E402
+from mitra_model.build import ArtifactSpec  # noqa: E402
+from mitra_model.config import REPO_ROOT, ExecutionConfig, load_config  # noqa: E402
+from mitra_model.export import FLAVOUR_FILES, export_onnx  # noqa: E402
+from mitra_model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
+
+WORK = REPO_ROOT / "artifacts" / "bench" / "dask"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flavour", default="optimized", choices=tuple(FLAVOUR_FILES))
+    args = parser.parse_args()
+    config = load_config()
+    snapshot = WORK / "snapshot"
+    if not (snapshot / "model.safetensors").exists():
+        write_synthetic_snapshot(snapshot, task="classification", size_name="full", size=config.sizes["full"], seed=0)
+    onnx_path = WORK / FLAVOUR_FILES[args.flavour]
+    if not onnx_path.exists():
+        export_onnx(load_model(snapshot)[0], onnx_path, opset=config.export.opset,
+                    trace_shape=config.export.trace_shape, flavour=args.flavour)
+    cells = list(config.verification.cells)
+    tolerance = config.verification.tolerance("fp32")
+    spec = ArtifactSpec("fp32", onnx_path.name, "fp32", args.flavour)
+
+    timings = {}
+    for name, execution in (("in-process (thread runner, 1 at a time)", ExecutionConfig()),
+                            ("dask LocalCluster, 2 worker processes", ExecutionConfig(task_runner="dask", dask_workers=2))):
+        @flow(task_runner=pipeline.task_runner(execution), name="bench-matrix")
+        def matrix() -> list:
+            futures = pipeline.verify_cell.map(unmapped(snapshot), unmapped(onnx_path), cells, unmapped(spec),
+                                               unmapped(tolerance), unmapped(config.verification.seed))
+            return [f.result() for f in futures]
+
+        started = time.perf_counter()
+        results = matrix()
+        timings[name] = {"wall_s": time.perf_counter() - started, "passed": all(r.passed for r in results)}
+        print(name, timings[name], flush=True)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_core import machine
+
+    results = {"machine": machine(), "flavour": args.flavour, "cells": len(cells), "runs": timings}
+    (REPO_ROOT / "bench" / "results-dask.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    lines = ["# Full-size verification matrix: in-process vs Dask", "",
+             f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM. {len(cells)} cells, "
+             f"{args.flavour} fp32 flavour, wall time including per-task model loads and cluster start-up.", "",
+             "| execution | wall s | all cells passed |", "|---|---|---|"]
+    lines += [f"| {name} | {t['wall_s']:.1f} | {t['passed']} |" for name, t in timings.items()]
+    (REPO_ROOT / "bench" / "results-dask.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+#!/usr/bin/env node
+// What a downstream JS bundle does with a mitra-build release: follow the variant's pointer in S3,
+// verify the chain of SHA-256 digests, and run one prediction with onnxruntime-node.
+//
+//   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... node consumers/example-pull-latest.mjs \
+//     --endpoint http://127.0.0.1:8333 --bucket mitra-artifacts --prefix models/mitra \
+//     --variant mitra-classifier [--artifact fp32] [--save DIR]
+//
+// Chain of trust (as mitra_model/pull.py):
+//   <prefix>/<variant>/latest.json   {"schema": "mitra-build/pointer/v1", "variant", "version",
+//                                     "manifest_key", "manifest_sha256", "manifest_version"}
+//   manifest_key                     its SHA-256 must equal the pointer's manifest_sha256
+//   manifest.artifacts[]             {name, file, size, sha256, s3_key, precision, flavour, ...}:
+//                                    each downloaded file must have exactly that size and SHA-256.
+// Nothing is trusted before it is checked; keys and file names from the store are validated.
+// Prints one JSON line on stdout ({"verified": true, ..., "prediction": {...}}); errors go to
+// stderr with exit code 1. The digests use WebCrypto (crypto.subtle), as a browser bundle would.
+
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+
+import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import * as ort from 'onnxruntime-node';
+
+const POINTER_SCHEMA = 'mitra-build/pointer/v1';
+const MANIFEST_SCHEMA = 'mitra-build/manifest/v1';
+const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]*$/;
+
+class ReleaseError extends Error {}
+
+const subtle = globalThis.crypto?.subtle ?? (await import('node:crypto')).webcrypto.subtle;
+
+async function sha256Hex(bytes) {
+  const digest = new Uint8Array(await subtle.digest('SHA-256', bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+async function getBytes(s3, bucket, key) {
+  try {
+    const response = await s3.send(new GetObjectCommand({ Bucket: bucket, Key: key }));
+    return await response.Body.transformToByteArray();
+  } catch (error) {
+    const status = error.$metadata?.httpStatusCode;
+    if (error.name === 'NoSuchKey' || status === 404) throw new ReleaseError(`s3://${bucket}/${key} does not exist`);
+    throw new ReleaseError(`GET s3://${bucket}/${key} failed: ${error.name}${status ? ` (HTTP ${status})` : ''}: ${error.message}`);
+  }
+}
+
+function parseJson(bytes, what) {
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch (error) {
+    throw new ReleaseError(`${what} is not valid JSON: ${error.message}`);
+  }
+}
+
+/** Pointer -> manifest (pinned by sha256) -> artifact bytes (pinned by size and sha256). */
+async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }) {
+  const base = prefix ? `${prefix}/${variant}` : variant;
+  const pointerKey = `${base}/latest.json`;
+  const pointer = parseJson(await getBytes(s3, bucket, pointerKey), pointerKey);
+  if (pointer.schema !== POINTER_SCHEMA) throw new ReleaseError(`${pointerKey}: schema ${JSON.stringify(pointer.schema)}, expected ${POINTER_SCHEMA}`);
+  if (pointer.variant !== variant || !SAFE_NAME.test(pointer.version ?? '')) throw new ReleaseError(`${pointerKey}: bad variant/version ${pointer.variant}/${pointer.version}`);
+  if (pointer.manifest_key !== `${base}/${pointer.version}/manifest.json`) throw new ReleaseError(`${pointerKey}: unexpected manifest_key ${pointer.manifest_key}`);
+
+  const manifestBytes = await getBytes(s3, bucket, pointer.manifest_key);
+  const manifestSha = await sha256Hex(manifestBytes);
+  if (manifestSha !== pointer.manifest_sha256) {
+    throw new ReleaseError(`${pointer.manifest_key}: sha256 ${manifestSha}, but ${pointerKey} pins ${pointer.manifest_sha256}`);
+  }
+  const manifest = parseJson(manifestBytes, pointer.manifest_key);
+  if (manifest.schema !== MANIFEST_SCHEMA) throw new ReleaseError(`manifest schema ${JSON.stringify(manifest.schema)}, expected ${MANIFEST_SCHEMA}`);
+  if (manifest.variant !== variant || manifest.version !== pointer.version || manifest.manifest_version !== pointer.manifest_version) {
+    throw new ReleaseError(`the manifest (${manifest.variant} ${manifest.version} #${manifest.manifest_version}) is not the release the pointer names`);
+  }
+
+  const entry = (manifest.artifacts ?? []).find((a) => a.name === wanted);
+  if (!entry) throw new ReleaseError(`release ${manifest.version} has no artifact ${JSON.stringify(wanted)} (has: ${(manifest.artifacts ?? []).map((a) => a.name).join(', ')})`);
+  if (!SAFE_NAME.test(entry.file ?? '') || entry.s3_key !== `${base}/${manifest.version}/${entry.file}`) {
+    throw new ReleaseError(`artifact ${wanted}: unsafe file ${JSON.stringify(entry.file)} or key ${JSON.stringify(entry.s3_key)}`);
+  }
+  const bytes = await getBytes(s3, bucket, entry.s3_key);
+  if (bytes.length !== entry.size) throw new ReleaseError(`${entry.s3_key}: ${bytes.length} bytes, the manifest says ${entry.size}`);
+  const sha = await sha256Hex(bytes);
+  if (sha !== entry.sha256) throw new ReleaseError(`${entry.s3_key}: sha256 ${sha}, the manifest says ${entry.sha256}`);
+  return { pointer, manifest, manifestSha, entry, bytes };
+}
+
+/** A small deterministic table: 16 support rows, 4 query rows, 3 features. */
+function toyTable(isClassifier) {
+  let state = 12345;
+  const next = () => { state = (state * 1103515245 + 12345) % 2147483648; return state / 2147483648 - 0.5; };
+  const [support, query, features] = [16, 4, 3];
+  const xs = Float32Array.from({ length: support * features }, next);
+  const xq = Float32Array.from({ length: query * features }, next);
+  const target = (i) => xs[i * features] + 0.5 * xs[i * features + 1];
+  const y = isClassifier
+    ? BigInt64Array.from({ length: support }, (_, i) => (target(i) > 0 ? 1n : 0n))
+    : Float32Array.from({ length: support }, (_, i) => target(i));
+  return {
+    x_support: new ort.Tensor('float32', xs, [1, support, features]),
+    y_support: new ort.Tensor(isClassifier ? 'int64' : 'float32', y, [1, support]),
+    x_query: new ort.Tensor('float32', xq, [1, query, features]),
+    padding_obs_support: new ort.Tensor('bool', new Uint8Array(support), [1, support]),
+  };
+}
+
+async function predict(bytes, entry) {
+  const labels = (entry.inputs ?? []).find((i) => i.name === 'y_support');
+  const isClassifier = labels ? labels.dtype === 'int64' : true;
+  const session = await ort.InferenceSession.create(bytes, { executionProviders: ['cpu'], intraOpNumThreads: 1 });
+  try {
+    const output = (await session.run(toyTable(isClassifier))).output;
+    const values = Array.from(output.data);
+    if (!values.every(Number.isFinite)) throw new ReleaseError('the prediction holds NaN or inf');
+    if (!isClassifier) return { task: 'regression', output_shape: output.dims, values };
+    const classes = output.dims[2];
+    const predicted = Array.from({ length: output.dims[1] }, (_, q) => {
+      const logits = values.slice(q * classes, q * classes + 2); // the toy table has classes 0 and 1
+      return logits[1] > logits[0] ? 1 : 0;
+    });
+    return { task: 'classification', output_shape: output.dims, predicted_class: predicted, logits: values };
+  } finally {
+    await session.release();
+  }
+}
+
+async function main() {
+  const { values: args } = parseArgs({
+    options: {
+      endpoint: { type: 'string', default: process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL },
+      region: { type: 'string', default: process.env.AWS_REGION ?? 'us-east-1' },
+      bucket: { type: 'string' },
+      prefix: { type: 'string', default: '' },
+      variant: { type: 'string', default: 'mitra-classifier' },
+      artifact: { type: 'string', default: 'fp32' },
+      save: { type: 'string' },
+    },
+    strict: true,
+  });
+  if (!args.bucket) throw new ReleaseError('--bucket is required');
+  const s3 = new S3Client({
+    endpoint: args.endpoint, // undefined: AWS S3
+    region: args.region,
+    forcePathStyle: Boolean(args.endpoint), // SeaweedFS and most S3-compatible stores
+    maxAttempts: 3,
+  }); // credentials: the SDK's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles...)
+  try {
+    const release = await pullVerified(s3, { ...args, prefix: args.prefix.replace(/^\/+|\/+$/g, '') });
+    process.stderr.write(`verified ${args.variant} ${release.manifest.version} (manifest_version ${release.manifest.manifest_version}): `
+      + `${release.entry.file} ${release.entry.size} bytes, sha256 ${release.entry.sha256}\n`);
+    if (args.save) {
+      await mkdir(args.save, { recursive: true });
+      await writeFile(join(args.save, release.entry.file), release.bytes);
+    }
+    const prediction = await predict(release.bytes, release.entry);
+    process.stdout.write(`${JSON.stringify({
+      verified: true,
+      variant: args.variant,
+      version: release.manifest.version,
+      manifest_version: release.manifest.manifest_version,
+      manifest_sha256: release.manifestSha,
+      artifact: { name: release.entry.name, file: release.entry.file, size: release.entry.size, sha256: release.entry.sha256 },
+      runtime: { name: 'onnxruntime-node', version: ort.env.versions.node },
+      prediction,
+    })}\n`);
+  } finally {
+    s3.destroy();
+  }
+}
+
+main().catch((error) => {
+  process.stderr.write(`error: ${error instanceof ReleaseError ? error.message : error.stack || error}\n`);
+  process.exitCode = 1;
+});

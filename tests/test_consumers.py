@@ -1,0 +1,302 @@
+"""The artifacts where they are consumed: onnxruntime-node, onnxruntime-web (WASM) in headless Chromium,
+and the downstream example that pulls the latest release from S3 and predicts.
+
+Every check compares a runtime's output with Python ONNX Runtime's on the same file (int8 vs int8,
+not vs fp32). Needs Node.js + npm (the packages are installed from consumers/package-lock.json on
+first use) and, for the browser, Debian's chromium. Without them these tests skip, except under CI
+(CI=true), where a missing tool fails with the install command instead of hiding.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from s3_fixtures import make_build, put_raw, s3_client, s3_server, s3_store, time_limit
+
+from mitra_model.config import load_config
+from mitra_model.consumers import (
+    CHROMIUM_INSTALL_COMMAND,
+    CONSUMERS_DIR,
+    DEFAULT_CASES,
+    FIXTURE_SCHEMA_ID,
+    NODE_RUNTIME,
+    NPM_CI_COMMAND,
+    WEB_RUNTIME,
+    CaseResult,
+    ConsumerResult,
+    check_in_browser,
+    check_in_node,
+    ensure_node_modules,
+    find_chromium,
+    package_version,
+    write_fixture,
+)
+from mitra_model.errors import ConfigError, VerificationError
+from mitra_model.export import export_onnx, io_contract
+from mitra_model.inputs import PADDED_CLASS_LABEL, make_inputs
+from mitra_model.publish import publish_build
+from mitra_model.quantize import quantize_onnx
+from mitra_model.snapshot import load_model, write_synthetic_snapshot
+
+__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
+HAS_NODE = shutil.which("node") is not None and shutil.which("npm") is not None
+HAS_CHROMIUM = any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome"))
+needs_node = pytest.mark.skipif(
+    not HAS_NODE and not IN_CI,
+    reason=f"Node.js >= 20 with npm not installed (then: {NPM_CI_COMMAND})",
+)
+needs_chromium = pytest.mark.skipif(
+    not (HAS_NODE and HAS_CHROMIUM) and not IN_CI, reason=f"Chromium or Node.js not installed ({CHROMIUM_INSTALL_COMMAND})"
+)
+
+TASKS = ("classification", "regression")
+ARTIFACTS = ("fp32", "fp32-ort", "int8", "fp16")  # what a build publishes (int8/fp16 from the optimized flavour)
+PRECISION = {"fp32": "fp32", "fp32-ort": "fp32", "int8": "int8", "fp16": "fp16"}
+
+
+def _tolerance(artifact: str, runtime: str) -> float:
+    return load_config().consumers.tolerance(PRECISION[artifact], runtime)
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    return ensure_node_modules()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, tiny_exports, build_config) -> dict[tuple[str, str], Path]:
+    """(task, artifact) -> file, built like the pipeline: portable fp32, optimized fp32, int8/fp16 from optimized."""
+    root = tmp_path_factory.mktemp("consumer-models")
+    files: dict[tuple[str, str], Path] = {}
+    for task in TASKS:
+        files[task, "fp32"] = tiny_exports[task].path
+        model, _ = load_model(tiny_snapshots[task].path)
+        optimized = export_onnx(
+            model, root / f"{task}-ort.onnx", opset=build_config.export.opset,
+            trace_shape=build_config.export.trace_shape, flavour="optimized",
+        ).path
+        files[task, "fp32-ort"] = optimized
+        for precision in ("int8", "fp16"):
+            files[task, precision] = quantize_onnx(optimized, root / f"{task}-{precision}.onnx", precision=precision).path
+    return files
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory, models, tiny_snapshots) -> dict[tuple[str, str], Path]:
+    """(task, artifact) -> its fixture (inputs + Python ORT's outputs for that very file)."""
+    root = tmp_path_factory.mktemp("consumer-fixtures")
+    return {
+        key: write_fixture(path, tiny_snapshots[key[0]].config, root / "-".join(key))
+        for key, path in models.items()
+    }
+
+
+# -- the fixture ---------------------------------------------------------------------------------
+
+
+def _decode(tensor: dict[str, Any]) -> np.ndarray:
+    wire = {"float32": "<f4", "int64": "<i8", "bool": "u1"}[tensor["dtype"]]
+    array = np.frombuffer(base64.b64decode(tensor["data"]), dtype=wire).reshape(tensor["shape"])
+    return array.astype(bool) if tensor["dtype"] == "bool" else array
+
+
+def test_fixture_holds_the_inputs_and_python_outputs(fixtures, models, tiny_snapshots) -> None:
+    config = tiny_snapshots["classification"].config
+    doc = json.loads(fixtures["classification", "fp32"].read_text())
+    assert doc["schema"] == FIXTURE_SCHEMA_ID
+    assert doc["model_sha256"] == hashlib.sha256(models["classification", "fp32"].read_bytes()).hexdigest()
+    assert [c["name"] for c in doc["cases"]] == [c.name for c in DEFAULT_CASES]
+    for case, cell in zip(doc["cases"], DEFAULT_CASES):
+        inputs = {name: _decode(tensor) for name, tensor in case["inputs"].items()}
+        expected = make_inputs(cell.as_tuple(), config=config, data=cell.data, padded_support_rows=cell.padded_support_rows,
+                               seed=doc["seed"], salt=cell.name)
+        for name, array in expected.items():
+            assert inputs[name].dtype == array.dtype and np.array_equal(inputs[name], array), (cell.name, name)
+        assert _decode(case["expected"]).shape == (cell.batch, cell.n_query, config.dim_output)
+    padded = {c["name"]: _decode(c["inputs"]["padding_obs_support"]) for c in doc["cases"]}["padded-batch"]
+    labels = _decode(doc["cases"][2]["inputs"]["y_support"])
+    assert padded.sum() > 0 and not padded[0].any()  # padded rows, and an unpadded item beside them
+    assert (labels[padded] == PADDED_CLASS_LABEL).all()
+    ties = _decode(doc["cases"][1]["inputs"]["x_support"])
+    assert len(np.unique(ties[0, :, 0])) < ties.shape[1] // 3  # heavy ties
+
+
+# -- onnxruntime-node ----------------------------------------------------------------------------
+
+
+@needs_node
+@pytest.mark.parametrize("artifact", ARTIFACTS)
+def test_node_matches_python_ort(node_modules, models, fixtures, task: str, artifact: str) -> None:
+    result = check_in_node(models[task, artifact], fixtures[task, artifact], tolerance_abs=_tolerance(artifact, NODE_RUNTIME))
+    assert result.passed and result.runtime == NODE_RUNTIME and result.backend == "cpu"
+    assert result.runtime_version == json.loads((CONSUMERS_DIR / "package.json").read_text())["dependencies"][NODE_RUNTIME]
+    assert [c.name for c in result.cases] == [c.name for c in DEFAULT_CASES]
+    assert all(c.error is None and c.max_abs_err <= result.tolerance_abs for c in result.cases)
+    record = result.to_record()
+    assert json.loads(json.dumps(record)) == record and record["passed"] is True
+
+
+@pytest.fixture(scope="module")
+def other_classifier(tmp_path_factory: pytest.TempPathFactory, build_config) -> Path:
+    """Model B: the same architecture and I/O as the tiny classifier, different weights."""
+    root = tmp_path_factory.mktemp("model-b")
+    snapshot = write_synthetic_snapshot(root / "snap", task="classification", size_name="tiny",
+                                        size=build_config.sizes["tiny"], seed=99)
+    model, _ = load_model(snapshot.path)
+    return export_onnx(model, root / "b.onnx", opset=build_config.export.opset, trace_shape=build_config.export.trace_shape).path
+
+
+@needs_node
+def test_node_refuses_a_different_model_naming_each_case(node_modules, fixtures, other_classifier) -> None:
+    with pytest.raises(VerificationError) as caught:
+        check_in_node(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5)
+    message = str(caught.value)
+    assert "onnxruntime-node" in message and "b.onnx" in message
+    for case in DEFAULT_CASES:
+        assert f"case {case.name!r}: max abs error" in message
+    assert len(caught.value.failures) == len(DEFAULT_CASES)
+    assert "the fixture's expected outputs come from a model with sha256" in message
+
+    result = check_in_node(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5, raise_on_failure=False)
+    assert not result.passed and result.max_abs_err > 1e-3
+
+
+@needs_node
+def test_node_reports_a_model_that_breaks_the_contract(node_modules, models, fixtures, tmp_path: Path) -> None:
+    # the regressor takes float32 labels: each case of a classifier fixture fails to run, by name
+    with pytest.raises(VerificationError, match=r"case 'base': run failed: .*tensor\(int64\)"):
+        check_in_node(models["regression", "fp32"], fixtures["classification", "fp32"], tolerance_abs=1e-5)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx model" * 10)
+    with pytest.raises(VerificationError, match=r"could not run: onnxruntime-node 1\.\S+ could not load .*garbage\.onnx"):
+        check_in_node(garbage, fixtures["classification", "fp32"], tolerance_abs=1e-5)
+
+
+# -- onnxruntime-web in headless Chromium --------------------------------------------------------
+
+# Everything a build publishes runs in onnxruntime-web's WASM backend, the optimized flavour's
+# com.microsoft.MultiHeadAttention included (the WASM build carries the CPU contrib ops).
+BROWSER_MATRIX = [("classification", a) for a in ARTIFACTS] + [("regression", "fp32"), ("regression", "int8")]
+
+
+@needs_chromium
+@pytest.mark.parametrize(("task_name", "artifact"), BROWSER_MATRIX, ids=["-".join(k) for k in BROWSER_MATRIX])
+def test_browser_matches_python_ort(node_modules, models, fixtures, task_name: str, artifact: str) -> None:
+    result = check_in_browser(
+        models[task_name, artifact], fixtures[task_name, artifact], tolerance_abs=_tolerance(artifact, WEB_RUNTIME)
+    )
+    assert result.passed and result.runtime == WEB_RUNTIME and result.backend == "wasm"
+    assert result.host.startswith("Chromium ") and result.runtime_version == package_version(WEB_RUNTIME)
+    assert [c.name for c in result.cases] == [c.name for c in DEFAULT_CASES]
+
+
+@needs_chromium
+def test_browser_refuses_a_different_model_naming_the_case(node_modules, fixtures, other_classifier) -> None:
+    with pytest.raises(VerificationError, match=r"onnxruntime-web .*case 'base': max abs error .* > tolerance 1\.0e-05"):
+        check_in_browser(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5)
+
+
+def test_missing_chromium_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"apt-get install -y chromium"):
+        find_chromium()
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_chromium(tmp_path / "no-such-browser")
+
+
+def test_consumer_result_record_is_json() -> None:
+    result = ConsumerResult(
+        runtime=WEB_RUNTIME, runtime_version="1.30.0", backend="wasm", host="Chromium", onnx_path="m.onnx",
+        onnx_sha256="a" * 64, fixture_model_sha256="a" * 64, tolerance_abs=1e-5,
+        cases=(CaseResult(name="base", shape=(1, 2, 3, 4), max_abs_err=math.inf, seconds=None, error="run failed: x"),),
+        failures=("case 'base': run failed: x",),
+        seconds=1.0,
+    )
+    record = result.to_record()
+    assert record["passed"] is False and record["max_abs_err"] is None and record["cases"] == {"base": None}  # no inf in JSON
+    json.dumps(record, allow_nan=False)
+    assert json.loads(result.to_json())["passed"] is False
+
+
+# -- the downstream example: pull latest from S3, verify, predict --------------------------------
+
+EXAMPLE = CONSUMERS_DIR / "example-pull-latest.mjs"
+
+
+def _real_build(root: Path, onnx_path: Path, model_config) -> Path:
+    """A publishable build whose fp32 artifact is a real tiny classifier export."""
+    build = make_build(root, artifacts=(("fp32", "model.onnx", 16, "fp32"),))
+    data = onnx_path.read_bytes()
+    (build / "model.onnx").write_bytes(data)
+    manifest = json.loads((build / "manifest.json").read_text())
+    inputs, outputs = io_contract(model_config)
+    manifest["artifacts"][0].update(
+        size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        inputs=[{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in inputs],
+        outputs=[{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in outputs],
+    )
+    (build / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return build
+
+
+def _run_example(store, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["node", str(EXAMPLE), "--endpoint", store.endpoint_url, "--bucket", store.bucket, "--prefix", store.prefix,
+         "--variant", "mitra-classifier", *extra],
+        capture_output=True, text=True, timeout=60, cwd=CONSUMERS_DIR,
+    )
+
+
+@needs_node
+@pytest.mark.usefixtures("time_limit")
+def test_example_pulls_latest_verifies_and_predicts(
+    node_modules, s3_client, s3_store, tmp_path: Path, tiny_exports, tiny_snapshots
+) -> None:
+    build = _real_build(tmp_path, tiny_exports["classification"].path, tiny_snapshots["classification"].config)
+    published = publish_build(build, client=s3_client, store=s3_store)
+
+    done = _run_example(s3_store, "--save", str(tmp_path / "pulled"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["verified"] is True
+    assert report["version"] == published.version and report["manifest_sha256"] == published.manifest_sha256
+    assert report["artifact"]["sha256"] == hashlib.sha256((build / "model.onnx").read_bytes()).hexdigest()
+    assert (tmp_path / "pulled" / "model.onnx").read_bytes() == (build / "model.onnx").read_bytes()
+    prediction = report["prediction"]
+    assert prediction["task"] == "classification" and prediction["output_shape"] == [1, 4, 10]
+    assert len(prediction["predicted_class"]) == 4 and set(prediction["predicted_class"]) <= {0, 1}
+    assert np.isfinite(prediction["logits"]).all()
+    assert f"verified mitra-classifier {published.version}" in done.stderr
+
+
+@needs_node
+@pytest.mark.usefixtures("time_limit")
+def test_example_refuses_a_tampered_artifact_and_manifest(
+    node_modules, s3_client, s3_store, tmp_path: Path, tiny_exports, tiny_snapshots
+) -> None:
+    build = _real_build(tmp_path, tiny_exports["classification"].path, tiny_snapshots["classification"].config)
+    published = publish_build(build, client=s3_client, store=s3_store)
+    artifact_key = s3_store.key("mitra-classifier", published.version, "model.onnx")
+    data = bytearray((build / "model.onnx").read_bytes())
+    data[-1] ^= 1  # same size, one bit flipped
+    put_raw(s3_client, s3_store, artifact_key, bytes(data))
+    done = _run_example(s3_store)
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"{artifact_key}: sha256" in done.stderr and "the manifest says" in done.stderr
+
+    manifest = s3_client.get_object(Bucket=s3_store.bucket, Key=published.manifest_key)["Body"].read()
+    put_raw(s3_client, s3_store, published.manifest_key, manifest.replace(b'"fp32"', b'"fp32" '))
+    done = _run_example(s3_store)
+    assert done.returncode == 1 and f"but {s3_store.prefix}/mitra-classifier/latest.json pins" in done.stderr
