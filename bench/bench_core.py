@@ -30,7 +30,7 @@ from mitra_model.snapshot import load_model, write_synthetic_snapshot
 from mitra_model.verify import onnx_session
 
 WORK = REPO_ROOT / "artifacts" / "bench"
-LATENCY_SHAPES = [(1, 512, 64, 16), (4, 256, 32, 16), (1, 2048, 64, 16)]
+LATENCY_SHAPES = [(1, 256, 32, 8), (1, 512, 64, 16), (4, 128, 16, 8)]
 
 
 def machine() -> dict[str, str | int]:

@@ -5,7 +5,7 @@ upstream-equivalent PyTorch eager, portable fp32, ORT-optimized fp32, int8 and f
 
 Each engine runs in its own process (so its peak RSS is its own): one warm-up, then the median of
 `--repeats` runs per shape. Errors are measured against PyTorch fp32 on identical inputs. Writes
-bench/results-precision.{json,md}. Takes ~20-30 min on a 2-core machine.
+bench/results-precision.{json,md}. Takes ~10 min on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from mitra_model.config import REPO_ROOT, load_config
 
 WORK = REPO_ROOT / "artifacts" / "bench"
-SHAPES = [(1, 512, 64, 16), (4, 256, 32, 16), (1, 2048, 16, 8)]
+SHAPES = [(1, 512, 32, 16), (2, 256, 16, 8), (1, 2048, 8, 4)]
 ENGINES = ("torch", "portable", "optimized", "int8", "fp16")
 FILES = {"portable": "model.onnx", "optimized": "model-ort.onnx", "int8": "model-int8.onnx", "fp16": "model-fp16.onnx"}
 

@@ -165,7 +165,7 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         logger.info("%s is up to date: %s is already the published latest (manifest_version %d)",
                     variant.name, version, latest["manifest_version"])
         return {"variant": variant.name, "status": "up-to-date", "version": version,
-                "synthetic": source.synthetic, "published": store.url(latest["manifest_key"])}
+                "synthetic": source.synthetic, "build_dir": None, "published": store.url(latest["manifest_key"])}
     done = builds.completed_build(artifacts, variant.name, version)
     if done is not None and not force:
         logger.info("%s %s is already built locally; no export or verification needed", variant.name, version)
@@ -222,7 +222,8 @@ def task_runner(execution: ExecutionConfig) -> TaskRunner:
 @flow(name="mitra-build")
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
-                artifacts_root: str | None = None, publish: bool = True) -> list[dict[str, Any]]:
+                artifacts_root: str | None = None, publish: bool = True,
+                precisions: list[str] | None = None) -> list[dict[str, Any]]:
     """Build every configured variant (or the named ones) whose weights or config changed.
 
     Args:
@@ -237,8 +238,12 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
         config_path: configuration file (default config/mitra-build.toml or $MITRA_BUILD_CONFIG).
         artifacts_root: where builds and caches go (default ./artifacts).
         publish: publish to the configured [store] (default); False keeps builds local.
+        precisions: reduced precisions to build (e.g. ["int8"]; [] for fp32 only); default from
+            [artifacts] in the configuration.
     """
     config = load_config(Path(config_path) if config_path else None)
+    if precisions is not None:
+        config = config.with_precisions(precisions)
     selected = [config.variant(name) for name in variants] if variants else list(config.variants)
     if snapshot and len(selected) != 1:
         raise ValueError(f"--snapshot builds one variant; {len(selected)} selected: name one with variants=[...]")

@@ -110,10 +110,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         variants=args.variant or None, force=args.force, snapshot=str(args.snapshot) if args.snapshot else None,
         synthetic_fallback=args.synthetic_fallback, hub_endpoint=args.hub_endpoint,
         config_path=str(args.config) if args.config else None, artifacts_root=str(args.artifacts) if args.artifacts else None,
+        publish=not args.no_publish, precisions=args.precision,
     )
     for result in results:
         marker = "  [SYNTHETIC: random weights]" if result["synthetic"] else ""
-        print(f"{result['variant']}: {result['status']} {result['version']} -> {result['build_dir']}{marker}")
+        where = result["published"] or result.get("build_dir")
+        print(f"{result['variant']}: {result['status']} {result['version']} -> {where}{marker}")
     return 0
 
 
@@ -225,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="if the hub is unreachable, build a SYNTHETIC full-size snapshot instead of failing")
     run.add_argument("--hub-endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or the public hub)")
     run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default ./artifacts)")
+    run.add_argument("--precision", action="append", choices=("int8", "fp16"),
+                     help="reduced precision to build (repeatable; default: [artifacts] in the configuration)")
+    run.add_argument("--no-publish", action="store_true", help="keep the build local even if [store] is configured")
     run.set_defaults(func=cmd_run)
 
     pull = sub.add_parser("pull", help="download a published release and verify every byte")

@@ -203,6 +203,14 @@ class BuildConfig(_Strict):
                 )
         return self
 
+    def with_precisions(self, precisions: list[str]) -> BuildConfig:
+        """This configuration building the given reduced precisions instead (validated like the file)."""
+        try:
+            artifacts = ArtifactsConfig(flavours=self.artifacts.flavours, precisions=tuple(precisions))
+        except ValidationError as exc:
+            raise ConfigError(f"precisions {precisions!r}: {exc.errors()[0]['msg']}") from None
+        return self.model_copy(update={"artifacts": artifacts})
+
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
             if variant.name == name:
