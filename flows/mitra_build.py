@@ -3,6 +3,7 @@
     resolve revision -> (published latest is this version? stop) -> download -> checksum
     -> per artifact: export (portable, optimized) | quantize (int8, fp16) -> check -> verification matrix
        -> consumer check (onnxruntime-node, optionally the browser)
+    -> support-cache pair (encode_support / predict_query) -> verified against the full model
     -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, pointer)
 
 Every task wraps one library function. Tasks keep no Prefect cache: whether to rebuild is decided
@@ -22,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from mitra_model import build as builds
-from mitra_model import consumers
+from mitra_model import consumers, support_cache
 from mitra_model import source as sources
 from mitra_model.check import check_onnx
 from mitra_model.store import StoreConfig, make_s3_client
@@ -128,6 +129,39 @@ def consumer_check(built: builds.BuiltArtifact, snapshot: Snapshot, config: Buil
     return dataclasses.replace(built, checked_in=tuple(check.to_record() for check in checks))
 
 
+@task(name="export-support-cache", cache_policy=NO_CACHE)
+def export_support_cache_pair(snapshot: Snapshot, config: BuildConfig, work: Path) -> support_cache.SupportCacheExport:
+    model, _ = load_model(snapshot.path)
+    return support_cache.export_support_cache(model, work, opset=config.export.opset,
+                                              trace_shape=config.export.trace_shape, metadata=snapshot.onnx_metadata())
+
+
+@task(name="verify-support-cache", cache_policy=NO_CACHE)
+def verify_support_cache_pair(pair: support_cache.SupportCacheExport, snapshot: Snapshot, config: BuildConfig,
+                              variant: Variant) -> list[builds.BuiltArtifact]:
+    """predict_query(encode_support(...)) against the full PyTorch model on every matrix cell, with
+    several query batches per cache; the pair is published only together."""
+    model, _ = load_model(snapshot.path)
+    tolerance = config.verification.tolerance("fp32")
+    report = support_cache.verify_support_cache(model, pair.encode.path, pair.predict.path,
+                                                cells=config.verification.cells, tolerance=tolerance,
+                                                seed=config.verification.seed)
+    create_table_artifact(
+        key=f"{variant.name}-verification-support-cache",
+        table=[{"cell": c.name, "B,S,Q,F": ",".join(map(str, c.shape)), "max_abs_err": f"{c.max_abs_err:.2e}",
+                "passed": c.passed} for c in report.cells],
+        description=f"{variant.name}: support-cache pair vs full model ({'passed' if report.passed else 'FAILED'})",
+    )
+    verification.require_passed(report)
+    contract = support_cache.support_cache_contract(snapshot.config)
+    return [
+        builds.BuiltArtifact(spec=builds.ArtifactSpec(name, result.path.name, "fp32", pair.flavour), path=result.path,
+                             size=result.size, sha256=result.sha256, report=report, details={"pair": "support-cache"},
+                             contract=contract[name.replace("-", "_")])
+        for name, result in (("encode-support", pair.encode), ("predict-query", pair.predict))
+    ]
+
+
 @task(name="assemble", cache_policy=NO_CACHE)
 def assemble(manifest: dict[str, Any], built: list[builds.BuiltArtifact], artifacts: Path) -> Path:
     folder = builds.assemble_build(artifacts, manifest, built)
@@ -185,6 +219,10 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         built[spec.name] = verify(path, snapshot_files, config, variant, spec, details)
         if config.consumers.node or config.consumers.browser:
             built[spec.name] = consumer_check(built[spec.name], snapshot_files, config, work)
+    if config.artifacts.support_cache:
+        pair = export_support_cache_pair(snapshot_files, config, work)
+        for artifact in verify_support_cache_pair(pair, snapshot_files, config, variant):
+            built[artifact.spec.name] = artifact
     manifest = builds.draft_manifest(
         variant=variant.name, version=version, source=source, snapshot=snapshot_files, model_config=snapshot_files.config,
         config_digest=config_digest(config), opset=config.export.opset, artifacts=list(built.values()),

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .config import REPO_ROOT, ArtifactsConfig
-from .export import FLAVOUR_FILES, FLAVOUR_RUNTIMES, io_contract
+from .export import FLAVOUR_FILES, FLAVOUR_RUNTIMES, TensorSpec, io_contract
 from .fileutil import atomic_directory, sha256_file
 from .model import MitraConfig
 from .publish import MANIFEST_NAME as MANIFEST_FILE
@@ -34,6 +34,7 @@ from .verify import VerificationReport
 PRECISION_PURPOSE = {
     "fp32": "reference precision; what upstream computes",
     "int8": "CPU inference: dynamic int8 MatMul weights, ~3.9x smaller and ~2.3x faster than fp32 on CPU",
+    "support-cache": "fit once, predict many: encode_support runs once per support set, predict_query per call",
     "fp16": "GPU / WebGPU execution providers (fp16 weights and transformer compute); on CPU no faster than fp32",
 }
 
@@ -66,6 +67,7 @@ class BuiltArtifact:
     report: VerificationReport
     details: dict[str, Any]  # how it was made (e.g. quantized MatMul count)
     checked_in: tuple[dict[str, Any], ...] = ()  # consumer runtimes it ran in (consumers.ConsumerResult.to_record)
+    contract: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None  # None: the model's io_contract
 _TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "safetensors")
 
 
@@ -174,10 +176,10 @@ def draft_manifest(
                 "sha256": a.sha256,
                 "precision": a.spec.precision,
                 "flavour": a.spec.flavour,
-                "purpose": PRECISION_PURPOSE[a.spec.precision],
+                "purpose": PRECISION_PURPOSE["support-cache" if a.contract else a.spec.precision],
                 "runtimes": list(FLAVOUR_RUNTIMES[a.spec.flavour]),
-                "inputs": _tensor_specs(inputs),
-                "outputs": _tensor_specs(outputs),
+                "inputs": _tensor_specs(a.contract[0] if a.contract else inputs),
+                "outputs": _tensor_specs(a.contract[1] if a.contract else outputs),
                 "details": a.details,
                 "checked_in": list(a.checked_in),
             }

@@ -55,6 +55,7 @@ class ArtifactsConfig(_Strict):
 
     flavours: tuple[FlavourName, ...] = ("portable",)
     precisions: tuple[PrecisionName, ...] = ()
+    support_cache: bool = False  # also the encode_support / predict_query pair (fit once, predict many)
 
     @model_validator(mode="after")
     def _consistent(self) -> ArtifactsConfig:
@@ -206,7 +207,7 @@ class BuildConfig(_Strict):
     def with_precisions(self, precisions: list[str]) -> BuildConfig:
         """This configuration building the given reduced precisions instead (validated like the file)."""
         try:
-            artifacts = ArtifactsConfig(flavours=self.artifacts.flavours, precisions=tuple(precisions))
+            artifacts = self.artifacts.model_validate({**self.artifacts.model_dump(), "precisions": tuple(precisions)})
         except ValidationError as exc:
             raise ConfigError(f"precisions {precisions!r}: {exc.errors()[0]['msg']}") from None
         return self.model_copy(update={"artifacts": artifacts})

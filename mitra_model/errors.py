@@ -41,6 +41,10 @@ class VerificationError(MitraBuildError, AssertionError):
         self.failures = failures
 
 
+class SupportCacheError(MitraBuildError, ValueError):
+    """A support cache does not fit the query or the model it is used with."""
+
+
 class HubError(MitraBuildError, OSError):
     """Talking to the Hugging Face hub (or a mirror) failed."""
 

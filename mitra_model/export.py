@@ -121,14 +121,14 @@ def export_onnx(
         except Exception as exc:  # the exporter raises many unrelated types
             raise ExportError(f"torch.onnx.export failed for {output}: {type(exc).__name__}: {exc}") from exc
         proto = onnx.load(str(raw_path))
-        _pin_volatile_fields(proto, config, {"mitra_build.flavour": flavour, **(metadata or {})})
+        pin_volatile_fields(proto, config, {"mitra_build.flavour": flavour, **(metadata or {})})
         _name_output_dims(proto, outputs[0].shape)
         onnx.save_model(proto, str(raw_path))
     seconds = time.perf_counter() - started
     return ExportResult(path=output, sha256=sha256_file(output), size=output.stat().st_size, opset=opset, seconds=seconds)
 
 
-def _pin_volatile_fields(proto: onnx.ModelProto, config: MitraConfig, metadata: dict[str, str]) -> None:
+def pin_volatile_fields(proto: onnx.ModelProto, config: MitraConfig, metadata: dict[str, str]) -> None:
     proto.producer_name = "mitra-build"
     proto.producer_version = __version__
     proto.doc_string = ""

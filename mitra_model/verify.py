@@ -6,6 +6,7 @@ named in the error. Nothing here ever downgrades a mismatch to a warning.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -181,9 +182,26 @@ def run_cell(model: Tab2D, session: ort.InferenceSession, cell: Cell, *, toleran
 
 def verify_cell(snapshot_dir: Path, onnx_path: Path, cell: Cell, *, tolerance: Tolerance, seed: int) -> CellResult:
     """`run_cell` from files alone: what a worker on another process or machine runs. Both paths
-    must be readable there (a shared filesystem); nothing is pickled but paths and small values."""
-    model, _ = load_model(snapshot_dir)
-    return run_cell(model, onnx_session(onnx_path), cell, tolerance=tolerance, seed=seed)
+    must be readable there (a shared filesystem); nothing is pickled but paths and small values.
+    A process keeps the last two models and sessions it loaded, so a matrix pays the load once."""
+    model = _cached_model(str(snapshot_dir), _stamp(Path(snapshot_dir) / "model.safetensors"))
+    session = _cached_session(str(onnx_path), _stamp(Path(onnx_path)))
+    return run_cell(model, session, cell, tolerance=tolerance, seed=seed)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()  # a rewritten file gets a new cache entry
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(snapshot_dir: str, stamp: tuple[int, int]) -> Tab2D:
+    return load_model(Path(snapshot_dir))[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_session(onnx_path: str, stamp: tuple[int, int]) -> ort.InferenceSession:
+    return onnx_session(Path(onnx_path))
 
 
 def make_report(onnx_path: Path, *, precision: str, tolerance: Tolerance, results: Sequence[CellResult]) -> VerificationReport:

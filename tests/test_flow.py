@@ -144,6 +144,11 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
     assert manifest["version"] == first["version"]
     for artifact in manifest["artifacts"]:
         assert hashlib.sha256(pulled.files[artifact["name"]].read_bytes()).hexdigest() == artifact["sha256"]
+    by_name = {a["name"]: a for a in manifest["artifacts"]}
+    assert set(by_name) == {"fp32", "fp32-ort", "int8", "fp16", "encode-support", "predict-query"}
+    assert [c["runtime"] for c in by_name["int8"]["checked_in"]] == ["onnxruntime-node"]
+    assert {i["name"] for i in by_name["predict-query"]["inputs"]} >= {"quantile_boundaries", "x_query"}
+    assert all(manifest["verification"][name]["passed"] for name in by_name)
 
 
 def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
