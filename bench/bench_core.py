@@ -81,7 +81,7 @@ def main() -> None:
     cells = json.loads(report_path.read_text())["cells"]
 
     model, _ = load_model(snapshot_dir)
-    session = onnx_session(onnx_path)
+    session = onnx_session(onnx_path, memory_arena=True)  # ORT default options, as a consumer runs it
     latency = []
     for shape in LATENCY_SHAPES:
         inputs = make_inputs(shape, config=model.config, seed=0, salt="bench")

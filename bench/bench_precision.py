@@ -1,5 +1,6 @@
 """Precision and speed benchmark on the full-size model, all engines in one run on the same inputs:
-upstream-equivalent PyTorch eager, portable fp32, ORT-optimized fp32, int8 and fp16 ONNX.
+upstream AutoGluon Tab2D in PyTorch eager (the test oracle, loaded with the same weights), our
+upstream-equivalent PyTorch module, portable fp32, ORT-optimized fp32, int8 and fp16 ONNX.
 
     .venv/bin/python bench/bench_precision.py [--repeats 3] [--task classification]
 
@@ -25,7 +26,8 @@ from mitra_model.config import REPO_ROOT, load_config
 
 WORK = REPO_ROOT / "artifacts" / "bench"
 SHAPES = [(1, 512, 32, 16), (2, 256, 16, 8), (1, 2048, 8, 4)]
-ENGINES = ("torch", "portable", "optimized", "int8", "fp16")
+COMPOSITION_SHAPE = (2, 256, 16, 8)  # batch-composition dependence: a table alone vs in a batch of 2
+ENGINES = ("upstream", "torch", "portable", "optimized", "int8", "fp16")
 FILES = {"portable": "model.onnx", "optimized": "model-ort.onnx", "int8": "model-int8.onnx", "fp16": "model-fp16.onnx"}
 
 
@@ -63,12 +65,21 @@ def child(engine: str, folder: Path, repeats: int) -> None:
     from mitra_model.verify import onnx_session
 
     model, _ = load_model(folder / "snapshot")
-    if engine == "torch":
+    if engine == "upstream":
+        from upstream import build_upstream, run_upstream  # tests/upstream.py: the oracle without AutoGluon's tree
+
+        c = model.config
+        reference = build_upstream(c.dim, c.dim_output, c.n_layers, c.n_heads, c.task.value, seed=0)
+        reference.load_state_dict(model.state_dict(), strict=True)
+
+        def run(inputs):
+            return run_upstream(reference, *numpy_inputs(inputs)).numpy()
+    elif engine == "torch":
         def run(inputs):
             with torch.no_grad():
                 return model(*numpy_inputs(inputs)).numpy()
     else:
-        session = onnx_session(folder / FILES[engine])
+        session = onnx_session(folder / FILES[engine], memory_arena=True)  # ORT's default session options
 
         def run(inputs):
             return session.run(None, {name: inputs[name] for name in INPUT_NAMES})[0]
@@ -85,7 +96,22 @@ def child(engine: str, folder: Path, repeats: int) -> None:
         results.append({"shape": shape, "median_s": statistics.median(times), "runs_s": times})
         print(f"{engine} {shape}: {statistics.median(times):.2f} s", file=sys.stderr, flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"engine": engine, "peak_rss_gib": peak, "shapes": results}))
+    print(json.dumps({"engine": engine, "peak_rss_gib": peak, "shapes": results,
+                      "composition": composition_dependence(run, model.config)}))
+
+
+def composition_dependence(run, config) -> dict[str, float]:
+    """How much one table's (or query row's) output moves with what else is in the call: dynamic int8
+    computes activation scales over the whole call, so its outputs depend on the batch; fp32 should not."""
+    from mitra_model.inputs import make_inputs
+
+    inputs = make_inputs(COMPOSITION_SHAPE, config=config, seed=1, salt="bench-composition")
+    together = run(inputs)
+    alone = run({name: value[:1] for name, value in inputs.items()})
+    half = COMPOSITION_SHAPE[2] // 2
+    fewer_queries = run({**inputs, "x_query": inputs["x_query"][:, :half]})
+    return {"table_alone_vs_in_batch": float(np.abs(alone - together[:1]).max()),
+            "half_the_queries_vs_all": float(np.abs(fewer_queries - together[:, :half]).max())}
 
 
 def main() -> None:
@@ -128,7 +154,11 @@ def render(r: dict) -> str:
         "# Precision and speed benchmark (full-size model)", "",
         f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']}. Task {r['task']}, synthetic full-size weights, median of {r['repeats']} "
-        "runs after one warm-up, every engine in its own process on identical inputs. Errors vs PyTorch fp32.", "",
+        "runs after one warm-up, every engine in its own process on identical inputs. Errors vs PyTorch fp32. "
+        "ONNX Runtime sessions use its default options (CPU memory arena on; the pipeline's verification turns it "
+        "off to lower peak RSS at large S, see results-memory.md).", "",
+        "Engines: `upstream` is AutoGluon 1.6.3's own Tab2D (CPU path); `torch` is our PyTorch rewrite "
+        "(same numbers, skips upstream's unused last-layer support update), the reference for errors.", "",
         "| engine | file MB | peak RSS GiB | " + " | ".join(f"{'x'.join(map(str, s))} s" for s in SHAPES)
         + " | max abs err | agreement / corr |",
         "|---|---|---|" + "---|" * len(SHAPES) + "---|---|",
@@ -139,16 +169,23 @@ def render(r: dict) -> str:
         quality = min(s.get("argmax_agreement", s.get("correlation", 1.0)) for s in e["shapes"])
         size = "-" if e["file_mb"] is None else f"{e['file_mb']:.1f}"
         lines.append(f"| {name} | {size} | {e['peak_rss_gib']:.2f} | {times} | {err:.2e} | {quality:.4f} |")
-    lines += ["", "Speed-up ratios (median latency):", "", "| shape | optimized vs PyTorch | int8 vs portable | fp16 vs portable |",
-              "|---|---|---|---|"]
+    lines += ["", f"Batch-composition dependence at {'x'.join(map(str, COMPOSITION_SHAPE))} (max abs change of an output "
+              "when the rest of the call changes; dynamic int8 computes activation scales per call):", "",
+              "| engine | table alone vs in a batch of 2 | half the query rows vs all |", "|---|---|---|"]
+    for name, e in engines.items():
+        c = e["composition"]
+        lines.append(f"| {name} | {c['table_alone_vs_in_batch']:.2e} | {c['half_the_queries_vs_all']:.2e} |")
+    lines += ["", "Speed-up ratios (median latency; targets: optimized >= 1.3x PyTorch, int8 >= 1.8x portable):", "",
+              "| shape | optimized vs upstream | optimized vs our PyTorch | portable vs our PyTorch | int8 vs portable "
+              "| fp16 vs portable |", "|---|---|---|---|---|---|"]
     for i, shape in enumerate(SHAPES):
         t = {name: e["shapes"][i]["median_s"] for name, e in engines.items()}
-        lines.append(f"| {'x'.join(map(str, shape))} | {t['torch'] / t['optimized']:.2f}x | {t['portable'] / t['int8']:.2f}x "
-                     f"| {t['portable'] / t['fp16']:.2f}x |")
+        lines.append(f"| {'x'.join(map(str, shape))} | {t['upstream'] / t['optimized']:.2f}x | {t['torch'] / t['optimized']:.2f}x "
+                     f"| {t['torch'] / t['portable']:.2f}x | {t['portable'] / t['int8']:.2f}x | {t['portable'] / t['fp16']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path[:0] = [str(Path(__file__).parent), str(REPO_ROOT / "tests")]
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     main()

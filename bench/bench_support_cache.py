@@ -73,7 +73,7 @@ def main() -> None:
     print(f"exported in {export_s:.0f} s: {full.path.name} {full.size / 1e6:.0f} MB, {pair.encode.path.name} "
           f"{pair.encode.size / 1e6:.0f} MB, {pair.predict.path.name} {pair.predict.size / 1e6:.0f} MB", flush=True)
     del model  # the sessions hold their own weights
-    full_session, encoder, predictor = (onnx_session(p) for p in (full.path, pair.encode.path, pair.predict.path))
+    full_session, encoder, predictor = (onnx_session(p, memory_arena=True) for p in (full.path, pair.encode.path, pair.predict.path))
 
     rows = []
     for n_support in args.support:

@@ -21,13 +21,15 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.filesystems import WritableFileSystem
 
 from mitra_model import build as builds
 from mitra_model import consumers, support_cache
 from mitra_model import source as sources
 from mitra_model.check import check_onnx
+from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
 from mitra_model.store import StoreConfig, make_s3_client
-from mitra_model.config import REPO_ROOT, BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
+from mitra_model.config import REPO_ROOT, SUPPORT_CACHE_TOLERANCE, BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
 from mitra_model.export import export_onnx
 from mitra_model.publish import PublishResult, latest_release, publish_build
 from mitra_model.quantize import quantize_onnx
@@ -36,6 +38,9 @@ from mitra_model import verify as verification
 from mitra_model.verify import CellResult
 
 DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts"
+# Persisted cell results: one object per flow run, artifact and cell under the store's results folder.
+CELL_RESULT_KEY = "verify-cell/{flow_run.id}/{parameters[spec].name}/{parameters[cell].name}"
+RESULT_STORAGE_BLOCK = "mitra-build-results"  # the S3Bucket block document on the Prefect server
 
 
 @task(name="resolve-revision", cache_policy=NO_CACHE)
@@ -101,11 +106,15 @@ def verification_report(path: Path, spec: builds.ArtifactSpec, tolerance: Tolera
 
 
 def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant, spec: builds.ArtifactSpec,
-           details: dict[str, Any]) -> builds.BuiltArtifact:
-    """The matrix as one task per cell on the configured task runner (threads here, or Dask)."""
+           details: dict[str, Any], storage: WritableFileSystem | None) -> builds.BuiltArtifact:
+    """The matrix as one task per cell on the configured task runner (threads here, or Dask); with a
+    result storage, each cell's result is persisted there by whichever worker ran it."""
     tolerance = config.verification.tolerance(spec.precision)
     cells = list(config.verification.cells)
-    futures = verify_cell.map(unmapped(snapshot.path), unmapped(path), cells, unmapped(spec), unmapped(tolerance),
+    # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
+    cell_task = verify_cell if storage is None else verify_cell.with_options(
+        result_storage=storage, result_storage_key=CELL_RESULT_KEY, cache_policy=None)
+    futures = cell_task.map(unmapped(snapshot.path), unmapped(path), cells, unmapped(spec), unmapped(tolerance),
                               unmapped(config.verification.seed))
     return verification_report(path, spec, tolerance, [f.result() for f in futures], variant, details)
 
@@ -142,7 +151,7 @@ def verify_support_cache_pair(pair: support_cache.SupportCacheExport, snapshot: 
     """predict_query(encode_support(...)) against the full PyTorch model on every matrix cell, with
     several query batches per cache; the pair is published only together."""
     model, _ = load_model(snapshot.path)
-    tolerance = config.verification.tolerance("fp32")
+    tolerance = config.verification.tolerance(SUPPORT_CACHE_TOLERANCE)
     report = support_cache.verify_support_cache(model, pair.encode.path, pair.predict.path,
                                                 cells=config.verification.cells, tolerance=tolerance,
                                                 seed=config.verification.seed)
@@ -170,12 +179,26 @@ def assemble(manifest: dict[str, Any], built: list[builds.BuiltArtifact], artifa
     return folder
 
 
-@task(name="read-latest-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def retry_io_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+    """Retry S3 I/O unless another try cannot help: a refused version, refused credentials or a
+    bad configuration fail the same way every time, and a retry would only hide the message."""
+    try:
+        state.result()
+    except (VersionConflictError, StoreAuthError, ConfigError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else (lost connection, 5xx after botocore's retries)
+        return True
+    return False
+
+
+@task(name="read-latest-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3,
+      retry_condition_fn=retry_io_only)
 def read_latest_release(store: StoreConfig, variant: Variant) -> dict[str, Any] | None:
     return latest_release(make_s3_client(store), store, variant.name)
 
 
-@task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)  # idempotent: a retry converges
+@task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,  # idempotent: a retry converges
+      retry_condition_fn=retry_io_only)
 def publish_release(folder: Path, store: StoreConfig) -> PublishResult:
     result = publish_build(folder, client=make_s3_client(store), store=store)
     get_run_logger().info("published %s %s as manifest_version %d (%s)", result.variant, result.version,
@@ -208,7 +231,8 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
 
     snapshot_files = local if local is not None else download(pinned, artifacts, hub_endpoint)
     checksum(snapshot_files, source)
-    work = artifacts / "work" / variant.name / version
+    work = builds.fresh_work_dir(artifacts, variant.name, version)
+    storage = result_storage(config)
     built: dict[str, builds.BuiltArtifact] = {}
     for spec in builds.planned_artifacts(config.artifacts):
         if spec.precision == "fp32":
@@ -216,7 +240,7 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         else:  # reduced precisions derive from the verified optimized fp32 file
             path, details = quantize(built["fp32-ort"].path, work, spec)
         check(path, snapshot_files)
-        built[spec.name] = verify(path, snapshot_files, config, variant, spec, details)
+        built[spec.name] = verify(path, snapshot_files, config, variant, spec, details, storage)
         if config.consumers.node or config.consumers.browser:
             built[spec.name] = consumer_check(built[spec.name], snapshot_files, config, work)
     if config.artifacts.support_cache:
@@ -229,6 +253,7 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         toolchain=toolchain,
     )
     folder = assemble(manifest, list(built.values()), artifacts)
+    builds.discard_work_dir(work)
     return finish(variant, version, folder, manifest, store, "built")
 
 
@@ -243,6 +268,27 @@ def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any
     return {"variant": variant.name, "status": status, "version": version, "synthetic": synthetic,
             "build_dir": str(folder),
             "published": store.url(published.manifest_key) if published and store else None}
+
+
+def result_storage(config: BuildConfig) -> WritableFileSystem | None:
+    """Prefect result storage for the tasks that may run on other hosts: the [store] bucket when
+    [execution] result_storage = "store", else None.
+
+    Prefect only accepts result storage saved on its server (a worker elsewhere loads it from
+    there), so the block is saved, overwriting the previous one. It holds no secret: credentials
+    come from boto3's standard chain on whichever host reads or writes.
+    """
+    if config.execution.result_storage != "store" or config.store is None:
+        return None
+    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
+    store = config.store
+    client = AwsClientParameters(endpoint_url=store.endpoint_url,
+                                 config={"s3": {"addressing_style": "path" if store.endpoint_url else "auto"}})
+    block = S3Bucket(bucket_name=store.bucket, bucket_folder=store.results_folder(),
+                     credentials=AwsCredentials(region_name=store.region, aws_client_parameters=client))
+    block.save(RESULT_STORAGE_BLOCK, overwrite=True)
+    return block
 
 
 def task_runner(execution: ExecutionConfig) -> TaskRunner:
@@ -261,7 +307,7 @@ def task_runner(execution: ExecutionConfig) -> TaskRunner:
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
                 artifacts_root: str | None = None, publish: bool = True,
-                precisions: list[str] | None = None) -> list[dict[str, Any]]:
+                precisions: list[str] | None = None, flavours: list[str] | None = None) -> list[dict[str, Any]]:
     """Build every configured variant (or the named ones) whose weights or config changed.
 
     Args:
@@ -278,13 +324,15 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
         publish: publish to the configured [store] (default); False keeps builds local.
         precisions: reduced precisions to build (e.g. ["int8"]; [] for fp32 only); default from
             [artifacts] in the configuration.
+        flavours: fp32 flavours to build (["portable"] or ["portable", "optimized"]; int8/fp16 need
+            "optimized"); default from [artifacts] in the configuration.
     """
     config = load_config(Path(config_path) if config_path else None)
-    if precisions is not None:
-        config = config.with_precisions(precisions)
+    config = config.with_artifacts(flavours=flavours, precisions=precisions)
     selected = [config.variant(name) for name in variants] if variants else list(config.variants)
     if snapshot and len(selected) != 1:
-        raise ValueError(f"--snapshot builds one variant; {len(selected)} selected: name one with variants=[...]")
+        raise ConfigError(f"--snapshot builds one variant but {len(selected)} are selected "
+                          f"({', '.join(v.name for v in selected)}): name one with --variant NAME (variants=[NAME])")
     artifacts = Path(artifacts_root) if artifacts_root else DEFAULT_ARTIFACTS
     build = build_variant.with_options(task_runner=task_runner(config.execution))
     results = [

@@ -22,7 +22,8 @@ from typing import Any
 
 from . import __version__
 from .config import REPO_ROOT, ArtifactsConfig
-from .export import FLAVOUR_FILES, FLAVOUR_RUNTIMES, TensorSpec, io_contract
+from .errors import VerificationError
+from .export import EXPORTER_SETTINGS, FLAVOUR_FILES, FLAVOUR_RUNTIMES, TensorSpec, io_contract
 from .fileutil import atomic_directory, sha256_file
 from .model import MitraConfig
 from .publish import MANIFEST_NAME as MANIFEST_FILE
@@ -30,12 +31,14 @@ from .publish import MANIFEST_SCHEMA_ID
 from .snapshot import Snapshot
 from .verify import VerificationReport
 
-# Why each reduced precision exists, for consumers choosing a file (CPU figures: bench/results-precision.md).
+# Why each artifact exists, for consumers choosing a file. Each artifact's `cpu` entry in the manifest
+# has its measured CPU time over the matrix (benchmarks: bench/results-precision.md).
 PRECISION_PURPOSE = {
     "fp32": "reference precision; what upstream computes",
-    "int8": "CPU inference: dynamic int8 MatMul weights, ~3.9x smaller and ~2.3x faster than fp32 on CPU",
+    "int8": "CPU inference: dynamic int8 MatMul weights, about 4x smaller than fp32 and faster on CPU",
     "support-cache": "fit once, predict many: encode_support runs once per support set, predict_query per call",
-    "fp16": "GPU / WebGPU execution providers (fp16 weights and transformer compute); on CPU no faster than fp32",
+    "fp16": "GPU / WebGPU execution providers (fp16 weights and transformer compute); runs on CPU but is no "
+            "faster there than fp32 (see `cpu`)",
 }
 
 
@@ -109,6 +112,20 @@ def build_dir(artifacts_root: Path, variant: str, version: str) -> Path:
     return Path(artifacts_root) / "builds" / variant / version
 
 
+def fresh_work_dir(artifacts_root: Path, variant: str, version: str) -> Path:
+    """An empty scratch folder for one build: what an earlier, failed attempt left there (exports of
+    ~300 MB each) is removed first. Finished files leave it by rename (`assemble_build`)."""
+    work = Path(artifacts_root) / "work" / variant / version
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def discard_work_dir(work: Path) -> None:
+    """Remove a build's scratch folder once its build folder is assembled."""
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def completed_build(artifacts_root: Path, variant: str, version: str) -> dict[str, Any] | None:
     """The manifest of a complete, intact local build of this version, or None.
 
@@ -145,6 +162,7 @@ def draft_manifest(
 ) -> dict[str, Any]:
     """The manifest as the build writes it; publishing adds manifest_version, previous digest, S3 keys."""
     inputs, outputs = io_contract(model_config)
+    fp32_seconds = next(a.report.summary["onnx_seconds"] for a in artifacts if a.spec.name == "fp32")
     return {
         "schema": MANIFEST_SCHEMA_ID,
         "variant": variant,
@@ -166,7 +184,7 @@ def draft_manifest(
             "opset": opset,
             "config_sha256": config_digest,
             "code_sha256": code_digest(),
-            "exporter": {"name": "torch.onnx.export", "dynamo": False, "do_constant_folding": True},
+            "exporter": {"name": "torch.onnx.export", **EXPORTER_SETTINGS},
         },
         "artifacts": [
             {
@@ -182,6 +200,12 @@ def draft_manifest(
                 "outputs": _tensor_specs(a.contract[1] if a.contract else outputs),
                 "details": a.details,
                 "checked_in": list(a.checked_in),
+                # ONNX Runtime CPU time of the whole matrix on the build machine, and relative to the
+                # portable fp32 file on the same cells (the support-cache pair is timed differently)
+                **({} if a.contract else {"cpu": {
+                    "matrix_seconds": round(a.report.summary["onnx_seconds"], 3),
+                    "relative_to_fp32": round(a.report.summary["onnx_seconds"] / fp32_seconds, 3),
+                }}),
             }
             for a in artifacts
         ],
@@ -204,11 +228,12 @@ def draft_manifest(
 def assemble_build(artifacts_root: Path, manifest: dict[str, Any], artifacts: list[BuiltArtifact]) -> Path:
     """Write the build folder whole: artifact files (moved in), verification reports, manifest.json.
 
-    Refuses (ValueError) a manifest whose verification did not pass: a failed build never lands.
+    Refuses (VerificationError) a manifest whose verification did not pass: a failed build never lands.
     """
     failed = [p for p, entry in manifest["verification"].items() if not entry["passed"]]
     if failed:
-        raise ValueError(f"refusing to assemble build {manifest['version']}: verification failed for {', '.join(failed)}")
+        raise VerificationError(f"refusing to assemble build {manifest['version']}: verification failed for "
+                                f"{', '.join(failed)}", failed)
     final = build_dir(artifacts_root, manifest["variant"], manifest["version"])
     with atomic_directory(final) as tmp:
         for artifact in artifacts:

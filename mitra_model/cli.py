@@ -4,6 +4,7 @@ messages on stderr (no traceback) and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ def _say(message: str) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .snapshot import write_synthetic_snapshot
+    from .snapshot import WEIGHTS_FILE, write_synthetic_snapshot
 
     config = load_config(args.config)
     if args.size not in config.sizes:
@@ -29,7 +30,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     snapshot = write_synthetic_snapshot(
         args.output, task=args.task, size_name=args.size, size=config.sizes[args.size], seed=args.seed
     )
-    weights = snapshot.digest("model.safetensors")
+    weights = snapshot.digest(WEIGHTS_FILE)
     print(f"wrote SYNTHETIC {args.size} {args.task} snapshot (random weights, seed {args.seed}) to {snapshot.path}")
     print(f"model.safetensors: {weights.size} bytes, sha256 {weights.sha256}")
     return 0
@@ -106,17 +107,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.mitra_build import mitra_build
 
+    _quiet_known_errors(logging.getLogger())  # Prefect's console handler sits on the root logger
     results = mitra_build(
         variants=args.variant or None, force=args.force, snapshot=str(args.snapshot) if args.snapshot else None,
         synthetic_fallback=args.synthetic_fallback, hub_endpoint=args.hub_endpoint,
         config_path=str(args.config) if args.config else None, artifacts_root=str(args.artifacts) if args.artifacts else None,
-        publish=not args.no_publish, precisions=args.precision,
+        publish=not args.no_publish, precisions=[] if args.fp32_only else args.precision, flavours=args.flavour,
     )
     for result in results:
         marker = "  [SYNTHETIC: random weights]" if result["synthetic"] else ""
         where = result["published"] or result.get("build_dir")
         print(f"{result['variant']}: {result['status']} {result['version']} -> {where}{marker}")
     return 0
+
+
+class _OneLineForKnownErrors(logging.Filter):
+    """Prefect logs a flow's exception with its traceback; for our own errors the message already says
+    what failed and how to fix it, so the console shows that line and the CLI's paragraph, no stack.
+    (Only the console: the API log handler runs first and keeps the traceback for the Prefect UI.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, MitraBuildError):  # Prefect's message already quotes the error
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_known_errors(logger: logging.Logger) -> None:
+    for handler in logger.handlers:
+        handler.addFilter(_OneLineForKnownErrors())
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -183,35 +202,40 @@ def cmd_local_s3(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mitra-build", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mitra-build {__version__}")
-    parser.add_argument("--config", type=Path, default=None, help="configuration file (default: config/mitra-build.toml)")
+    config_help = "configuration file (default: $MITRA_BUILD_CONFIG or config/mitra-build.toml)"
+    parser.add_argument("--config", type=Path, default=None, help=config_help)
+    # Also accepted after the subcommand (`mitra-build run --config FILE`); SUPPRESS keeps a value given
+    # before the subcommand from being overwritten by the subparser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", help="write a synthetic snapshot (real architecture, random weights)")
+    synth = sub.add_parser("synth", parents=[common], help="write a synthetic snapshot (real architecture, random weights)")
     synth.add_argument("--task", choices=("classification", "regression"), required=True)
     synth.add_argument("--size", choices=("tiny", "full"), required=True)
     synth.add_argument("--output", type=Path, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
 
-    export = sub.add_parser("export", help="export a snapshot folder to ONNX (and run the check stage)")
+    export = sub.add_parser("export", parents=[common], help="export a snapshot folder to ONNX (and run the check stage)")
     export.add_argument("--snapshot", type=Path, required=True)
     export.add_argument("--output", type=Path, required=True)
     export.add_argument("--flavour", choices=("portable", "optimized"), default="portable",
                         help="portable: standard ONNX ops; optimized: ONNX Runtime's memory-efficient attention")
     export.set_defaults(func=cmd_export)
 
-    quantize = sub.add_parser("quantize", help="derive an int8 or fp16 artifact from an fp32 export")
+    quantize = sub.add_parser("quantize", parents=[common], help="derive an int8 or fp16 artifact from an fp32 export")
     quantize.add_argument("--onnx", type=Path, required=True, help="fp32 export (the optimized flavour)")
     quantize.add_argument("--precision", choices=("int8", "fp16"), required=True)
     quantize.add_argument("--output", type=Path, required=True)
     quantize.set_defaults(func=cmd_quantize)
 
-    check = sub.add_parser("check", help="onnx.checker + shape inference + I/O contract")
+    check = sub.add_parser("check", parents=[common], help="onnx.checker + shape inference + I/O contract")
     check.add_argument("--snapshot", type=Path, required=True, help="the snapshot the file was exported from")
     check.add_argument("--onnx", type=Path, required=True)
     check.set_defaults(func=cmd_check)
 
-    verify = sub.add_parser("verify", help="run the verification matrix (exit 1 if any cell fails)")
+    verify = sub.add_parser("verify", parents=[common], help="run the verification matrix (exit 1 if any cell fails)")
     verify.add_argument("--snapshot", type=Path, required=True)
     verify.add_argument("--onnx", type=Path, required=True)
     verify.add_argument("--report", type=Path, default=None, help="write the JSON report here")
@@ -219,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--precision", default="fp32", help="tolerance set from the configuration (default fp32)")
     verify.set_defaults(func=cmd_verify)
 
-    run = sub.add_parser("run", help="run the whole mitra-build flow in this process (no server to start)")
+    run = sub.add_parser("run", parents=[common], help="run the whole mitra-build flow in this process (no server to start)")
     run.add_argument("--variant", action="append", help="variant name from the configuration (repeatable; default all)")
     run.add_argument("--force", action="store_true", help="rebuild even if this version is already built")
     run.add_argument("--snapshot", type=Path, default=None, help="build this local snapshot folder instead of downloading")
@@ -227,19 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="if the hub is unreachable, build a SYNTHETIC full-size snapshot instead of failing")
     run.add_argument("--hub-endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or the public hub)")
     run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default ./artifacts)")
-    run.add_argument("--precision", action="append", choices=("int8", "fp16"),
-                     help="reduced precision to build (repeatable; default: [artifacts] in the configuration)")
+    precision = run.add_mutually_exclusive_group()
+    precision.add_argument("--precision", action="append", choices=("int8", "fp16"),
+                           help="reduced precision to build (repeatable; default: [artifacts] in the configuration)")
+    precision.add_argument("--fp32-only", action="store_true", help="build no reduced precision (int8/fp16)")
+    run.add_argument("--flavour", action="append", choices=("portable", "optimized"),
+                     help="fp32 flavour to build (repeatable; portable is required; default: [artifacts])")
     run.add_argument("--no-publish", action="store_true", help="keep the build local even if [store] is configured")
     run.set_defaults(func=cmd_run)
 
-    pull = sub.add_parser("pull", help="download a published release and verify every byte")
+    pull = sub.add_parser("pull", parents=[common], help="download a published release and verify every byte")
     pull.add_argument("--variant", required=True)
     pull.add_argument("--version", default="latest", help="'latest' (the pointer) or a version id")
     pull.add_argument("--dest", type=Path, required=True)
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
     pull.set_defaults(func=cmd_pull)
 
-    local_s3 = sub.add_parser("local-s3", help="serve the configured bucket from a local SeaweedFS until stopped")
+    local_s3 = sub.add_parser("local-s3", parents=[common], help="serve the configured bucket from a local SeaweedFS until stopped")
     local_s3.add_argument("--dir", type=Path, required=True, help="data folder (kept between runs)")
     local_s3.add_argument("--port", type=int, default=8333)
     local_s3.set_defaults(func=cmd_local_s3)

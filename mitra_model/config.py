@@ -46,6 +46,7 @@ class ExportConfig(_Strict):
 
 
 FlavourName = Literal["portable", "optimized"]
+SUPPORT_CACHE_TOLERANCE = "support-cache"  # [verification.tolerances.support-cache]: the pair vs the full model
 PrecisionName = Literal["int8", "fp16"]
 
 
@@ -162,6 +163,9 @@ class ExecutionConfig(_Strict):
     max_workers: int = Field(default=1, ge=1)  # thread runner: cells at once (each already uses every core)
     dask_address: str | None = None  # an existing scheduler, e.g. "tcp://10.0.0.5:8786"; None: a LocalCluster
     dask_workers: int = Field(default=2, ge=1)  # LocalCluster worker processes (one thread each)
+    # "store": the cells' results are persisted to the [store] bucket (Prefect result storage), so a
+    # worker on another host hands them back through S3; "local": in memory / the flow's own disk.
+    result_storage: Literal["local", "store"] = "local"
 
 
 ConsumerRuntime = Literal["onnxruntime-node", "onnxruntime-web"]
@@ -194,6 +198,18 @@ class BuildConfig(_Strict):
     variants: tuple[Variant, ...] = ()
 
     @model_validator(mode="after")
+    def _result_storage_has_a_store(self) -> BuildConfig:
+        if self.execution.result_storage == "store" and self.store is None:
+            raise ValueError('execution.result_storage = "store" needs a [store] section (the bucket results go to)')
+        return self
+
+    @model_validator(mode="after")
+    def _support_cache_has_a_tolerance(self) -> BuildConfig:
+        if self.artifacts.support_cache and SUPPORT_CACHE_TOLERANCE not in self.verification.tolerances:
+            raise ValueError(f"artifacts.support_cache needs [verification.tolerances.{SUPPORT_CACHE_TOLERANCE}]")
+        return self
+
+    @model_validator(mode="after")
     def _matrix_avoids_trace_shape(self) -> BuildConfig:
         traced = self.export.trace_shape.as_tuple()
         for cell in self.verification.cells:
@@ -204,12 +220,14 @@ class BuildConfig(_Strict):
                 )
         return self
 
-    def with_precisions(self, precisions: list[str]) -> BuildConfig:
-        """This configuration building the given reduced precisions instead (validated like the file)."""
+    def with_artifacts(self, *, flavours: list[str] | None = None, precisions: list[str] | None = None) -> BuildConfig:
+        """This configuration building the given flavours and/or reduced precisions instead of those in
+        [artifacts] (None keeps the file's choice), validated like the file."""
+        chosen = {key: tuple(value) for key, value in (("flavours", flavours), ("precisions", precisions)) if value is not None}
         try:
-            artifacts = self.artifacts.model_validate({**self.artifacts.model_dump(), "precisions": tuple(precisions)})
+            artifacts = self.artifacts.model_validate({**self.artifacts.model_dump(), **chosen})
         except ValidationError as exc:
-            raise ConfigError(f"precisions {precisions!r}: {exc.errors()[0]['msg']}") from None
+            raise ConfigError(f"artifacts {chosen!r}: {exc.errors()[0]['msg']}") from None
         return self.model_copy(update={"artifacts": artifacts})
 
     def variant(self, name: str) -> Variant:
@@ -248,6 +266,11 @@ def load_config(path: Path | None = None) -> BuildConfig:
         raise ConfigError(f"configuration file {path} is invalid: {problems}") from None
 
 
+# The sections that decide a build's bytes and its verification record. The schedule, the store, the
+# task runner and the variant list do not: changing the cron or adding a variant rebuilds nothing.
+BUILD_SECTIONS = frozenset({"export", "artifacts", "verification", "consumers"})
+
+
 def config_digest(config: BuildConfig) -> str:
-    """SHA-256 of the validated configuration in canonical form (what a rebuild decision compares)."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    """SHA-256 of the configuration sections that decide a build, in canonical form (part of the version)."""
+    return hashlib.sha256(config.model_dump_json(include=set(BUILD_SECTIONS)).encode()).hexdigest()

@@ -87,3 +87,7 @@ class StoreAuthError(StoreError, PermissionError):
 
 class StoreUnreachableError(StoreError, ConnectionError):
     """The S3 endpoint could not be reached."""
+
+
+class ToolMissingError(MitraBuildError, FileNotFoundError):
+    """A program the pipeline runs (the SeaweedFS `weed` binary) is not installed."""

@@ -33,6 +33,8 @@ FLAVOUR_RUNTIMES: dict[str, tuple[str, ...]] = {
     "optimized": ("onnxruntime>=1.17 with com.microsoft contrib ops (Python, C++, onnxruntime-node, "
                   "onnxruntime-web WASM)",),
 }
+# How every file is exported (recorded in the manifest): the TorchScript exporter, constants folded.
+EXPORTER_SETTINGS: dict[str, bool] = {"dynamo": False, "do_constant_folding": True}
 INPUT_NAMES = ("x_support", "y_support", "x_query", "padding_obs_support")
 OUTPUT_NAME = "output"
 _DIM_NAMES = {
@@ -114,9 +116,8 @@ def export_onnx(
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
                 custom_opsets={"com.microsoft": 1} if flavour == "optimized" else None,
+                **EXPORTER_SETTINGS,
             )
         except Exception as exc:  # the exporter raises many unrelated types
             raise ExportError(f"torch.onnx.export failed for {output}: {type(exc).__name__}: {exc}") from exc

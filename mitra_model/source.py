@@ -15,7 +15,7 @@ from .build import SourceInfo
 from .config import BuildConfig, Variant
 from .errors import ChecksumMismatchError, HubUnreachableError
 from .hub import ResolvedRevision, download_snapshot, resolve_revision
-from .snapshot import Snapshot, read_snapshot, write_synthetic_snapshot
+from .snapshot import WEIGHTS_FILE, Snapshot, read_snapshot, write_synthetic_snapshot
 
 log = logging.getLogger(__name__)
 SYNTHETIC_SEED = 0
@@ -69,7 +69,7 @@ def resolve_source(
 def synthetic_snapshot(variant: Variant, config: BuildConfig, cache_root: Path) -> Snapshot:
     """The full-size synthetic snapshot for this variant's task (generated once, then reused)."""
     folder = Path(cache_root) / "synthetic" / f"{variant.task}-full-seed{SYNTHETIC_SEED}"
-    if (folder / "model.safetensors").is_file():
+    if (folder / WEIGHTS_FILE).is_file():
         snapshot = read_snapshot(folder)
         if snapshot.synthetic:
             return snapshot

@@ -148,6 +148,11 @@ class StoreConfig(BaseModel):
         """The object key of `parts` under the prefix: key("v", "x.onnx") -> "prefix/v/x.onnx"."""
         return "/".join(p for p in (self.prefix, *parts) if p)
 
+    def results_folder(self) -> str:
+        """Where Prefect persists task results when [execution] result_storage = "store" (no variant
+        can be named like this: variant names start with a letter or digit)."""
+        return self.key("_prefect-results")
+
     def url(self, key: str = "") -> str:
         """`s3://bucket/key` for messages."""
         return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from .config import Cell, Shape, Tolerance
 from .errors import ExportError, SupportCacheError
-from .export import FLAVOUR_FILES, ExportResult, Flavour, TensorSpec, pin_volatile_fields, numpy_inputs
+from .export import EXPORTER_SETTINGS, FLAVOUR_FILES, ExportResult, Flavour, TensorSpec, pin_volatile_fields, numpy_inputs
 from .fileutil import atomic_file, sha256_file
 from .inputs import make_inputs
 from .model import (
@@ -469,9 +469,8 @@ def _export_module(
                 output_names=[spec.name for spec in outputs],
                 dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes},
                 opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
                 custom_opsets={"com.microsoft": 1} if flavour == "optimized" else None,
+                **EXPORTER_SETTINGS,
             )
         except Exception as exc:  # the exporter raises many unrelated types
             raise ExportError(f"torch.onnx.export failed for {output}: {type(exc).__name__}: {exc}") from exc

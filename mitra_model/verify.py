@@ -23,7 +23,7 @@ from .export import INPUT_NAMES, numpy_inputs
 from .fileutil import sha256_file, write_bytes_atomic
 from .inputs import make_inputs
 from .model import Tab2D
-from .snapshot import load_model
+from .snapshot import WEIGHTS_FILE, load_model
 
 
 @dataclass(frozen=True)
@@ -87,15 +87,17 @@ class VerificationReport:
         return "\n".join(lines) + "\n"
 
 
-def onnx_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
+def onnx_session(path: Path, *, threads: int = 0, memory_arena: bool = False) -> ort.InferenceSession:
     """A CPU ONNX Runtime session (threads=0: ORT's default, all cores).
 
-    The CPU memory arena is off: it keeps every freed block, which took a tiny-model forward at
-    (1,4096,16,64) from 1.12 to 1.49 GiB peak RSS here (bench/results-memory.md).
+    The CPU memory arena is off by default: it keeps every freed block, which took a tiny-model
+    forward at (1,4096,16,64) from 1.12 to 1.49 GiB peak RSS here (bench/results-memory.md). ORT's own
+    default is on, which is ~10% faster at (1,512,32,16) full size (no fresh pages every forward):
+    latency benchmarks use `memory_arena=True`, like a consumer's default session.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = False
+    options.enable_cpu_mem_arena = memory_arena
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -184,7 +186,7 @@ def verify_cell(snapshot_dir: Path, onnx_path: Path, cell: Cell, *, tolerance: T
     """`run_cell` from files alone: what a worker on another process or machine runs. Both paths
     must be readable there (a shared filesystem); nothing is pickled but paths and small values.
     A process keeps the last two models and sessions it loaded, so a matrix pays the load once."""
-    model = _cached_model(str(snapshot_dir), _stamp(Path(snapshot_dir) / "model.safetensors"))
+    model = _cached_model(str(snapshot_dir), _stamp(Path(snapshot_dir) / WEIGHTS_FILE))
     session = _cached_session(str(onnx_path), _stamp(Path(onnx_path)))
     return run_cell(model, session, cell, tolerance=tolerance, seed=seed)
 

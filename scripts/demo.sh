@@ -55,8 +55,9 @@ tag = "  ** SYNTHETIC (random weights) **" if m["source"]["synthetic"] else ""
 print(f"{m['variant']} {m['version']} (manifest_version {m['manifest_version']}){tag}")
 for a in m["artifacts"]:
     v = m["verification"][a["name"]]
-    print(f"  {a['file']:18} {a['size'] / 1e6:7.1f} MB  sha256 {a['sha256'][:16]}  "
-          f"verified {v['cells']} cells, max abs err {v['max_abs_err']:.1e}")
+    ran = ", ".join(f"{c['runtime']} {c['version']} (max abs {c['max_abs_err']:.1e})" for c in a.get("checked_in", []))
+    print(f"  {a['file']:24} {a['size'] / 1e6:7.1f} MB  sha256 {a['sha256'][:16]}  "
+          f"verified {v['cells']} cells, max abs err {v['max_abs_err']:.1e}" + (f"; ran in {ran}" if ran else ""))
 PY
 done
 echo "==> done: releases in s3://mitra-build/releases (SeaweedFS data: artifacts/s3), pulled copies in $pulled"

@@ -17,16 +17,25 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Consumer checks: onnxruntime-node/-web (npm; its install script would fetch CUDA binaries, which
-# cannot be reached and are not needed) and Debian's Chromium for the headless-browser check.
-if ! cmp -s consumers/package-lock.json consumers/node_modules/.package-lock.json 2>/dev/null; then
-  echo "==> installing consumers/ npm packages (npm ci)"
-  (cd consumers && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error)
-fi
+# Consumer checks: onnxruntime-node/-web from npm (`npm ci` with ONNXRUNTIME_NODE_INSTALL=skip: the
+# package's install script would fetch CUDA binaries, which cannot be reached and are not needed),
+# only when the pinned versions are not installed yet; and Debian's Chromium for the browser check.
+.venv/bin/python - <<'PY'
+import sys
+
+from mitra_model.consumers import ensure_node_modules
+from mitra_model.errors import MitraBuildError
+
+try:
+    ensure_node_modules()
+except MitraBuildError as exc:
+    sys.exit(f"!! {exc}")
+PY
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing Debian chromium for the browser check"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
     echo "!! chromium is missing: run 'sudo apt-get install -y chromium' (the browser check needs it)" >&2
   fi

@@ -74,3 +74,17 @@ def test_bad_config_file_names_the_field(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "field `export.opset`" in err and str(bad) in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_path: Path) -> None:
+    """`mitra-build run` fails inside the Prefect flow; the user still gets our message, no stack."""
+    from mitra_model.config import DEFAULT_CONFIG_PATH
+
+    config = tmp_path / "two-variants.toml"
+    config.write_text(DEFAULT_CONFIG_PATH.read_text())
+    done = run_cli("run", "--config", str(config), "--snapshot", str(tiny_snapshots["classification"].path),
+                   "--artifacts", str(tmp_path / "artifacts"), "--no-publish")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert "--snapshot builds one variant but 2 are selected (mitra-classifier, mitra-regressor)" in done.stderr
+    assert "--variant NAME" in done.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mitra_model.config import DEFAULT_CONFIG_PATH, load_config
+from mitra_model.config import DEFAULT_CONFIG_PATH, config_digest, load_config
 from mitra_model.errors import ConfigError
 
 
@@ -53,3 +53,35 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     (tmp_path / "x.toml").write_text("[export\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "x.toml")
+
+
+@pytest.mark.parametrize("old, new", [
+    ('cron = "17 3 * * *"', 'cron = "0 5 * * 1"'),
+    ('endpoint_url = "http://127.0.0.1:8333"', 'endpoint_url = "http://127.0.0.1:9000"'),
+    ('task_runner = "thread"', 'task_runner = "dask"'),
+    ('revision = "main"\ntask = "regression"', 'revision = "v2"\ntask = "regression"'),
+])
+def test_settings_that_do_not_change_the_artifacts_keep_the_version(tmp_path: Path, old: str, new: str) -> None:
+    """The config digest is part of every build's version: a new cron must not rebuild and republish."""
+    assert config_digest(load_config(_with(tmp_path, old, new))) == config_digest(load_config())
+
+
+@pytest.mark.parametrize("old, new", [
+    ("opset = 17", "opset = 18"),
+    ("max_abs = 1e-4", "max_abs = 2e-4"),
+    ('precisions = ["int8", "fp16"]', 'precisions = ["int8"]'),
+    ("onnxruntime-node = 1e-5\nonnxruntime-web = 1e-5", "onnxruntime-node = 2e-5\nonnxruntime-web = 1e-5"),
+])
+def test_settings_that_change_the_artifacts_change_the_version(tmp_path: Path, old: str, new: str) -> None:
+    assert config_digest(load_config(_with(tmp_path, old, new))) != config_digest(load_config())
+
+
+def test_run_parameters_choose_flavours_and_precisions_validated_like_the_file() -> None:
+    config = load_config()
+    portable_only = config.with_artifacts(flavours=["portable"], precisions=[])
+    assert portable_only.artifacts.flavours == ("portable",) and portable_only.artifacts.precisions == ()
+    assert config.with_artifacts(precisions=["int8"]).artifacts.flavours == config.artifacts.flavours
+    with pytest.raises(ConfigError, match="precisions \\(int8/fp16\\) are built from the optimized flavour"):
+        config.with_artifacts(flavours=["portable"], precisions=["int8"])
+    with pytest.raises(ConfigError, match="flavours must include 'portable'"):
+        config.with_artifacts(flavours=["optimized"])

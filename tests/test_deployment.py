@@ -1,5 +1,6 @@
 """prefect.yaml end to end: a real `prefect server start` (SQLite), scripts/deploy.sh, a process
-worker, and `prefect deployment run 'mitra-build/build' --watch` on a tiny local snapshot."""
+worker, `prefect deployment run 'mitra-build/build' --watch` on a tiny local snapshot, then the
+scheduled deployment finding it up to date, and the README's `-p revision=1234567` trap."""
 
 from __future__ import annotations
 
@@ -87,6 +88,25 @@ def test_deployment_runs_end_to_end(tmp_path: Path, build_config) -> None:
         assert len(manifests) == 1
         manifest = json.loads(manifests[0].read_text())
         assert manifest["source"]["synthetic"] is True and manifest["verification"]["fp32"]["passed"] is True
+
+        # The scheduled deployment with nothing changed: up to date, no second build.
+        started = time.monotonic()
+        scheduled = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "mitra-build/scheduled", "--params", json.dumps(params),
+             "--watch", "--watch-timeout", "300"],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=350,
+        )
+        assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+        assert time.monotonic() - started < 120
+        assert f"mitra-regressor up-to-date {manifest['version']}" in (tmp_path / "worker.log").read_text()
+        assert len(list((artifacts / "builds" / "mitra-regressor").glob("*/manifest.json"))) == 1
+
+        # The documented trap: -p parses values as JSON, so a commit-like revision arrives as a number.
+        trap = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "mitra-build/build", "-p", "revision=1234567"],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert trap.returncode != 0 and "revision" in trap.stdout + trap.stderr, trap.stdout + trap.stderr
     finally:
         if worker is not None:
             _stop(worker)

@@ -26,6 +26,21 @@ def test_every_documented_cli_form_parses() -> None:
     subcommands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public API
     for name, rest in forms:
         assert name in subcommands, f"README documents `mitra-build {name}`, the CLI lacks it"
-        documented = set(re.findall(r"--[a-z][a-z-]*", rest))
-        known = {opt for action in subcommands[name]._actions for opt in action.option_strings} | {"--config"}
+        documented = set(re.findall(r"--[a-z][a-z0-9-]*", rest))
+        known = {opt for action in subcommands[name]._actions for opt in action.option_strings}
         assert documented <= known, f"`mitra-build {name}` documents unknown options {documented - known}"
+
+
+def test_config_is_accepted_before_and_after_the_subcommand(tmp_path) -> None:
+    parser = build_parser()
+    chosen = tmp_path / "other.toml"
+    assert parser.parse_args(["run", "--config", str(chosen)]).config == chosen
+    assert parser.parse_args(["--config", str(chosen), "run"]).config == chosen
+    assert parser.parse_args(["run"]).config is None
+
+
+def test_every_benchmark_result_the_readme_cites_is_committed() -> None:
+    cited = set(re.findall(r"bench/(results-[\w-]+\.md)", README))
+    assert cited, "the README cites no benchmark results"
+    missing = sorted(name for name in cited if not (REPO_ROOT / "bench" / name).is_file())
+    assert not missing, f"README cites benchmark results that are not in bench/: {missing}"

@@ -126,3 +126,22 @@ def test_export_output_shape_follows_inputs(tiny_exports) -> None:
         "padding_obs_support": np.zeros((4, 9), dtype=bool),
     }
     assert session.run(None, feed)[0].shape == (4, 6)
+
+
+def test_optimized_flavour_never_materializes_attention_scores(tiny_snapshots, tmp_path: Path, build_config) -> None:
+    """Every attention of the optimized flavour is ONNX Runtime's MultiHeadAttention (no Softmax over
+    an S x S score matrix anywhere); the portable flavour uses standard ops only."""
+    model, _ = load_model(tiny_snapshots["classification"].path)
+    graphs = {}
+    for flavour in ("portable", "optimized"):
+        path = export_onnx(model, tmp_path / f"{flavour}.onnx", opset=build_config.export.opset,
+                           trace_shape=build_config.export.trace_shape, flavour=flavour).path
+        graphs[flavour] = onnx.load(str(path)).graph
+    n_layers = model.config.n_layers
+    # per layer: row attention of support and of query rows, feature attention of both; in the last
+    # layer nothing depends on the support side, so only the query's two attentions are left
+    fused = [n for n in graphs["optimized"].node if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    assert len(fused) == 4 * n_layers - 2
+    assert not [n for n in graphs["optimized"].node if n.op_type == "Softmax"]
+    assert {n.domain for n in graphs["portable"].node} <= {"", "ai.onnx"}
+    assert len([n for n in graphs["portable"].node if n.op_type == "Softmax"]) == 4 * n_layers - 2

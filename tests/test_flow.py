@@ -58,6 +58,20 @@ def exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
+@pytest.fixture()
+def cell_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every verification cell the flow runs."""
+    calls: list[str] = []
+    real = flow_module.verification.verify_cell
+
+    def counting(snapshot_dir, path, cell, **kwargs):
+        calls.append(cell.name)
+        return real(snapshot_dir, path, cell, **kwargs)
+
+    monkeypatch.setattr(flow_module.verification, "verify_cell", counting)
+    return calls
+
+
 def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwargs):  # noqa: F811
     return flow_module.mitra_build(
         config_path=str(config), artifacts_root=str(artifacts), hub_endpoint=local_hub.endpoint, publish=publish,
@@ -65,7 +79,8 @@ def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwarg
     )[0]
 
 
-def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_config, exports,  # noqa: F811
+                                               cell_runs) -> None:
     config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
     files = snapshot_files(tmp_path, build_config, seed=1)
     first_commit = local_hub.add_commit(REPO, files)
@@ -78,13 +93,18 @@ def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_
     weights = next(f for f in manifest["source"]["files"] if f["path"] == "model.safetensors")
     assert weights["sha256"] == hashlib.sha256(files["model.safetensors"]).hexdigest()
     assert manifest["verification"]["fp32"]["passed"] is True
+    assert not (artifacts / "work" / "finetuned" / first["version"]).exists()  # scratch exports are gone
+    cells_per_build = len(cell_runs)
+    assert cells_per_build > 0
 
     again = run(local_hub, config, artifacts)
     assert again == {**first, "status": "up-to-date"} and n_builds(exports) == 1  # nothing re-exported
+    assert len(cell_runs) == cells_per_build  # nor re-verified
 
     readme_commit = local_hub.add_commit(REPO, {"README.md": b"# new model card\n"})
     assert readme_commit != first_commit
     assert run(local_hub, config, artifacts)["status"] == "up-to-date" and n_builds(exports) == 1
+    assert len(cell_runs) == cells_per_build
 
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=2))
     changed = run(local_hub, config, artifacts)
@@ -146,7 +166,12 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
         assert hashlib.sha256(pulled.files[artifact["name"]].read_bytes()).hexdigest() == artifact["sha256"]
     by_name = {a["name"]: a for a in manifest["artifacts"]}
     assert set(by_name) == {"fp32", "fp32-ort", "int8", "fp16", "encode-support", "predict-query"}
-    assert [c["runtime"] for c in by_name["int8"]["checked_in"]] == ["onnxruntime-node"]
+    for name in ("fp32", "fp32-ort", "int8", "fp16"):
+        (node,) = by_name[name]["checked_in"]
+        assert node["runtime"] == "onnxruntime-node" and node["passed"] is True and node["version"], node
+        assert by_name[name]["cpu"]["matrix_seconds"] > 0
+    assert by_name["fp32"]["cpu"]["relative_to_fp32"] == 1.0
+    assert "GPU" in by_name["fp16"]["purpose"] and "cpu" not in by_name["predict-query"]
     assert {i["name"] for i in by_name["predict-query"]["inputs"]} >= {"quantile_boundaries", "x_query"}
     assert all(manifest["verification"][name]["passed"] for name in by_name)
 
@@ -165,12 +190,48 @@ def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, t
     assert not (tmp_path / "artifacts" / "builds").exists()
 
 
-def _failing_verify(real):
-    """verify_cell with a tolerance nothing meets: the stage must fail, never warn."""
+def test_a_failed_reduced_precision_fails_the_run_naming_it(local_hub, s3_store, s3_client, tmp_path: Path,  # noqa: F811
+                                                             build_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 passes, int8 does not: the run fails naming int8 and the cell, and nothing is published."""
+    from mitra_model.errors import VerificationError
+    from mitra_model.publish import latest_release
+
+    monkeypatch.setattr(flow_module.verification, "verify_cell",
+                        _failing_verify(flow_module.verification.verify_cell, only="model-int8.onnx"))
+    config = small_config(tmp_path, store=s3_store)
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    with pytest.raises(VerificationError, match=r"model-int8\.onnx \(int8\) failed .*cell 'small'"):
+        run(local_hub, config, tmp_path / "artifacts", publish=True)
+    assert latest_release(s3_client, s3_store, "finetuned") is None
+    assert not (tmp_path / "artifacts" / "builds").exists()
+
+
+def _failing_verify(real, only: str | None = None):
+    """verify_cell with a tolerance nothing meets (for every file, or only the one named): the stage
+    must fail, never warn."""
     from mitra_model.config import Tolerance
 
     def verify(snapshot_dir, path, cell, **kwargs):
-        kwargs["tolerance"] = Tolerance(max_abs=1e-15, min_argmax_agreement=1.0, min_correlation=1.0)
+        if only is None or Path(path).name == only:
+            kwargs["tolerance"] = Tolerance(max_abs=1e-15, min_argmax_agreement=1.0, min_correlation=1.0)
         return real(snapshot_dir, path, cell, **kwargs)
 
     return verify
+
+
+def test_s3_tasks_retry_only_what_a_retry_can_fix() -> None:
+    """A refused version or refused credentials fail the same way every time: no retry hides them."""
+    from prefect.states import Failed
+
+    from mitra_model.errors import PublishError, StoreAuthError, StoreUnreachableError, VersionConflictError
+
+    def retries(error: Exception) -> bool:
+        return flow_module.retry_io_only(None, None, Failed(data=error))
+
+    assert not retries(VersionConflictError("s3://b/v/model.onnx already holds different bytes"))
+    assert not retries(StoreAuthError("the store refused the credentials"))
+    assert retries(StoreUnreachableError("connection refused"))
+    assert retries(PublishError("the store answered 503"))
+    for name in ("publish", "read-latest-release"):
+        task = next(t for t in (flow_module.publish_release, flow_module.read_latest_release) if t.name == name)
+        assert task.retries == 2 and task.retry_condition_fn is flow_module.retry_io_only

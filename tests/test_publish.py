@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import threading
 import traceback
 from pathlib import Path
@@ -220,32 +222,45 @@ def test_refused_draft_writes_nothing(s3_store: StoreConfig, s3_client: Any, tmp
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["crash-before-call", "crash-after-call"])
+@pytest.mark.parametrize("first_release", [False, True], ids=["second-release", "first-release"])
 def test_publish_interrupted_at_every_call_converges(
-    s3_server: LocalS3Server, s3_store: StoreConfig, s3_client: Any, tmp_path: Path, after: bool
+    s3_server: LocalS3Server, s3_store: StoreConfig, s3_client: Any, tmp_path: Path, after: bool, first_release: bool
 ) -> None:
+    """Crash the N-th S3 call of a publish, for every N: a consumer sees the old release (or, for the
+    first one, nothing) or the new one, complete; a plain re-run finishes the publish."""
     v1, v2 = make_build(tmp_path, seed=1), make_build(tmp_path, seed=2)
+    expected_mv = 1 if first_release else 2
     completed_at = None
     for n in range(1, 100):
         store = store_for(s3_server.endpoint_url, bucket=s3_store.bucket, prefix=f"crash/{n}")
-        first = publish_build(v1, client=s3_client, store=store)
+        first = None if first_release else publish_build(v1, client=s3_client, store=store)
         crashing = CrashingClient(s3_client, crash_at=n, after=after)
         try:
             publish_build(v2, client=crashing, store=store)
             completed_at = n
         except SimulatedCrash:
             pass
-        # A consumer now sees the previous release or the new one, each complete and verified.
         seen = _consumer_sees(s3_client, store, tmp_path / f"consumer-{n}")
-        assert seen in (_version(v1), _version(v2)), f"crash at call {n}: consumer saw {seen}"
+        allowed = (None, _version(v2)) if first_release else (_version(v1), _version(v2))
+        assert seen in allowed, f"crash at call {n}: consumer saw {seen}"
 
         rerun = publish_build(v2, client=s3_client, store=store)
-        assert (rerun.version, rerun.manifest_version) == (_version(v2), 2), f"crash at call {n}"
-        pointer = _assert_consistent(s3_client, store, 2)
+        assert (rerun.version, rerun.manifest_version) == (_version(v2), expected_mv), f"crash at call {n}"
+        pointer = _assert_consistent(s3_client, store, expected_mv)
         manifest, _ = read_json_object(s3_client, store, pointer["manifest_key"])
-        assert manifest["previous_manifest_sha256"] == first.manifest_sha256
+        assert manifest["previous_manifest_sha256"] == (None if first is None else first.manifest_sha256)
+        # the explicit version pulls too, whatever the crash left behind
+        assert pull_release(VARIANT, version=_version(v2), dest=tmp_path / f"explicit-{n}", client=s3_client,
+                            store=store, progress=False).version == _version(v2)
         if completed_at is not None:
             break
-    assert completed_at is not None and completed_at > 10  # every call of a publish was hit
+    # every call of a publish was hit: the first run without a crash had one call fewer than n
+    counting = CrashingClient(s3_client)
+    store = store_for(s3_server.endpoint_url, bucket=s3_store.bucket, prefix="crash/count")
+    if not first_release:
+        publish_build(v1, client=s3_client, store=store)
+    publish_build(v2, client=counting, store=store)
+    assert completed_at == len(counting.calls) + 1 and len(counting.calls) > 5
 
 
 def test_lost_race_for_manifest_version_renumbers(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
@@ -312,28 +327,79 @@ def test_racing_publishers_leave_a_consistent_pointer(s3_store: StoreConfig, tmp
     assert pulled.version == newest.version
 
 
-class _KillingReader:
-    """A file body that kills the server once `after_bytes` were sent (a crash mid-upload)."""
+class _KillingProxy:
+    """A TCP proxy in front of the S3 server. Once armed, it kills the server after `after_bytes` more
+    bytes of requests went over the wire: the server dies while an upload is in flight (botocore
+    hashes the body before sending it, so a crash inside the body reader would come too early)."""
 
-    def __init__(self, handle: Any, after_bytes: int, kill: Any) -> None:
-        self._handle, self._after, self._kill, self.sent = handle, after_bytes, kill, 0
+    def __init__(self, target_port: int, kill: Any) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._target, self._kill, self._lock = target_port, kill, threading.Lock()
+        self._left: int | None = None  # bytes to forward before the kill; None: not armed
+        self.killed_after: int | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._handle.read(size)
-        self.sent += len(data)
-        if self.sent >= self._after and self._kill is not None:
-            self._kill()
-            self._kill = None
-        return data
-
-    def seek(self, *args: Any) -> int:
-        return self._handle.seek(*args)
-
-    def tell(self) -> int:
-        return self._handle.tell()
+    def arm(self, after_bytes: int) -> None:
+        with self._lock:
+            self._left, self._after = after_bytes, after_bytes
 
     def close(self) -> None:
-        self._handle.close()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:  # the server is down: the client sees a closed connection
+                downstream.close()
+                continue
+            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, request: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                if request:
+                    self._count(len(data))
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            if self._left is None:
+                return
+            self._left -= n
+            if self._left <= 0:
+                self._left, self.killed_after = None, self._after - self._left
+                self._kill()
+
+
+def _upload_is_cut(server: LocalS3Server, tmp_path: Path, store: StoreConfig, build: Path) -> None:
+    """The server is killed while model.onnx is on the wire; the publish fails naming the endpoint."""
+    proxy = _KillingProxy(int(server.endpoint_url.rsplit(":", 1)[1]), server.kill)
+    try:
+        via_proxy = make_s3_client(store.model_copy(update={"endpoint_url": proxy.endpoint_url}))
+
+        def arm_on_the_big_upload(n: int, name: str, kwargs: dict[str, Any]) -> None:
+            if name == "put_object" and (kwargs.get("Key") or "").endswith("model.onnx"):
+                proxy.arm(after_bytes=1 << 20)
+
+        with pytest.raises(StoreUnreachableError, match=proxy.endpoint_url):
+            publish_build(build, client=CrashingClient(via_proxy, hook=arm_on_the_big_upload), store=store)
+        assert proxy.killed_after is not None and proxy.killed_after < (build / "model.onnx").stat().st_size
+        assert not server.is_running()
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize("when", ["mid-upload", "before-manifest", "before-pointer"])
@@ -347,23 +413,22 @@ def test_server_killed_then_restarted_publish_completes(tmp_path: Path, when: st
         build = make_build(tmp_path, seed=5, artifacts=(("fp32", "model.onnx", big, "fp32"),))
         version = _version(build)
 
-        def kill_server(n: int, name: str, kwargs: dict[str, Any]) -> None:
-            key = kwargs.get("Key") or ""
-            if name != "put_object" or killed:
-                return
-            if when == "mid-upload" and key.endswith("model.onnx"):
-                kwargs["Body"] = _KillingReader(kwargs["Body"], 1 << 20, lambda: killed.append(server.kill()))
-            elif (when == "before-manifest" and key.endswith("manifest.json")) or (
-                when == "before-pointer" and key.endswith("latest.json")
-            ):
-                killed.append(server.kill())
+        if when == "mid-upload":
+            _upload_is_cut(server, tmp_path, store, build)
+        else:
+            def kill_server(n: int, name: str, kwargs: dict[str, Any]) -> None:
+                key = kwargs.get("Key") or ""
+                if name == "put_object" and not killed and key.endswith(
+                        "manifest.json" if when == "before-manifest" else "latest.json"):
+                    killed.append(server.kill())
 
-        killed: list[None] = []
-        with pytest.raises(StoreUnreachableError, match=server.endpoint_url):
-            publish_build(build, client=CrashingClient(client, hook=kill_server), store=store)
-        assert killed and not server.is_running()
+            killed: list[None] = []
+            with pytest.raises(StoreUnreachableError, match=server.endpoint_url):
+                publish_build(build, client=CrashingClient(client, hook=kill_server), store=store)
+            assert killed and not server.is_running()
 
         server.start()  # same dir, same ports
+        assert _pointer(client, store) is None  # nothing half-published is visible
         result = publish_build(build, client=client, store=store)
         assert (result.version, result.manifest_version) == (version, 1)
         _assert_consistent(client, store, 1)

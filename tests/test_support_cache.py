@@ -147,7 +147,7 @@ def test_onnx_pair_matches_full_model_over_the_matrix(pairs, models, build_confi
     pair = pairs[task, flavour]
     report = verify_support_cache(
         models[task], pair.encode.path, pair.predict.path, cells=build_config.verification.cells,
-        tolerance=build_config.verification.tolerance("fp32"), seed=build_config.verification.seed, query_batches=3,
+        tolerance=build_config.verification.tolerance("support-cache"), seed=build_config.verification.seed, query_batches=3,
     )
     require_passed(report)
     assert [c.name for c in report.cells] == [c.name for c in build_config.verification.cells]
