@@ -4,9 +4,12 @@ upstream-equivalent PyTorch module, portable fp32, ORT-optimized fp32, int8 and 
 
     .venv/bin/python bench/bench_precision.py [--repeats 3] [--task classification]
 
-Each engine runs in its own process (so its peak RSS is its own): one warm-up, then the median of
-`--repeats` runs per shape. Errors are measured against PyTorch fp32 on identical inputs. Writes
-bench/results-precision.{json,md}. Takes ~10 min on a 2-core machine.
+Latency is measured in rounds: each round runs every engine once, in a fresh process of its own (so
+its peak RSS is its own), one warm-up then one timed forward per shape, and the engines' order turns
+from round to round. The median over `--repeats` rounds is reported. On a shared 2-core VM whose
+speed drifts by ±20% over minutes, this puts every engine under the same conditions; timing each
+engine's repeats back to back did not. Errors are measured against PyTorch fp32 on identical inputs.
+Writes bench/results-precision.{json,md}. Takes ~20 min on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def prepare(task: str) -> Path:
     return folder
 
 
-def child(engine: str, folder: Path, repeats: int) -> None:
-    """Run every shape on one engine; print a JSON line with latencies and peak RSS."""
+def child(engine: str, folder: Path, first_round: bool) -> None:
+    """One round of one engine: per shape a warm-up and one timed forward; print a JSON line with the
+    times and this process's peak RSS. The first round also saves the outputs (for the errors) and
+    measures batch-composition dependence."""
     import resource
 
     import torch
@@ -83,21 +88,19 @@ def child(engine: str, folder: Path, repeats: int) -> None:
 
         def run(inputs):
             return session.run(None, {name: inputs[name] for name in INPUT_NAMES})[0]
-    results = []
+    seconds = []
     for shape in SHAPES:
         inputs = make_inputs(shape, config=model.config, seed=0, salt="bench-precision")
         output = run(inputs)  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run(inputs)
-            times.append(time.perf_counter() - started)
-        np.save(folder / f"out-{engine}-{'x'.join(map(str, shape))}.npy", output)
-        results.append({"shape": shape, "median_s": statistics.median(times), "runs_s": times})
-        print(f"{engine} {shape}: {statistics.median(times):.2f} s", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        run(inputs)
+        seconds.append(time.perf_counter() - started)
+        if first_round:
+            np.save(folder / f"out-{engine}-{'x'.join(map(str, shape))}.npy", output)
+        print(f"{engine} {shape}: {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
+    composition = composition_dependence(run, model.config) if first_round else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"engine": engine, "peak_rss_gib": peak, "shapes": results,
-                      "composition": composition_dependence(run, model.config)}))
+    print(json.dumps({"engine": engine, "peak_rss_gib": peak, "seconds": seconds, "composition": composition}))
 
 
 def composition_dependence(run, config) -> dict[str, float]:
@@ -119,17 +122,31 @@ def main() -> None:
     parser.add_argument("--task", default="classification", choices=("classification", "regression"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=ENGINES)
+    parser.add_argument("--first-round", action="store_true")
     args = parser.parse_args()
     folder = WORK / f"precision-{args.task}"
     if args.child:
-        child(args.child, folder, args.repeats)
+        child(args.child, folder, args.first_round)
         return
     prepare(args.task)
-    engines = {}
-    for engine in ENGINES:
-        done = subprocess.run([sys.executable, __file__, "--child", engine, "--task", args.task, "--repeats", str(args.repeats)],
-                              check=True, stdout=subprocess.PIPE, text=True)
-        engines[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+    rounds: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    for number in range(args.repeats):
+        order = ENGINES[number % len(ENGINES):] + ENGINES[:number % len(ENGINES)]
+        for engine in order:
+            command = [sys.executable, __file__, "--child", engine, "--task", args.task]
+            done = subprocess.run(command + (["--first-round"] if number == 0 else []), check=True,
+                                  stdout=subprocess.PIPE, text=True)
+            rounds[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    engines = {
+        engine: {
+            "engine": engine,
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+            "composition": runs[0]["composition"],
+            "shapes": [{"shape": shape, "median_s": statistics.median(r["seconds"][i] for r in runs),
+                        "runs_s": [r["seconds"][i] for r in runs]} for i, shape in enumerate(SHAPES)],
+        }
+        for engine, runs in rounds.items()
+    }
     for engine, result in engines.items():
         result["file_mb"] = (folder / FILES[engine]).stat().st_size / 1e6 if engine in FILES else None
         for entry in result["shapes"]:
@@ -154,7 +171,8 @@ def render(r: dict) -> str:
         "# Precision and speed benchmark (full-size model)", "",
         f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']}. Task {r['task']}, synthetic full-size weights, median of {r['repeats']} "
-        "runs after one warm-up, every engine in its own process on identical inputs. Errors vs PyTorch fp32. "
+        "rounds (each round: every engine in a fresh process, one warm-up then one timed forward per shape, the "
+        "engines' order turning from round to round) on identical inputs. Errors vs PyTorch fp32. "
         "ONNX Runtime sessions use its default options (CPU memory arena on; the pipeline's verification turns it "
         "off to lower peak RSS at large S, see results-memory.md).", "",
         "Engines: `upstream` is AutoGluon 1.6.3's own Tab2D (CPU path); `torch` is our PyTorch rewrite "

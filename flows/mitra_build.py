@@ -162,13 +162,7 @@ def verify_support_cache_pair(pair: support_cache.SupportCacheExport, snapshot: 
         description=f"{variant.name}: support-cache pair vs full model ({'passed' if report.passed else 'FAILED'})",
     )
     verification.require_passed(report)
-    contract = support_cache.support_cache_contract(snapshot.config)
-    return [
-        builds.BuiltArtifact(spec=builds.ArtifactSpec(name, result.path.name, "fp32", pair.flavour), path=result.path,
-                             size=result.size, sha256=result.sha256, report=report, details={"pair": "support-cache"},
-                             contract=contract[name.replace("-", "_")])
-        for name, result in (("encode-support", pair.encode), ("predict-query", pair.predict))
-    ]
+    return builds.support_cache_artifacts(pair, report, snapshot.config)
 
 
 @task(name="assemble", cache_policy=NO_CACHE)

@@ -29,6 +29,7 @@ from .model import MitraConfig
 from .publish import MANIFEST_NAME as MANIFEST_FILE
 from .publish import MANIFEST_SCHEMA_ID
 from .snapshot import Snapshot
+from .support_cache import SupportCacheExport, support_cache_contract
 from .verify import VerificationReport
 
 # Why each artifact exists, for consumers choosing a file. Each artifact's `cpu` entry in the manifest
@@ -71,6 +72,19 @@ class BuiltArtifact:
     details: dict[str, Any]  # how it was made (e.g. quantized MatMul count)
     checked_in: tuple[dict[str, Any], ...] = ()  # consumer runtimes it ran in (consumers.ConsumerResult.to_record)
     contract: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None  # None: the model's io_contract
+def support_cache_artifacts(pair: SupportCacheExport, report: VerificationReport,
+                            model_config: MitraConfig) -> list[BuiltArtifact]:
+    """The verified encode-support / predict-query pair as two artifacts with their own I/O contracts
+    (published only together: both carry the one report)."""
+    contract = support_cache_contract(model_config)
+    return [
+        BuiltArtifact(spec=ArtifactSpec(name, result.path.name, "fp32", pair.flavour), path=result.path,
+                      size=result.size, sha256=result.sha256, report=report, details={"pair": "support-cache"},
+                      contract=contract[name.replace("-", "_")])
+        for name, result in (("encode-support", pair.encode), ("predict-query", pair.predict))
+    ]
+
+
 _TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "safetensors")
 
 
