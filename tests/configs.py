@@ -18,8 +18,9 @@ SMALL_CELLS = [
 
 
 def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store: dict[str, Any] | None = None,
-                 variants: list[dict[str, Any]] | None = None, artifacts: dict[str, Any] | None = None) -> Path:
-    """The default configuration with the matrix, store, variants or artifacts replaced; validated."""
+                 variants: list[dict[str, Any]] | None = None, artifacts: dict[str, Any] | None = None,
+                 execution: dict[str, Any] | None = None) -> Path:
+    """The default configuration with the matrix, store, variants, artifacts or execution replaced; validated."""
     raw = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
     raw["verification"]["cells"] = cells if cells is not None else SMALL_CELLS
     raw.pop("store", None)
@@ -29,6 +30,8 @@ def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store
         raw["variants"] = variants
     if artifacts is not None:
         raw["artifacts"] = artifacts
+    if execution is not None:
+        raw["execution"] = execution
     path.write_text(toml.dumps(raw))
     load_config(path)
     return path

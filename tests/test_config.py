@@ -85,3 +85,10 @@ def test_run_parameters_choose_flavours_and_precisions_validated_like_the_file()
         config.with_artifacts(flavours=["portable"], precisions=["int8"])
     with pytest.raises(ConfigError, match="flavours must include 'portable'"):
         config.with_artifacts(flavours=["optimized"])
+
+
+def test_result_storage_in_the_store_needs_a_store(tmp_path: Path) -> None:
+    from configs import write_config
+
+    with pytest.raises(ConfigError, match='execution.result_storage = "store" needs a \\[store\\] section'):
+        write_config(tmp_path / "c.toml", execution={"task_runner": "dask", "result_storage": "store"})

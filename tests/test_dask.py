@@ -74,12 +74,9 @@ def test_the_flow_runs_its_cells_on_dask_and_persists_their_results_to_the_store
         store={"bucket": s3_store.bucket, "prefix": s3_store.prefix, "endpoint_url": s3_store.endpoint_url},
         variants=[{"name": "tiny-classifier", "repo_id": "acme/tiny", "task": "classification"}],
         artifacts={"flavours": ["portable"], "precisions": [], "support_cache": False},
+        execution={"task_runner": "dask", "dask_workers": 2, "result_storage": "store"},
     )
-    raw = config.read_text().replace('task_runner = "thread"', 'task_runner = "dask"').replace(
-        'result_storage = "local"', 'result_storage = "store"')
-    config.write_text(raw)
     build_config = load_config(config)
-    assert build_config.execution.task_runner == "dask" and build_config.execution.result_storage == "store"
 
     result = flow_module.mitra_build(config_path=str(config), artifacts_root=str(tmp_path / "artifacts"), publish=False,
                                      snapshot=str(tiny_snapshots["classification"].path))[0]
