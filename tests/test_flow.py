@@ -44,32 +44,29 @@ def n_builds(exports: list[Path]) -> int:
     return sum(path.name == "model.onnx" for path in exports)  # one portable export per build
 
 
+def _record_calls(monkeypatch: pytest.MonkeyPatch, owner, name: str, record) -> list:  # noqa: ANN001
+    """Wrap owner.name so that each call appends record(*args) to the returned list."""
+    calls: list = []
+    real = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        calls.append(record(*args))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 @pytest.fixture()
 def exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Records every export the flow performs."""
-    calls: list[Path] = []
-    real = flow_module.export_onnx
-
-    def counting(model, output, **kwargs):
-        calls.append(Path(output))
-        return real(model, output, **kwargs)
-
-    monkeypatch.setattr(flow_module, "export_onnx", counting)
-    return calls
+    return _record_calls(monkeypatch, flow_module, "export_onnx", lambda model, output: Path(output))
 
 
 @pytest.fixture()
 def cell_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records every verification cell the flow runs."""
-    calls: list[str] = []
-    real = flow_module.verification.verify_cell
-
-    def counting(snapshot_dir, path, cell, **kwargs):
-        calls.append(cell.name)
-        return real(snapshot_dir, path, cell, **kwargs)
-
-    monkeypatch.setattr(flow_module.verification, "verify_cell", counting)
-    return calls
+    return _record_calls(monkeypatch, flow_module.verification, "verify_cell", lambda snapshot, path, cell: cell.name)
 
 
 def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwargs):  # noqa: F811
@@ -232,6 +229,5 @@ def test_s3_tasks_retry_only_what_a_retry_can_fix() -> None:
     assert not retries(StoreAuthError("the store refused the credentials"))
     assert retries(StoreUnreachableError("connection refused"))
     assert retries(PublishError("the store answered 503"))
-    for name in ("publish", "read-latest-release"):
-        task = next(t for t in (flow_module.publish_release, flow_module.read_latest_release) if t.name == name)
-        assert task.retries == 2 and task.retry_condition_fn is flow_module.retry_io_only
+    for s3_task in (flow_module.publish_release, flow_module.read_latest_release):
+        assert s3_task.retries == 2 and s3_task.retry_condition_fn is flow_module.retry_io_only
