@@ -43,6 +43,12 @@ def machine() -> dict[str, str | int]:
     }
 
 
+def machine_line(m: dict) -> str:
+    """How a results file names the machine and runtimes its figures were measured on."""
+    return (f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
+            f"onnxruntime {m['onnxruntime']}.")
+
+
 def run_child(args: list[str]) -> tuple[float, float]:
     """Run a CLI command in a fresh process; return (seconds, that process's own peak RSS in GiB)."""
     started = time.perf_counter()

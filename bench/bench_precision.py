@@ -2,13 +2,15 @@
 upstream AutoGluon Tab2D in PyTorch eager (the test oracle, loaded with the same weights), our
 upstream-equivalent PyTorch module, portable fp32, ORT-optimized fp32, int8 and fp16 ONNX.
 
-    .venv/bin/python bench/bench_precision.py [--repeats 3] [--task classification]
+    .venv/bin/python bench/bench_precision.py [--repeats 5] [--task classification]
 
-Latency is measured in rounds: each round runs every engine once, in a fresh process of its own (so
-its peak RSS is its own), one warm-up then one timed forward per shape, and the engines' order turns
-from round to round. The median over `--repeats` rounds is reported. On a shared 2-core VM whose
-speed drifts by ±20% over minutes, this puts every engine under the same conditions; timing each
-engine's repeats back to back did not. Errors are measured against PyTorch fp32 on identical inputs.
+Every engine runs in a process of its own (so its peak RSS is its own), all loaded before anything is
+timed. Latency is measured in paired repeats: for each shape, every engine runs one forward back to back
+(the order turning each time) while the others sit idle, after one warm-up per shape. Ratios are the
+median over repeats of the per-repeat ratio. On a shared 2-core VM whose speed drifts by ±20% over
+minutes, only engines timed within seconds of each other compare; one fresh process per engine per
+round (a minute apart) still let drift decide ratios near 1.3x. Errors are measured against PyTorch
+fp32 on identical inputs.
 Writes bench/results-precision.{json,md}. Takes ~20 min on a 2-core machine.
 """
 
@@ -56,16 +58,11 @@ def prepare(task: str) -> Path:
     return folder
 
 
-def child(engine: str, folder: Path, first_round: bool) -> None:
-    """One round of one engine: per shape a warm-up and one timed forward; print a JSON line with the
-    times and this process's peak RSS. The first round also saves the outputs (for the errors) and
-    measures batch-composition dependence."""
-    import resource
-
+def load_engine(engine: str, folder: Path):  # noqa: ANN201
+    """(config, run): `run(inputs) -> np.ndarray` for one engine, loaded in this process."""
     import torch
 
     from mitra_model.export import INPUT_NAMES, numpy_inputs
-    from mitra_model.inputs import make_inputs
     from mitra_model.snapshot import load_model
     from mitra_model.verify import onnx_session
 
@@ -88,19 +85,54 @@ def child(engine: str, folder: Path, first_round: bool) -> None:
 
         def run(inputs):
             return session.run(None, {name: inputs[name] for name in INPUT_NAMES})[0]
-    seconds = []
-    for shape in SHAPES:
-        inputs = make_inputs(shape, config=model.config, seed=0, salt="bench-precision")
-        output = run(inputs)  # warm-up
-        started = time.perf_counter()
-        run(inputs)
-        seconds.append(time.perf_counter() - started)
-        if first_round:
-            np.save(folder / f"out-{engine}-{'x'.join(map(str, shape))}.npy", output)
-        print(f"{engine} {shape}: {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
-    composition = composition_dependence(run, model.config) if first_round else None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"engine": engine, "peak_rss_gib": peak, "seconds": seconds, "composition": composition}))
+    return model.config, run
+
+
+def worker(engine: str, folder: Path) -> None:
+    """Serve one engine over stdin/stdout, one JSON line per request, until "quit":
+    "warm-up I" (saves the outputs for the errors), "time I", "composition", "quit" (peak RSS)."""
+    import resource
+
+    from mitra_model.inputs import make_inputs
+
+    config, run = load_engine(engine, folder)
+    inputs = [make_inputs(shape, config=config, seed=0, salt="bench-precision") for shape in SHAPES]
+    print(json.dumps({"ready": engine}), flush=True)
+    for line in sys.stdin:
+        command, *arg = line.split()
+        if command == "warm-up":
+            index = int(arg[0])
+            np.save(folder / f"out-{engine}-{'x'.join(map(str, SHAPES[index]))}.npy", run(inputs[index]))
+            reply = {}
+        elif command == "time":
+            started = time.perf_counter()
+            run(inputs[int(arg[0])])
+            reply = {"seconds": time.perf_counter() - started}
+        elif command == "composition":
+            reply = composition_dependence(run, config)
+        else:
+            print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
+            return
+        print(json.dumps(reply), flush=True)
+
+
+class Engine:
+    """One engine's worker process: requests are answered one at a time while the others sit idle."""
+
+    def __init__(self, name: str, command: list[str]) -> None:
+        self.name = name
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, request: str) -> dict:
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        return self.reply()
+
+    def reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"engine {self.name} exited (code {self.process.wait()})")
+        return json.loads(line)
 
 
 def composition_dependence(run, config) -> dict[str, float]:
@@ -120,32 +152,37 @@ def composition_dependence(run, config) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="classification", choices=("classification", "regression"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=ENGINES)
-    parser.add_argument("--first-round", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--worker", choices=ENGINES)
     args = parser.parse_args()
     folder = WORK / f"precision-{args.task}"
-    if args.child:
-        child(args.child, folder, args.first_round)
+    if args.worker:
+        worker(args.worker, folder)
         return
     prepare(args.task)
-    rounds: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
-    for number in range(args.repeats):
-        order = ENGINES[number % len(ENGINES):] + ENGINES[:number % len(ENGINES)]
-        for engine in order:
-            command = [sys.executable, __file__, "--child", engine, "--task", args.task]
-            done = subprocess.run(command + (["--first-round"] if number == 0 else []), check=True,
-                                  stdout=subprocess.PIPE, text=True)
-            rounds[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    engines_running = {engine: Engine(engine, [sys.executable, __file__, "--worker", engine, "--task", args.task])
+                       for engine in ENGINES}
+    try:
+        for engine in engines_running.values():
+            engine.reply()  # ready: every model loaded before anything is timed
+        for index in range(len(SHAPES)):
+            for engine in engines_running.values():
+                engine.ask(f"warm-up {index}")
+        seconds = paired_repeats(engines_running, args.repeats)
+        composition = {name: engine.ask("composition") for name, engine in engines_running.items()}
+        peaks = {name: engine.ask("quit")["peak_rss_gib"] for name, engine in engines_running.items()}
+    finally:
+        for engine in engines_running.values():
+            engine.process.kill()
     engines = {
         engine: {
             "engine": engine,
-            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
-            "composition": runs[0]["composition"],
-            "shapes": [{"shape": shape, "median_s": statistics.median(r["seconds"][i] for r in runs),
-                        "runs_s": [r["seconds"][i] for r in runs]} for i, shape in enumerate(SHAPES)],
+            "peak_rss_gib": peaks[engine],
+            "composition": composition[engine],
+            "shapes": [{"shape": shape, "median_s": statistics.median(seconds[engine][i]), "runs_s": seconds[engine][i]}
+                       for i, shape in enumerate(SHAPES)],
         }
-        for engine, runs in rounds.items()
+        for engine in ENGINES
     }
     for engine, result in engines.items():
         result["file_mb"] = (folder / FILES[engine]).stat().st_size / 1e6 if engine in FILES else None
@@ -165,14 +202,37 @@ def main() -> None:
     print(render(results))
 
 
+def paired_repeats(engines: dict[str, Engine], repeats: int) -> dict[str, list[list[float]]]:
+    """seconds[engine][shape][repeat]: in each repeat every engine runs one forward of a shape back to
+    back (the order turning), so the engines' times within a repeat share the machine's conditions."""
+    names = list(engines)
+    seconds: dict[str, list[list[float]]] = {name: [[] for _ in SHAPES] for name in names}
+    for repeat in range(repeats):
+        for index, shape in enumerate(SHAPES):
+            turn = (repeat + index) % len(names)
+            for name in names[turn:] + names[:turn]:
+                seconds[name][index].append(engines[name].ask(f"time {index}")["seconds"])
+            print(f"repeat {repeat + 1}/{repeats} {shape}: " + ", ".join(f"{n} {seconds[n][index][-1]:.2f}" for n in names),
+                  file=sys.stderr, flush=True)
+    return seconds
+
+
+def paired_ratio(engines: dict, slow: str, fast: str, index: int) -> float:
+    """Median over repeats of slow/fast, each repeat's two forwards timed back to back."""
+    runs = zip(engines[slow]["shapes"][index]["runs_s"], engines[fast]["shapes"][index]["runs_s"])
+    return statistics.median(a / b for a, b in runs)
+
+
 def render(r: dict) -> str:
+    from bench_core import machine_line
+
     m, engines = r["machine"], r["engines"]
     lines = [
         "# Precision and speed benchmark (full-size model)", "",
-        f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
-        f"onnxruntime {m['onnxruntime']}. Task {r['task']}, synthetic full-size weights, median of {r['repeats']} "
-        "rounds (each round: every engine in a fresh process, one warm-up then one timed forward per shape, the "
-        "engines' order turning from round to round) on identical inputs. Errors vs PyTorch fp32. "
+        f"{machine_line(m)} Task {r['task']}, synthetic full-size weights, identical inputs. Each engine "
+        f"in a process of its own, all loaded first; one warm-up per shape, then {r['repeats']} repeats in which every "
+        "engine runs one forward of the shape back to back (order turning). Latency: median over repeats; ratios: "
+        "median of the per-repeat ratios (robust to this VM's drift over minutes). Errors vs PyTorch fp32. "
         "ONNX Runtime sessions use its default options (CPU memory arena on; the pipeline's verification turns it "
         "off to lower peak RSS at large S, see results-memory.md).", "",
         "Engines: `upstream` is AutoGluon 1.6.3's own Tab2D (CPU path); `torch` is our PyTorch rewrite "
@@ -193,13 +253,14 @@ def render(r: dict) -> str:
     for name, e in engines.items():
         c = e["composition"]
         lines.append(f"| {name} | {c['table_alone_vs_in_batch']:.2e} | {c['half_the_queries_vs_all']:.2e} |")
-    lines += ["", "Speed-up ratios (median latency; targets: optimized >= 1.3x PyTorch, int8 >= 1.8x portable):", "",
+    lines += ["", "Speed-up ratios (median of per-repeat ratios; targets: optimized >= 1.3x PyTorch, int8 >= 1.8x "
+              "portable):", "",
               "| shape | optimized vs upstream | optimized vs our PyTorch | portable vs our PyTorch | int8 vs portable "
               "| fp16 vs portable |", "|---|---|---|---|---|---|"]
+    pairs = [("upstream", "optimized"), ("torch", "optimized"), ("torch", "portable"), ("portable", "int8"), ("portable", "fp16")]
     for i, shape in enumerate(SHAPES):
-        t = {name: e["shapes"][i]["median_s"] for name, e in engines.items()}
-        lines.append(f"| {'x'.join(map(str, shape))} | {t['upstream'] / t['optimized']:.2f}x | {t['torch'] / t['optimized']:.2f}x "
-                     f"| {t['torch'] / t['portable']:.2f}x | {t['portable'] / t['int8']:.2f}x | {t['portable'] / t['fp16']:.2f}x |")
+        cells = " | ".join(f"{paired_ratio(engines, slow, fast, i):.2f}x" for slow, fast in pairs)
+        lines.append(f"| {'x'.join(map(str, shape))} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
