@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mitra_model.config import REPO_ROOT
@@ -38,20 +37,11 @@ TORCH_GEMM_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"}
 TORCH_ATTENTION_ENTRY = "aten::scaled_dot_product_attention"
 
 
-def timed(run) -> float:  # noqa: ANN001
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
-
-
 def best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001
-    run()
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
+    from bench_precision import timed
+
+    run()  # warm-up
+    return min(timed(run) for _ in range(repeats))
 
 
 def gemm_rate_ort() -> float:
@@ -145,28 +135,25 @@ def profile_torch(run, feed: dict) -> dict:  # noqa: ANN001
 
 
 def worker(engine: str, folder: Path) -> None:
-    """Serve one engine (see bench_precision.worker): "time I", "profile I", "gemm-rate", "quit"."""
-    from bench_precision import FILES, SHAPES, load_engine
+    """Serve one engine (warmed up on every shape first): "time I", "profile I", "gemm-rate", "quit"."""
+    from bench_precision import FILES, SHAPES, load_engine, serve, timed
     from mitra_model.inputs import make_inputs
 
     config, run = load_engine(engine, folder)
     inputs = [make_inputs(shape, config=config, seed=0, salt="bench-precision") for shape in SHAPES]
     for feed in inputs:
         run(feed)  # warm-up
-    print(json.dumps({"ready": engine}), flush=True)
-    for line in sys.stdin:
-        command, *arg = line.split()
-        if command == "time":
-            reply = {"seconds": timed(lambda: run(inputs[int(arg[0])]))}
-        elif command == "profile" and engine == "optimized":
-            reply = profile_ort(folder / FILES["optimized"], inputs[int(arg[0])])
-        elif command == "profile":
-            reply = profile_torch(run, inputs[int(arg[0])])
-        elif command == "gemm-rate":
-            reply = {"gflops": gemm_rate_ort() if engine == "optimized" else gemm_rate_torch()}
-        else:
-            return
-        print(json.dumps(reply), flush=True)
+
+    def profile(index: str) -> dict:
+        if engine == "optimized":
+            return profile_ort(folder / FILES["optimized"], inputs[int(index)])
+        return profile_torch(run, inputs[int(index)])
+
+    serve(engine, {
+        "time": lambda index: {"seconds": timed(lambda: run(inputs[int(index)]))},
+        "profile": profile,
+        "gemm-rate": lambda: {"gflops": gemm_rate_ort() if engine == "optimized" else gemm_rate_torch()},
+    })
 
 
 def main() -> None:

@@ -88,32 +88,43 @@ def load_engine(engine: str, folder: Path):  # noqa: ANN201
     return model.config, run
 
 
-def worker(engine: str, folder: Path) -> None:
-    """Serve one engine over stdin/stdout, one JSON line per request, until "quit":
-    "warm-up I" (saves the outputs for the errors), "time I", "composition", "quit" (peak RSS)."""
+def timed(run) -> float:  # noqa: ANN001
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def serve(engine: str, handlers: dict) -> None:  # noqa: ANN001
+    """Answer requests "COMMAND [ARG]" on stdin with one JSON line each, until "quit" (answered with
+    this process's peak RSS). `handlers[COMMAND](ARG...)` returns the reply."""
     import resource
 
+    print(json.dumps({"ready": engine}), flush=True)
+    for line in sys.stdin:
+        command, *arg = line.split()
+        if command == "quit":
+            print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
+            return
+        print(json.dumps(handlers[command](*arg)), flush=True)
+
+
+def worker(engine: str, folder: Path) -> None:
+    """Serve one engine: "warm-up I" (saves the outputs for the errors), "time I", "composition", "quit"."""
     from mitra_model.inputs import make_inputs
 
     config, run = load_engine(engine, folder)
     inputs = [make_inputs(shape, config=config, seed=0, salt="bench-precision") for shape in SHAPES]
-    print(json.dumps({"ready": engine}), flush=True)
-    for line in sys.stdin:
-        command, *arg = line.split()
-        if command == "warm-up":
-            index = int(arg[0])
-            np.save(folder / f"out-{engine}-{'x'.join(map(str, SHAPES[index]))}.npy", run(inputs[index]))
-            reply = {}
-        elif command == "time":
-            started = time.perf_counter()
-            run(inputs[int(arg[0])])
-            reply = {"seconds": time.perf_counter() - started}
-        elif command == "composition":
-            reply = composition_dependence(run, config)
-        else:
-            print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
-            return
-        print(json.dumps(reply), flush=True)
+
+    def warm_up(index: str) -> dict:
+        shape = SHAPES[int(index)]
+        np.save(folder / f"out-{engine}-{'x'.join(map(str, shape))}.npy", run(inputs[int(index)]))
+        return {}
+
+    serve(engine, {
+        "warm-up": warm_up,
+        "time": lambda index: {"seconds": timed(lambda: run(inputs[int(index)]))},
+        "composition": lambda: composition_dependence(run, config),
+    })
 
 
 class Engine:
