@@ -4,6 +4,7 @@
     -> per artifact: export (portable, optimized) | quantize (int8, fp16) -> check -> verification matrix
        -> consumer check (onnxruntime-node, optionally the browser)
     -> support-cache pair (encode_support / predict_query) -> verified against the full model
+       -> consumer check of the pair (encode, then predict on its outputs, in the same runtimes)
     -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, pointer)
 
 Every task wraps one library function. Tasks keep no Prefect cache: whether to rebuild is decided
@@ -120,22 +121,32 @@ def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant
 
 
 @task(name="consumer-check", cache_policy=NO_CACHE)
-def consumer_check(built: builds.BuiltArtifact, snapshot: Snapshot, config: BuildConfig, work: Path) -> builds.BuiltArtifact:
+def consumer_check(built: list[builds.BuiltArtifact], snapshot: Snapshot, config: BuildConfig,
+                   work: Path) -> list[builds.BuiltArtifact]:
     """Load the artifact where it is consumed (onnxruntime-node; optionally the browser) and require
-    the outputs of Python ONNX Runtime on a fixed set of inputs."""
-    fixture = consumers.write_fixture(built.path, snapshot.config, work / f"fixture-{built.spec.name}")
+    the outputs of Python ONNX Runtime on a fixed set of inputs. Two artifacts are the support-cache
+    pair, checked together as consumers run it: encode-support, then predict-query on its outputs."""
+    model, *predictor = [artifact.path for artifact in built]
+    predict_path = predictor[0] if predictor else None
+    name = " + ".join(artifact.spec.name for artifact in built)
+    precision = built[0].spec.precision
+    fixture = consumers.write_fixture(model, snapshot.config, work / f"fixture-{built[0].spec.name}",
+                                      predict_path=predict_path)
     checks = []
     if config.consumers.node:
         consumers.ensure_node_modules()
         checks.append(consumers.check_in_node(
-            built.path, fixture, tolerance_abs=config.consumers.tolerance(built.spec.precision, "onnxruntime-node")))
+            model, fixture, predict_path=predict_path,
+            tolerance_abs=config.consumers.tolerance(precision, consumers.NODE_RUNTIME)))
     if config.consumers.browser:
         checks.append(consumers.check_in_browser(
-            built.path, fixture, tolerance_abs=config.consumers.tolerance(built.spec.precision, "onnxruntime-web")))
+            model, fixture, predict_path=predict_path,
+            tolerance_abs=config.consumers.tolerance(precision, consumers.WEB_RUNTIME)))
     for check in checks:
-        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", built.spec.name, check.runtime,
+        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", name, check.runtime,
                               check.runtime_version, check.host, check.max_abs_err)
-    return dataclasses.replace(built, checked_in=tuple(check.to_record() for check in checks))
+    records = tuple(check.to_record() for check in checks)
+    return [dataclasses.replace(artifact, checked_in=records) for artifact in built]
 
 
 @task(name="export-support-cache", cache_policy=NO_CACHE)
@@ -228,19 +239,23 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
     work = builds.fresh_work_dir(artifacts, variant.name, version)
     storage = result_storage(config)
     built: dict[str, builds.BuiltArtifact] = {}
+    check_in_consumers = config.consumers.node or config.consumers.browser
     for spec in builds.planned_artifacts(config.artifacts):
         if spec.precision == "fp32":
             path, details = export(snapshot_files, config, work, spec), {}
         else:  # reduced precisions derive from the verified optimized fp32 file
             path, details = quantize(built["fp32-ort"].path, work, spec)
         check(path, snapshot_files)
-        built[spec.name] = verify(path, snapshot_files, config, variant, spec, details, storage)
-        if config.consumers.node or config.consumers.browser:
-            built[spec.name] = consumer_check(built[spec.name], snapshot_files, config, work)
+        verified = [verify(path, snapshot_files, config, variant, spec, details, storage)]
+        if check_in_consumers:
+            verified = consumer_check(verified, snapshot_files, config, work)
+        built[spec.name] = verified[0]
     if config.artifacts.support_cache:
         pair = export_support_cache_pair(snapshot_files, config, work)
-        for artifact in verify_support_cache_pair(pair, snapshot_files, config, variant):
-            built[artifact.spec.name] = artifact
+        verified = verify_support_cache_pair(pair, snapshot_files, config, variant)
+        if check_in_consumers:
+            verified = consumer_check(verified, snapshot_files, config, work)
+        built.update((artifact.spec.name, artifact) for artifact in verified)
     manifest = builds.draft_manifest(
         variant=variant.name, version=version, source=source, snapshot=snapshot_files, model_config=snapshot_files.config,
         config_digest=config_digest(config), opset=config.export.opset, artifacts=list(built.values()),

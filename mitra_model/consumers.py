@@ -1,8 +1,10 @@
 """Prove the artifacts where they are consumed: onnxruntime-node, and onnxruntime-web in a browser.
 
 A *fixture* is a fixed set of inputs in the consumer I/O contract (a few shapes, ties, padded support
-rows) together with what Python ONNX Runtime outputs for one model file. `check_in_node` runs the
-fixture through onnxruntime-node (`consumers/node-check.mjs`); `check_in_browser` serves a small page
+rows) together with what Python ONNX Runtime outputs for one model file, or for the support-cache
+pair (encode-support, then predict-query on its outputs: how a fit-once / predict-many consumer runs
+it). `check_in_node` runs the fixture through onnxruntime-node (`consumers/node-check.mjs`);
+`check_in_browser` serves a small page
 (`consumers/browser/`) with onnxruntime-web's WASM backend from a 127.0.0.1 HTTP server and drives
 headless Chromium through it (`consumers/browser-check.mjs`, playwright-core with the system
 Chromium: no browser download). Both compare every case's output with Python's within
@@ -16,6 +18,7 @@ Fixture format (`fixture.json`, read by `consumers/lib/fixture.mjs`):
     {"schema": "mitra-build/consumer-fixture/v1", "model_sha256", "task", "seed",
      "cases": [{"name", "shape": [B, S, Q, F], "data", "padded_support_rows",
                 "inputs": {name: TENSOR}, "expected": TENSOR}]}
+    For a pair, "model_sha256" is the encoder's and "predict_sha256" the predictor's.
     TENSOR = {"dtype": "float32" | "int64" | "bool", "shape": [...], "data": base64 of the
               little-endian bytes (bool: one byte per element)}
 """
@@ -34,7 +37,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ from .export import INPUT_NAMES, OUTPUT_NAME
 from .fileutil import sha256_file, write_bytes_atomic
 from .inputs import make_inputs
 from .model import MitraConfig
+from .support_cache import ENCODE_INPUT_NAMES
 from .verify import onnx_session
 
 CONSUMERS_DIR = REPO_ROOT / "consumers"
@@ -108,6 +112,8 @@ class ConsumerResult:
         runtime / runtime_version: the npm package and its installed version (from node_modules).
         backend: "cpu" (onnxruntime-node) or "wasm" (onnxruntime-web).
         host: where it ran, e.g. "node v20.20.2" or "Chromium 156.0.8078.79 (headless)".
+        onnx_path / onnx_sha256: the model file; for the support-cache pair, the encoder, with the
+            predictor in predict_path / predict_sha256 (None for a single file).
         cases: per-case errors, in fixture order.
         failures: one line per failed case (empty when passed), or why nothing ran.
     """
@@ -123,6 +129,14 @@ class ConsumerResult:
     cases: tuple[CaseResult, ...]
     failures: tuple[str, ...]
     seconds: float
+    predict_path: str | None = None
+    predict_sha256: str | None = None
+    fixture_predict_sha256: str | None = None
+
+    @property
+    def files(self) -> str:
+        """The checked file's name, or the pair's as "encoder + predictor"."""
+        return _names(Path(self.onnx_path), None if self.predict_path is None else Path(self.predict_path))
 
     @property
     def passed(self) -> bool:
@@ -148,6 +162,7 @@ class ConsumerResult:
             "max_abs_err": _finite(self.max_abs_err),
             "cases": {c.name: _finite(c.max_abs_err) for c in self.cases},
             "onnx_sha256": self.onnx_sha256,
+            **({"predict_sha256": self.predict_sha256} if self.predict_sha256 else {}),
         }
 
     def to_json(self) -> str:
@@ -168,13 +183,15 @@ def require_passed(result: ConsumerResult) -> ConsumerResult:
     if result.passed:
         return result
     mismatch_hint = ""
-    if result.fixture_model_sha256 != result.onnx_sha256:
-        mismatch_hint = (
-            f" (note: the fixture's expected outputs come from a model with sha256 {result.fixture_model_sha256[:12]}, "
-            f"the checked file has {result.onnx_sha256[:12]})"
-        )
+    pairs = [(result.fixture_model_sha256, result.onnx_sha256, result.onnx_path),
+             (result.fixture_predict_sha256, result.predict_sha256, result.predict_path)]
+    mismatched = [(want, got, Path(path).name) for want, got, path in pairs if path is not None and want != got]
+    if mismatched:
+        mismatch_hint = " (note: " + "; ".join(
+            f"the fixture's expected outputs come from a file with sha256 {(want or '?')[:12]}, {name} has {got[:12]}"
+            for want, got, name in mismatched) + ")"
     raise VerificationError(
-        f"{Path(result.onnx_path).name} in {result.runtime} {result.runtime_version} ({result.backend}, {result.host}) "
+        f"{result.files} in {result.runtime} {result.runtime_version} ({result.backend}, {result.host}) "
         f"does not match Python ONNX Runtime within {result.tolerance_abs:.1e}: "
         + "; ".join(result.failures) + mismatch_hint,
         list(result.failures),
@@ -193,20 +210,39 @@ def _tensor(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": name, "shape": list(array.shape), "data": base64.b64encode(data).decode("ascii")}
 
 
+def python_ort_outputs(onnx_path: Path, predict_path: Path | None = None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """What Python ONNX Runtime outputs for the consumer I/O contract's inputs: one model file, or the
+    support-cache pair (`onnx_path` the encoder; its outputs go to `predict_path` by name with x_query)."""
+    session = onnx_session(Path(onnx_path), threads=1)
+    if predict_path is None:
+        return lambda inputs: session.run([OUTPUT_NAME], {name: inputs[name] for name in INPUT_NAMES})[0]
+    predictor = onnx_session(Path(predict_path), threads=1)
+    cache_names = [output.name for output in session.get_outputs()]
+
+    def through_the_pair(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        cache = dict(zip(cache_names, session.run(None, {name: inputs[name] for name in ENCODE_INPUT_NAMES})))
+        return predictor.run([OUTPUT_NAME], {**cache, "x_query": inputs["x_query"]})[0]
+
+    return through_the_pair
+
+
 def write_fixture(
     onnx_path: Path,
     model_config: MitraConfig,
     out_dir: Path,
     *,
+    predict_path: Path | None = None,
     cases: Sequence[Cell] = DEFAULT_CASES,
     seed: int = DEFAULT_SEED,
 ) -> Path:
     """Write `out_dir/fixture.json`: the cases' inputs and Python ONNX Runtime's outputs for `onnx_path`.
 
     Args:
-        onnx_path: the model whose outputs become the expected values.
+        onnx_path: the model whose outputs become the expected values (the encoder, for a pair).
         model_config: its config (decides the label dtype: int64 classes or float32 values).
         out_dir: folder to write into (created if needed).
+        predict_path: the support-cache pair's predictor; the expected values are then
+            predict_query(encode_support(...), x_query).
         cases: shapes and table types (name, batch, n_support, n_query, n_features, data,
             padded_support_rows); the default covers ties, one support row and padded rows.
         seed: the same (seed, cases) always gives the same inputs.
@@ -215,25 +251,25 @@ def write_fixture(
         The path of the fixture file.
     """
     onnx_path = Path(onnx_path)
-    session = onnx_session(onnx_path, threads=1)
+    run = python_ort_outputs(onnx_path, predict_path)
     records = []
     for case in cases:
         inputs = make_inputs(
             case.as_tuple(), config=model_config, data=case.data, padded_support_rows=case.padded_support_rows,
             seed=seed, salt=case.name,
         )
-        (expected,) = session.run([OUTPUT_NAME], {name: inputs[name] for name in INPUT_NAMES})
         records.append({
             "name": case.name,
             "shape": list(case.as_tuple()),
             "data": case.data,
             "padded_support_rows": case.padded_support_rows,
             "inputs": {name: _tensor(inputs[name]) for name in INPUT_NAMES},
-            "expected": _tensor(np.asarray(expected, dtype=np.float32)),
+            "expected": _tensor(np.asarray(run(inputs), dtype=np.float32)),
         })
     doc = {
         "schema": FIXTURE_SCHEMA_ID,
         "model_sha256": sha256_file(onnx_path),
+        **({"predict_sha256": sha256_file(Path(predict_path))} if predict_path is not None else {}),
         "task": model_config.task.value,
         "seed": seed,
         "cases": records,
@@ -376,9 +412,20 @@ def _run_script(args: list[str], *, timeout_s: float, what: str) -> dict[str, An
     return report
 
 
+def _read_fixture_for(fixture: Path, predict_path: Path | None) -> dict[str, Any]:
+    """The fixture, refused when it was written for a single file and a pair is checked, or the reverse."""
+    doc = read_fixture(fixture)
+    if predict_path is not None and "predict_sha256" not in doc:
+        raise ConfigError(f"fixture {fixture} holds one model file's outputs, not the support-cache pair's: "
+                          "write it with write_fixture(encoder, ..., predict_path=predictor)")
+    if predict_path is None and "predict_sha256" in doc:
+        raise ConfigError(f"fixture {fixture} holds the support-cache pair's outputs: pass predict_path (the predictor) too")
+    return doc
+
+
 def _judge(
-    report: dict[str, Any], *, runtime: str, backend: str, host: str, onnx_path: Path, fixture_doc: dict[str, Any],
-    tolerance_abs: float, seconds: float,
+    report: dict[str, Any], *, runtime: str, backend: str, host: str, onnx_path: Path, predict_path: Path | None,
+    fixture_doc: dict[str, Any], tolerance_abs: float, seconds: float,
 ) -> ConsumerResult:
     cases: list[CaseResult] = []
     failures: list[str] = []
@@ -404,7 +451,14 @@ def _judge(
         runtime=runtime, runtime_version=package_version(runtime) or str(report.get("version")), backend=backend, host=host,
         onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path), fixture_model_sha256=fixture_doc["model_sha256"],
         tolerance_abs=tolerance_abs, cases=tuple(cases), failures=tuple(failures), seconds=seconds,
+        predict_path=None if predict_path is None else str(predict_path),
+        predict_sha256=None if predict_path is None else sha256_file(predict_path),
+        fixture_predict_sha256=fixture_doc.get("predict_sha256"),
     )
+
+
+def _names(onnx_path: Path, predict_path: Path | None) -> str:
+    return onnx_path.name if predict_path is None else f"{onnx_path.name} + {predict_path.name}"
 
 
 def _finish(result: ConsumerResult, raise_on_failure: bool) -> ConsumerResult:
@@ -416,6 +470,7 @@ def check_in_node(
     fixture: Path,
     *,
     tolerance_abs: float,
+    predict_path: Path | None = None,
     timeout_s: float = 120,
     threads: int = 1,
     raise_on_failure: bool = True,
@@ -423,8 +478,11 @@ def check_in_node(
     """Run every fixture case through onnxruntime-node and compare with Python ONNX Runtime.
 
     Args:
-        onnx_path: the model file (the one the fixture was written from, normally).
-        fixture: a file from `write_fixture`.
+        onnx_path: the model file (the one the fixture was written from, normally); for the
+            support-cache pair, the encoder.
+        fixture: a file from `write_fixture` (with the same predict_path for a pair).
+        predict_path: the pair's predictor: each case runs encode-support, then predict-query on
+            its outputs, in onnxruntime-node.
         tolerance_abs: largest allowed |node - python| per output value.
         timeout_s: the whole check (model load included) is killed after this.
         threads: onnxruntime-node's intra-op threads.
@@ -433,20 +491,25 @@ def check_in_node(
     Raises:
         VerificationError: a case exceeded the tolerance or failed to run, the model did not load,
             or the check did not finish; the message names each failed case.
-        ConfigError: node or the npm packages are missing (the message gives the install command).
+        ConfigError: node or the npm packages are missing (the message gives the install command), or
+            the fixture was written for a single file and a pair is checked (or the reverse).
     """
     onnx_path, fixture = Path(onnx_path).resolve(), Path(fixture).resolve()
-    fixture_doc = read_fixture(fixture)
+    predict_path = None if predict_path is None else Path(predict_path).resolve()
+    fixture_doc = _read_fixture_for(fixture, predict_path)
     node = find_node()
     ensure_node_modules()
     started = time.perf_counter()
+    pair_args = [] if predict_path is None else ["--predict", str(predict_path)]
     report = _run_script(
-        [str(node), str(NODE_CHECK_SCRIPT), "--model", str(onnx_path), "--fixture", str(fixture), "--threads", str(threads)],
-        timeout_s=timeout_s, what=f"{NODE_RUNTIME} check of {onnx_path.name}",
+        [str(node), str(NODE_CHECK_SCRIPT), "--model", str(onnx_path), *pair_args, "--fixture", str(fixture),
+         "--threads", str(threads)],
+        timeout_s=timeout_s, what=f"{NODE_RUNTIME} check of {_names(onnx_path, predict_path)}",
     )
     result = _judge(
         report, runtime=NODE_RUNTIME, backend="cpu", host=f"node {node_version(node)}", onnx_path=onnx_path,
-        fixture_doc=fixture_doc, tolerance_abs=tolerance_abs, seconds=time.perf_counter() - started,
+        predict_path=predict_path, fixture_doc=fixture_doc, tolerance_abs=tolerance_abs,
+        seconds=time.perf_counter() - started,
     )
     return _finish(result, raise_on_failure)
 
@@ -537,6 +600,7 @@ def check_in_browser(
     fixture: Path,
     *,
     tolerance_abs: float,
+    predict_path: Path | None = None,
     timeout_s: float = 180,
     chromium: Path | str | None = None,
     raise_on_failure: bool = True,
@@ -549,7 +613,7 @@ def check_in_browser(
     gone when this returns, whatever happened.
 
     Args:
-        onnx_path, fixture, tolerance_abs, raise_on_failure: as for `check_in_node`.
+        onnx_path, fixture, tolerance_abs, predict_path, raise_on_failure: as for `check_in_node`.
         timeout_s: the whole check (browser start, WASM compile, model load, all cases).
         chromium: the browser executable; default: `chromium` (Debian's package) on PATH.
 
@@ -559,12 +623,17 @@ def check_in_browser(
         ConfigError: node, the npm packages or Chromium are missing (with the install command).
     """
     onnx_path, fixture = Path(onnx_path).resolve(), Path(fixture).resolve()
-    fixture_doc = read_fixture(fixture)
+    predict_path = None if predict_path is None else Path(predict_path).resolve()
+    fixture_doc = _read_fixture_for(fixture, predict_path)
     node = find_node()
     browser = find_chromium(chromium)
     modules = ensure_node_modules()
     started = time.perf_counter()
     files = {"/model.onnx": onnx_path, "/fixture.json": fixture}
+    page = "/browser/index.html"
+    if predict_path is not None:
+        files["/predict.onnx"] = predict_path
+        page += "?predict=/predict.onnx"
     folders = {
         "/browser/": CONSUMERS_DIR / "browser",
         "/lib/": CONSUMERS_DIR / "lib",
@@ -572,14 +641,15 @@ def check_in_browser(
     }
     with _serving(files, folders) as server:
         report = _run_script(
-            [str(node), str(BROWSER_CHECK_SCRIPT), "--url", f"{server.url}/browser/index.html", "--chromium", str(browser),
+            [str(node), str(BROWSER_CHECK_SCRIPT), "--url", f"{server.url}{page}", "--chromium", str(browser),
              "--timeout-ms", str(int(timeout_s * 1000))],
-            timeout_s=timeout_s + 30, what=f"{WEB_RUNTIME} check of {onnx_path.name} in {browser}",
+            timeout_s=timeout_s + 30, what=f"{WEB_RUNTIME} check of {_names(onnx_path, predict_path)} in {browser}",
         )
     if report.get("error") and report.get("log"):
         report["error"] += " | browser log: " + " | ".join(report["log"][:5])
     result = _judge(
         report, runtime=WEB_RUNTIME, backend="wasm", host=f"{report.get('browser', 'Chromium')} (headless)",
-        onnx_path=onnx_path, fixture_doc=fixture_doc, tolerance_abs=tolerance_abs, seconds=time.perf_counter() - started,
+        onnx_path=onnx_path, predict_path=predict_path, fixture_doc=fixture_doc, tolerance_abs=tolerance_abs,
+        seconds=time.perf_counter() - started,
     )
     return _finish(result, raise_on_failure)

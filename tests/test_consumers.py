@@ -47,6 +47,7 @@ from mitra_model.inputs import PADDED_CLASS_LABEL, make_inputs
 from mitra_model.publish import publish_build
 from mitra_model.quantize import quantize_onnx
 from mitra_model.snapshot import load_model, write_synthetic_snapshot
+from mitra_model.support_cache import export_support_cache
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 
@@ -149,13 +150,17 @@ def test_node_matches_python_ort(node_modules, models, fixtures, task: str, arti
 
 
 @pytest.fixture(scope="module")
-def other_classifier(tmp_path_factory: pytest.TempPathFactory, build_config) -> Path:
+def other_snapshot(tmp_path_factory: pytest.TempPathFactory, build_config) -> Path:
     """Model B: the same architecture and I/O as the tiny classifier, different weights."""
-    root = tmp_path_factory.mktemp("model-b")
-    snapshot = write_synthetic_snapshot(root / "snap", task="classification", size_name="tiny",
-                                        size=build_config.sizes["tiny"], seed=99)
-    model, _ = load_model(snapshot.path)
-    return export_onnx(model, root / "b.onnx", opset=build_config.export.opset, trace_shape=build_config.export.trace_shape).path
+    return write_synthetic_snapshot(tmp_path_factory.mktemp("model-b") / "snap", task="classification",
+                                    size_name="tiny", size=build_config.sizes["tiny"], seed=99).path
+
+
+@pytest.fixture(scope="module")
+def other_classifier(other_snapshot: Path, build_config) -> Path:
+    model, _ = load_model(other_snapshot)
+    return export_onnx(model, other_snapshot.parent / "b.onnx", opset=build_config.export.opset,
+                       trace_shape=build_config.export.trace_shape).path
 
 
 @needs_node
@@ -167,7 +172,7 @@ def test_node_refuses_a_different_model_naming_each_case(node_modules, fixtures,
     for case in DEFAULT_CASES:
         assert f"case {case.name!r}: max abs error" in message
     assert len(caught.value.failures) == len(DEFAULT_CASES)
-    assert "the fixture's expected outputs come from a model with sha256" in message
+    assert "the fixture's expected outputs come from a file with sha256" in message and "b.onnx has" in message
 
     result = check_in_node(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5, raise_on_failure=False)
     assert not result.passed and result.max_abs_err > 1e-3
@@ -182,6 +187,70 @@ def test_node_reports_a_model_that_breaks_the_contract(node_modules, models, fix
     garbage.write_bytes(b"not an onnx model" * 10)
     with pytest.raises(VerificationError, match=r"could not run: onnxruntime-node 1\.\S+ could not load .*garbage\.onnx"):
         check_in_node(garbage, fixtures["classification", "fp32"], tolerance_abs=1e-5)
+
+
+# -- the support-cache pair: encode-support, then predict-query on its outputs ------------------
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, build_config, other_snapshot) -> dict[str, Any]:
+    """Each task's pair as the pipeline builds it, its fixture, and model B's pair (other weights)."""
+    root = tmp_path_factory.mktemp("consumer-pairs")
+    out: dict[str, Any] = {}
+    for name, snapshot_path in [*((t, tiny_snapshots[t].path) for t in TASKS), ("other", other_snapshot)]:
+        model, _ = load_model(snapshot_path)
+        pair = export_support_cache(model, root / name, opset=build_config.export.opset,
+                                    trace_shape=build_config.export.trace_shape)
+        out[name] = (pair.encode.path, pair.predict.path)
+    for task in TASKS:
+        encode, predict = out[task]
+        out[task, "fixture"] = write_fixture(encode, tiny_snapshots[task].config, root / f"{task}-fixture", predict_path=predict)
+    return out
+
+
+def test_pair_fixture_expects_what_the_full_model_computes(pairs, models, fixtures) -> None:
+    doc = json.loads(pairs["classification", "fixture"].read_text())
+    encode, predict = pairs["classification"]
+    assert doc["model_sha256"] == hashlib.sha256(encode.read_bytes()).hexdigest()
+    assert doc["predict_sha256"] == hashlib.sha256(predict.read_bytes()).hexdigest()
+    full = json.loads(fixtures["classification", "fp32"].read_text())
+    for pair_case, full_case in zip(doc["cases"], full["cases"], strict=True):
+        assert pair_case["inputs"] == full_case["inputs"]
+        np.testing.assert_allclose(_decode(pair_case["expected"]), _decode(full_case["expected"]), atol=1e-5)
+
+
+@needs_node
+@pytest.mark.parametrize("task_name", TASKS)
+def test_node_runs_the_pair_like_python(node_modules, pairs, task_name: str) -> None:
+    encode, predict = pairs[task_name]
+    result = check_in_node(encode, pairs[task_name, "fixture"], predict_path=predict,
+                           tolerance_abs=_tolerance("fp32", NODE_RUNTIME))
+    assert result.passed and [c.name for c in result.cases] == [c.name for c in DEFAULT_CASES]
+    record = result.to_record()
+    assert record["onnx_sha256"] == hashlib.sha256(encode.read_bytes()).hexdigest()
+    assert record["predict_sha256"] == hashlib.sha256(predict.read_bytes()).hexdigest()
+
+
+@needs_node
+def test_node_refuses_a_cache_from_other_weights_naming_the_gate(node_modules, pairs) -> None:
+    # model B's encoder feeding model A's predictor: the fingerprint gate stops every case
+    other_encode, _ = pairs["other"]
+    _, predict = pairs["classification"]
+    with pytest.raises(VerificationError) as caught:
+        check_in_node(other_encode, pairs["classification", "fixture"], predict_path=predict, tolerance_abs=1e-5)
+    message = str(caught.value)
+    assert f"{other_encode.name} + {predict.name} in onnxruntime-node" in message
+    assert "case 'base': run failed: " in message and "cache_must_come_from_this_model" in message
+    assert len(caught.value.failures) == len(DEFAULT_CASES)
+    assert f"{other_encode.name} has" in message  # the fixture came from model A's encoder
+
+
+def test_pair_and_single_file_fixtures_are_not_interchangeable(pairs, fixtures, models) -> None:
+    encode, predict = pairs["classification"]
+    with pytest.raises(ConfigError, match="holds one model file's outputs, not the support-cache pair's"):
+        check_in_node(encode, fixtures["classification", "fp32"], predict_path=predict, tolerance_abs=1e-5)
+    with pytest.raises(ConfigError, match="holds the support-cache pair's outputs: pass predict_path"):
+        check_in_browser(models["classification", "fp32"], pairs["classification", "fixture"], tolerance_abs=1e-5)
 
 
 # -- onnxruntime-web in headless Chromium --------------------------------------------------------
@@ -206,6 +275,15 @@ def test_browser_matches_python_ort(node_modules, models, fixtures, task_name: s
 def test_browser_refuses_a_different_model_naming_the_case(node_modules, fixtures, other_classifier) -> None:
     with pytest.raises(VerificationError, match=r"onnxruntime-web .*case 'base': max abs error .* > tolerance 1\.0e-05"):
         check_in_browser(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5)
+
+
+@needs_chromium
+def test_browser_runs_the_pair_like_python(node_modules, pairs) -> None:
+    encode, predict = pairs["classification"]
+    result = check_in_browser(encode, pairs["classification", "fixture"], predict_path=predict,
+                              tolerance_abs=_tolerance("fp32", WEB_RUNTIME))
+    assert result.passed and result.backend == "wasm" and result.predict_path == str(predict.resolve())
+    assert [c.name for c in result.cases] == [c.name for c in DEFAULT_CASES]
 
 
 def test_missing_chromium_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -166,7 +166,13 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
     for name in ("fp32", "fp32-ort", "int8", "fp16"):
         (node,) = by_name[name]["checked_in"]
         assert node["runtime"] == "onnxruntime-node" and node["passed"] is True and node["version"], node
+        assert node["onnx_sha256"] == by_name[name]["sha256"] and "predict_sha256" not in node
         assert by_name[name]["cpu"]["matrix_seconds"] > 0
+    # the pair is checked together, encoder then predictor, and both files carry that check
+    (pair_check,) = by_name["encode-support"]["checked_in"]
+    assert by_name["predict-query"]["checked_in"] == [pair_check] and pair_check["passed"] is True
+    assert pair_check["onnx_sha256"] == by_name["encode-support"]["sha256"]
+    assert pair_check["predict_sha256"] == by_name["predict-query"]["sha256"]
     assert by_name["fp32"]["cpu"]["relative_to_fp32"] == 1.0
     assert "GPU" in by_name["fp16"]["purpose"] and "cpu" not in by_name["predict-query"]
     assert {i["name"] for i in by_name["predict-query"]["inputs"]} >= {"quantile_boundaries", "x_query"}

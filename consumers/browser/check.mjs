@@ -1,9 +1,10 @@
 // Runs a consumer fixture through onnxruntime-web (WASM backend) in the page and publishes the
 // report as `window.mitraResult` (read by ../browser-check.mjs). URLs, relative to the page's server:
 //   ?model=/model.onnx&fixture=/fixture.json (the defaults); onnxruntime-web's files under /ort/.
+//   &predict=/predict.onnx: model is the support-cache pair's encoder, every case runs encode -> predict.
 import * as ort from 'onnxruntime-web';
 
-import { checkFixture, runFixture } from '../lib/fixture.mjs';
+import { checkFixture, fullModel, runFixture, supportCachePair } from '../lib/fixture.mjs';
 
 ort.env.wasm.wasmPaths = new URL('/ort/', window.location.href).href; // never a CDN
 ort.env.wasm.numThreads = 1; // multi-threaded WASM needs cross-origin isolation (COOP/COEP)
@@ -16,29 +17,30 @@ async function fetchOk(url) {
   return response;
 }
 
-async function check() {
-  const params = new URLSearchParams(window.location.search);
-  const modelUrl = params.get('model') || '/model.onnx';
-  const fixtureUrl = params.get('fixture') || '/fixture.json';
-  const [model, fixture] = await Promise.all([
-    fetchOk(modelUrl).then((r) => r.arrayBuffer()),
-    fetchOk(fixtureUrl).then((r) => r.json()),
-  ]);
-  checkFixture(fixture);
-  let session;
+async function load(url) {
+  const model = await fetchOk(url).then((r) => r.arrayBuffer());
   try {
-    session = await ort.InferenceSession.create(new Uint8Array(model), {
+    return await ort.InferenceSession.create(new Uint8Array(model), {
       executionProviders: ['wasm'],
       graphOptimizationLevel: 'all',
       logSeverityLevel: 3,
     });
   } catch (error) {
-    throw new Error(`onnxruntime-web ${ort.env.versions.web} (wasm) could not load ${modelUrl}: ${error.message || error}`);
+    throw new Error(`onnxruntime-web ${ort.env.versions.web} (wasm) could not load ${url}: ${error.message || error}`);
   }
+}
+
+async function check() {
+  const params = new URLSearchParams(window.location.search);
+  const modelUrls = [params.get('model') || '/model.onnx', params.get('predict')].filter(Boolean);
+  const fixture = checkFixture(await fetchOk(params.get('fixture') || '/fixture.json').then((r) => r.json()));
+  const sessions = [];
   try {
-    return { cases: await runFixture(ort, session, fixture) };
+    for (const url of modelUrls) sessions.push(await load(url));
+    const predict = sessions.length === 2 ? supportCachePair(...sessions) : fullModel(sessions[0]);
+    return { cases: await runFixture(ort, predict, fixture) };
   } finally {
-    await session.release();
+    for (const session of sessions) await session.release();
   }
 }
 

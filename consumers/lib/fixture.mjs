@@ -1,17 +1,22 @@
 // Consumer fixtures, shared by node-check.mjs (onnxruntime-node) and browser/check.mjs
-// (onnxruntime-web): decode the inputs, run every case through a session of the consumer I/O
-// contract, and measure the output against what Python ONNX Runtime computed.
+// (onnxruntime-web): decode the inputs, run every case through the consumer I/O contract (one
+// model file, or the support-cache pair encode-support -> predict-query), and measure the output
+// against what Python ONNX Runtime computed.
 //
 // Fixture format (written by mitra_model/consumers.py `write_fixture`), one JSON document:
-//   {"schema": "mitra-build/consumer-fixture/v1", "model_sha256", "task", "cases": [
+//   {"schema": "mitra-build/consumer-fixture/v1", "model_sha256", ["predict_sha256",] "task", "cases": [
 //     {"name", "shape": [B, S, Q, F], "data", "padded_support_rows",
 //      "inputs": {<name>: TENSOR, ...}, "expected": TENSOR}]}
 //   TENSOR = {"dtype": "float32" | "int64" | "bool", "shape": [...], "data": base64 of the
 //             little-endian bytes (bool: one byte per element, 0 or 1)}
+// predict_sha256 is there when the expected outputs come from a support-cache pair (model_sha256
+// is then the encoder's).
 // Plain ES module, no Node.js or DOM API beyond atob / performance: runs in both.
 
 export const FIXTURE_SCHEMA = 'mitra-build/consumer-fixture/v1';
 export const INPUT_NAMES = ['x_support', 'y_support', 'x_query', 'padding_obs_support'];
+export const ENCODE_INPUT_NAMES = ['x_support', 'y_support', 'padding_obs_support'];
+export const QUERY_INPUT_NAME = 'x_query';
 export const OUTPUT_NAME = 'output';
 
 const TYPED_ARRAYS = { float32: Float32Array, int64: BigInt64Array, bool: Uint8Array };
@@ -49,14 +54,44 @@ export function checkFixture(fixture) {
   return fixture;
 }
 
-/** The session must expose exactly the consumer I/O contract's names. */
-export function checkContract(session) {
-  const inputs = [...session.inputNames].sort().join(',');
-  const outputs = [...session.outputNames].join(',');
-  if (inputs !== [...INPUT_NAMES].sort().join(',') || outputs !== OUTPUT_NAME) {
+function sameNames(a, b) {
+  return [...a].sort().join(',') === [...b].sort().join(',');
+}
+
+/**
+ * The consumer I/O contract served by one model file: returns `inputs -> output tensor`.
+ * The session must expose exactly the contract's names.
+ */
+export function fullModel(session) {
+  if (!sameNames(session.inputNames, INPUT_NAMES) || session.outputNames.join(',') !== OUTPUT_NAME) {
     throw new Error(`the model's inputs [${session.inputNames}] / outputs [${session.outputNames}] are not the consumer I/O contract ` +
       `(inputs [${INPUT_NAMES}], output [${OUTPUT_NAME}])`);
   }
+  return async (inputs) => (await session.run(inputs))[OUTPUT_NAME];
+}
+
+/**
+ * The same contract served by the support-cache pair, the way a fit-once / predict-many consumer
+ * uses it: the encoder's outputs go to the predictor by name, unchanged, with x_query beside them.
+ */
+export function supportCachePair(encoder, predictor) {
+  if (!sameNames(encoder.inputNames, ENCODE_INPUT_NAMES)) {
+    throw new Error(`the encoder's inputs [${encoder.inputNames}] are not [${ENCODE_INPUT_NAMES}]`);
+  }
+  const wanted = [...encoder.outputNames, QUERY_INPUT_NAME];
+  if (!sameNames(predictor.inputNames, wanted) || predictor.outputNames.join(',') !== OUTPUT_NAME) {
+    throw new Error(`the predictor's inputs [${predictor.inputNames}] / outputs [${predictor.outputNames}] do not fit the encoder: ` +
+      `expected inputs [${wanted}] (the encoder's outputs and ${QUERY_INPUT_NAME}), output [${OUTPUT_NAME}]`);
+  }
+  return async (inputs) => {
+    const support = Object.fromEntries(ENCODE_INPUT_NAMES.map((name) => [name, inputs[name]]));
+    const cache = await encoder.run(support);
+    try {
+      return (await predictor.run({ ...cache, [QUERY_INPUT_NAME]: inputs[QUERY_INPUT_NAME] }))[OUTPUT_NAME];
+    } finally {
+      for (const tensor of Object.values(cache)) if (typeof tensor.dispose === 'function') tensor.dispose();
+    }
+  };
 }
 
 /** Largest |got - want| in float64; null when `got` holds NaN or an infinity. */
@@ -73,29 +108,27 @@ function maxAbsDiff(got, want) {
 }
 
 /**
- * Run every case of `fixture` through `session` (an InferenceSession of onnxruntime-node or -web).
+ * Run every case of `fixture` through `predict` (from `fullModel` or `supportCachePair`).
  * Returns one record per case: {name, shape, output_shape, max_abs_err, non_finite, seconds, error}.
  * A case that throws is recorded with its error; the caller (Python) applies the tolerance.
  */
-export async function runFixture(ort, session, fixture) {
+export async function runFixture(ort, predict, fixture) {
   checkFixture(fixture);
-  checkContract(session);
   const results = [];
   for (const testCase of fixture.cases) {
     const record = { name: testCase.name, shape: testCase.shape, output_shape: null, max_abs_err: null, non_finite: 0, seconds: null, error: null };
     results.push(record);
-    let outputs;
+    let got;
     const feeds = {};
     try {
       for (const name of INPUT_NAMES) feeds[name] = toTensor(ort, testCase.inputs[name], `case ${testCase.name}: input ${name}`);
       const started = performance.now();
-      outputs = await session.run(feeds);
+      got = await predict(feeds);
       record.seconds = (performance.now() - started) / 1000;
     } catch (error) {
       record.error = `run failed: ${error && error.message ? error.message : error}`;
       continue;
     }
-    const got = outputs[OUTPUT_NAME];
     const want = testCase.expected;
     record.output_shape = Array.from(got.dims, Number);
     if (got.type !== 'float32') {
