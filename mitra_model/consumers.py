@@ -4,10 +4,9 @@ A *fixture* is a fixed set of inputs in the consumer I/O contract (a few shapes,
 rows) together with what Python ONNX Runtime outputs for one model file, or for the support-cache
 pair (encode-support, then predict-query on its outputs: how a fit-once / predict-many consumer runs
 it). `check_in_node` runs the fixture through onnxruntime-node (`consumers/node-check.mjs`);
-`check_in_browser` serves a small page
-(`consumers/browser/`) with onnxruntime-web's WASM backend from a 127.0.0.1 HTTP server and drives
-headless Chromium through it (`consumers/browser-check.mjs`, playwright-core with the system
-Chromium: no browser download). Both compare every case's output with Python's within
+`check_in_browser` serves a small page (`consumers/browser/`) with onnxruntime-web's WASM backend
+from a 127.0.0.1 HTTP server and drives headless Chromium through it (`consumers/browser-check.mjs`,
+playwright-core with the system Chromium: no browser download). Both compare every case's output with Python's within
 `tolerance_abs` and return a `ConsumerResult` naming each case's max abs error.
 
 The JS packages are pinned in `consumers/package-lock.json`; `ensure_node_modules` installs them with
