@@ -72,6 +72,8 @@ class BuiltArtifact:
     details: dict[str, Any]  # how it was made (e.g. quantized MatMul count)
     checked_in: tuple[dict[str, Any], ...] = ()  # consumer runtimes it ran in (consumers.ConsumerResult.to_record)
     contract: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None  # None: the model's io_contract
+
+
 def support_cache_artifacts(pair: SupportCacheExport, report: VerificationReport,
                             model_config: MitraConfig) -> list[BuiltArtifact]:
     """The verified encode-support / predict-query pair as two artifacts with their own I/O contracts
