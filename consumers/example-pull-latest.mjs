@@ -6,7 +6,8 @@
 //     --endpoint http://127.0.0.1:8333 --bucket mitra-artifacts --prefix models/mitra \
 //     --variant mitra-classifier [--artifact fp32] [--save DIR]
 //
-// Chain of trust (as mitra_model/pull.py):
+// Chain of trust (as mitra_model/pull.py; the keys come from lib/layout.mjs, the mirror of
+// mitra_model/layout.py):
 //   <prefix>/<variant>/latest.json   {"schema": "mitra-build/pointer/v1", "variant", "version",
 //                                     "manifest_key", "manifest_sha256", "manifest_version"}
 //   manifest_key                     its SHA-256 must equal the pointer's manifest_sha256
@@ -23,8 +24,8 @@ import { parseArgs } from 'node:util';
 import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import * as ort from 'onnxruntime-node';
 
-const POINTER_SCHEMA = 'mitra-build/pointer/v1';
-const MANIFEST_SCHEMA = 'mitra-build/manifest/v1';
+import { MANIFEST_SCHEMA_ID, POINTER_SCHEMA_ID, artifactKey, manifestKey, pointerKey } from './lib/layout.mjs';
+
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]*$/;
 
 class ReleaseError extends Error {}
@@ -57,27 +58,26 @@ function parseJson(bytes, what) {
 
 /** Pointer -> manifest (pinned by sha256) -> artifact bytes (pinned by size and sha256). */
 async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }) {
-  const base = prefix ? `${prefix}/${variant}` : variant;
-  const pointerKey = `${base}/latest.json`;
-  const pointer = parseJson(await getBytes(s3, bucket, pointerKey), pointerKey);
-  if (pointer.schema !== POINTER_SCHEMA) throw new ReleaseError(`${pointerKey}: schema ${JSON.stringify(pointer.schema)}, expected ${POINTER_SCHEMA}`);
-  if (pointer.variant !== variant || !SAFE_NAME.test(pointer.version ?? '')) throw new ReleaseError(`${pointerKey}: bad variant/version ${pointer.variant}/${pointer.version}`);
-  if (pointer.manifest_key !== `${base}/${pointer.version}/manifest.json`) throw new ReleaseError(`${pointerKey}: unexpected manifest_key ${pointer.manifest_key}`);
+  const pinKey = pointerKey(prefix, variant);
+  const pointer = parseJson(await getBytes(s3, bucket, pinKey), pinKey);
+  if (pointer.schema !== POINTER_SCHEMA_ID) throw new ReleaseError(`${pinKey}: schema ${JSON.stringify(pointer.schema)}, expected ${POINTER_SCHEMA_ID}`);
+  if (pointer.variant !== variant || !SAFE_NAME.test(pointer.version ?? '')) throw new ReleaseError(`${pinKey}: bad variant/version ${pointer.variant}/${pointer.version}`);
+  if (pointer.manifest_key !== manifestKey(prefix, variant, pointer.version)) throw new ReleaseError(`${pinKey}: unexpected manifest_key ${pointer.manifest_key}`);
 
   const manifestBytes = await getBytes(s3, bucket, pointer.manifest_key);
   const manifestSha = await sha256Hex(manifestBytes);
   if (manifestSha !== pointer.manifest_sha256) {
-    throw new ReleaseError(`${pointer.manifest_key}: sha256 ${manifestSha}, but ${pointerKey} pins ${pointer.manifest_sha256}`);
+    throw new ReleaseError(`${pointer.manifest_key}: sha256 ${manifestSha}, but ${pinKey} pins ${pointer.manifest_sha256}`);
   }
   const manifest = parseJson(manifestBytes, pointer.manifest_key);
-  if (manifest.schema !== MANIFEST_SCHEMA) throw new ReleaseError(`manifest schema ${JSON.stringify(manifest.schema)}, expected ${MANIFEST_SCHEMA}`);
+  if (manifest.schema !== MANIFEST_SCHEMA_ID) throw new ReleaseError(`manifest schema ${JSON.stringify(manifest.schema)}, expected ${MANIFEST_SCHEMA_ID}`);
   if (manifest.variant !== variant || manifest.version !== pointer.version || manifest.manifest_version !== pointer.manifest_version) {
     throw new ReleaseError(`the manifest (${manifest.variant} ${manifest.version} #${manifest.manifest_version}) is not the release the pointer names`);
   }
 
   const entry = (manifest.artifacts ?? []).find((a) => a.name === wanted);
   if (!entry) throw new ReleaseError(`release ${manifest.version} has no artifact ${JSON.stringify(wanted)} (has: ${(manifest.artifacts ?? []).map((a) => a.name).join(', ')})`);
-  if (!SAFE_NAME.test(entry.file ?? '') || entry.s3_key !== `${base}/${manifest.version}/${entry.file}`) {
+  if (!SAFE_NAME.test(entry.file ?? '') || entry.s3_key !== artifactKey(prefix, variant, manifest.version, entry.file)) {
     throw new ReleaseError(`artifact ${wanted}: unsafe file ${JSON.stringify(entry.file)} or key ${JSON.stringify(entry.s3_key)}`);
   }
   const bytes = await getBytes(s3, bucket, entry.s3_key);

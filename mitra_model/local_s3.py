@@ -45,7 +45,7 @@ from types import TracebackType
 
 from .errors import StoreUnreachableError, ToolMissingError
 
-DEFAULT_S3_PORT = 8333  # what `weed mini` and the demo use
+DEFAULT_S3_PORT = 8333  # `weed mini`'s own default; the demo (`mitra-build local-s3`) serves on it
 LOG_NAME = "weed-mini.log"
 
 # Components whose HTTP port we set; each gRPC port is HTTP + 10000 (weed's own convention: the
@@ -125,7 +125,7 @@ class LocalS3Server:
     the same store back at the same endpoint with the same data.
 
     Example:
-        with LocalS3Server(Path("s3-data"), s3_port=8333) as server:
+        with LocalS3Server(Path("s3-data"), s3_port=DEFAULT_S3_PORT) as server:
             print(server.endpoint_url)
     """
 

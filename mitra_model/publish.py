@@ -1,15 +1,9 @@
 """Publish a verified build to S3 so that consumers only ever see complete releases.
 
-Layout under `s3://BUCKET/PREFIX/<variant>/`:
-
-    <version>/<file>            artifacts, immutable (created with If-None-Match: *)
-    <version>/manifest.json     the manifest; immutable once released
-    _releases/<NNNNNNNN>.json   release record of manifest_version N (immutable; the commit point)
-    latest.json                 pointer to the newest release (compare-and-swap, never goes back)
-
-A pointer and a release record have the same body:
-    {"schema": "mitra-build/pointer/v1", "variant", "version", "manifest_key",
-     "manifest_sha256", "manifest_version"}
+Where things go is `layout.py`; what the pointer and release records hold is `release.py`.
+Artifacts are created with If-None-Match: *, the manifest is immutable once released, a release
+record `_releases/<N>.json` (also immutable) is the commit point, and the pointer `latest.json`
+moves by compare-and-swap and never goes back.
 
 Order of writes: artifacts -> manifest -> release record -> pointer. Consumers only follow the
 pointer (or, for an explicit version, the release record), and each is written after everything it
@@ -32,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import functools
 import hashlib
 import json
 import random
@@ -42,10 +35,23 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError, FlexibleChecksumError
-from jsonschema import Draft202012Validator
 
+from . import layout
 from .errors import PublishError, VersionConflictError
 from .fileutil import sha256_file
+from .layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID
+from .release import (
+    LATEST,
+    MANIFEST_SCHEMA_PATH,
+    canonical_json,
+    file_name_problem,
+    is_sha256_hex,
+    manifest_schema_errors,
+    pointer_doc,
+    pointer_problems,
+    segment_problem,
+    sha256_bytes,
+)
 from .store import (
     StoreConfig,
     describe_client_error,
@@ -56,19 +62,11 @@ from .store import (
     store_errors,
 )
 
-MANIFEST_SCHEMA_ID = "mitra-build/manifest/v1"
-POINTER_SCHEMA_ID = "mitra-build/pointer/v1"
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "manifest.schema.json"
-MANIFEST_NAME = "manifest.json"
-POINTER_NAME = "latest.json"
-RELEASES_DIR = "_releases"
-RESERVED_VERSIONS = frozenset({"latest"})  # `pull_release(version="latest")` means the pointer
-PUBLISH_FIELDS = ("manifest_version", "previous_manifest_sha256")
+_PUBLISH_FIELDS = ("manifest_version", "previous_manifest_sha256")
 
 _MAX_RELEASE_ATTEMPTS = 12  # lost manifest_version claims before giving up
 _MAX_CAS_ATTEMPTS = 12  # lost compare-and-swaps (or 409s) on one key before giving up
 _MAX_LOG_WALK = 10_000  # release records probed past the pointer
-_HEX64 = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -92,118 +90,7 @@ class PublishResult:
     already_published: bool
 
 
-# -- names, keys and the schema (shared with pull.py) ------------------------------------------
-
-
-def segment_problem(value: Any, what: str) -> str | None:
-    """Why `value` is not a safe single key segment (variant, version, artifact name), or None."""
-    if not isinstance(value, str) or not value:
-        return f"{what} must be a non-empty string, got {value!r}"
-    if ".." in value or "/" in value or "\\" in value or ":" in value:
-        return f"{what} {value!r} must not contain '..', '/', '\\' or ':'"
-    if not value[0].isalnum() or not all(c.isalnum() or c in "._+-" for c in value):
-        return f"{what} {value!r} must start with a letter or digit and use only letters, digits, '.', '_', '+', '-'"
-    if len(value) > 128:
-        return f"{what} {value!r} is longer than 128 characters"
-    return None
-
-
-def file_name_problem(value: Any) -> str | None:
-    """Why `value` is not a safe plain file name inside a release folder, or None.
-
-    Refuses '..', absolute paths, folders, backslashes, drive letters ('C:'), hidden files and
-    'manifest.json' (which would collide with the manifest).
-    """
-    if not isinstance(value, str) or not value:
-        return f"file name must be a non-empty string, got {value!r}"
-    if value.startswith("/") or value.startswith("\\"):
-        return f"file name {value!r} is an absolute path"
-    if len(value) >= 2 and value[1] == ":":
-        return f"file name {value!r} starts with a drive letter"
-    if "\\" in value:
-        return f"file name {value!r} contains a backslash"
-    if ".." in value:
-        return f"file name {value!r} contains '..'"
-    if "/" in value:
-        return f"file name {value!r} names a folder; only plain file names are allowed"
-    if value.startswith("."):
-        return f"file name {value!r} is hidden (starts with '.')"
-    if ":" in value or not all(c.isalnum() or c in "._+-" for c in value):
-        return f"file name {value!r} may only use letters, digits, '.', '_', '+', '-'"
-    if value == MANIFEST_NAME:
-        return f"file name {value!r} is reserved for the manifest"
-    return None
-
-
-def version_prefix(store: StoreConfig, variant: str, version: str) -> str:
-    return store.key(variant, version)
-
-
-def manifest_key_for(store: StoreConfig, variant: str, version: str) -> str:
-    return store.key(variant, version, MANIFEST_NAME)
-
-
-def pointer_key_for(store: StoreConfig, variant: str) -> str:
-    return store.key(variant, POINTER_NAME)
-
-
-def release_key_for(store: StoreConfig, variant: str, manifest_version: int) -> str:
-    return store.key(variant, RELEASES_DIR, f"{manifest_version:08d}.json")
-
-
-@functools.cache
-def _validator() -> Draft202012Validator:
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
-
-
-def load_manifest_schema() -> dict[str, Any]:
-    """The published-manifest JSON Schema (config/manifest.schema.json)."""
-    return dict(_validator().schema)
-
-
-def manifest_schema_errors(doc: Any) -> list[str]:
-    """Every way `doc` violates the manifest schema, as 'path: message' lines (empty if valid)."""
-    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
-    lines = []
-    for error in errors:
-        path = "/".join(str(p) for p in error.absolute_path) or "<root>"
-        lines.append(f"{path}: {error.message}")
-    return lines
-
-
-def pointer_problems(doc: Any) -> list[str]:
-    """Why `doc` is not a valid pointer / release record (empty list if it is)."""
-    if not isinstance(doc, dict):
-        return [f"expected a JSON object, got {type(doc).__name__}"]
-    problems = []
-    if doc.get("schema") != POINTER_SCHEMA_ID:
-        problems.append(f"schema is {doc.get('schema')!r}, expected {POINTER_SCHEMA_ID!r}")
-    for field in ("variant", "version"):
-        if problem := segment_problem(doc.get(field), field):
-            problems.append(problem)
-    if not isinstance(doc.get("manifest_key"), str) or not doc.get("manifest_key"):
-        problems.append("manifest_key must be a non-empty string")
-    if not is_sha256_hex(doc.get("manifest_sha256")):
-        problems.append("manifest_sha256 must be 64 lowercase hex digits")
-    mv = doc.get("manifest_version")
-    if not isinstance(mv, int) or isinstance(mv, bool) or mv < 1:
-        problems.append(f"manifest_version must be an integer >= 1, got {mv!r}")
-    return problems
-
-
-def is_sha256_hex(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
-
-
-def canonical_json(doc: Any) -> bytes:
-    """The exact bytes we store for a JSON document (its SHA-256 is what gets pinned)."""
-    return (json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+# -- digests and identity ------------------------------------------------------------------
 
 
 def _b64(sha256_hex: str) -> str:
@@ -218,7 +105,7 @@ def _hex_from_b64(value: str) -> str | None:
     return raw.hex() if len(raw) == 32 else None
 
 
-def release_identity(doc: dict[str, Any]) -> dict[str, Any]:
+def _release_identity(doc: dict[str, Any]) -> dict[str, Any]:
     """What makes two manifests "the same release": names and digests of sources and artifacts."""
     source = doc.get("source") or {}
     return {
@@ -255,7 +142,7 @@ def _read_draft(build_dir: Path) -> tuple[dict[str, Any], list[tuple[dict[str, A
     for field in ("variant", "version"):
         if problem := segment_problem(draft.get(field), field):
             problems.append(problem)
-    if draft.get("version") in RESERVED_VERSIONS:
+    if draft.get("version") == LATEST:
         problems.append(f"version {draft.get('version')!r} is reserved")
 
     verification = draft.get("verification")
@@ -332,7 +219,8 @@ def _final_manifest(
     doc["manifest_version"] = manifest_version
     doc["previous_manifest_sha256"] = previous
     for artifact in doc["artifacts"]:
-        artifact["s3_key"] = store.key(doc["variant"], doc["version"], artifact["file"])
+        file = artifact["file"]
+        artifact["s3_key"] = layout.artifact_key(store.prefix, doc["variant"], doc["version"], file)
     return doc
 
 
@@ -511,24 +399,13 @@ class _Store:
 # -- the release protocol -----------------------------------------------------------------------
 
 
-def _pointer_doc(variant: str, version: str, manifest_key: str, sha256: str, mv: int) -> dict[str, Any]:
-    return {
-        "schema": POINTER_SCHEMA_ID,
-        "variant": variant,
-        "version": version,
-        "manifest_key": manifest_key,
-        "manifest_sha256": sha256,
-        "manifest_version": mv,
-    }
-
-
 def _log_tail(s3: _Store, store: StoreConfig, variant: str) -> dict[str, Any] | None:
     """The newest release record (the pointer may lag behind after a crash), or None."""
-    pointer = s3.read_pointer(pointer_key_for(store, variant))
+    pointer = s3.read_pointer(layout.pointer_key(store.prefix, variant))
     tail = pointer[0] if pointer else None
     mv = tail["manifest_version"] if tail else 0
     for _ in range(_MAX_LOG_WALK):
-        record = s3.read_pointer(release_key_for(store, variant, mv + 1))
+        record = s3.read_pointer(layout.release_record_key(store.prefix, variant, mv + 1))
         if record is None:
             return tail
         tail, mv = record[0], mv + 1
@@ -537,7 +414,7 @@ def _log_tail(s3: _Store, store: StoreConfig, variant: str) -> dict[str, Any] | 
 
 def _advance_pointer(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> bool:
     """Move the pointer to `target` unless it already names this or a newer release."""
-    key = pointer_key_for(store, target["variant"])
+    key = layout.pointer_key(store.prefix, target["variant"])
     body = canonical_json(target)
     sha = sha256_bytes(body)
     for attempt in range(_MAX_CAS_ATTEMPTS):
@@ -574,7 +451,7 @@ def _advance_pointer(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> 
 
 def latest_release(client: Any, store: StoreConfig, variant: str) -> dict[str, Any] | None:
     """The variant's pointer (`latest.json`) as a dict, or None when nothing was published yet."""
-    found = _Store(client, store).read_pointer(pointer_key_for(store, variant))
+    found = _Store(client, store).read_pointer(layout.pointer_key(store.prefix, variant))
     return None if found is None else found[0]
 
 
@@ -600,28 +477,28 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
     """
     build_dir = Path(build_dir)
     draft, files = _read_draft(build_dir)
-    for field in PUBLISH_FIELDS:
+    for field in _PUBLISH_FIELDS:
         draft.pop(field, None)
     variant, version = draft["variant"], draft["version"]
     if errors := manifest_schema_errors(_final_manifest(draft, store, 1, None)):
         raise PublishError(
             f"Refusing to publish {build_dir}: the manifest would not match "
-            f"{SCHEMA_PATH.name}; nothing was uploaded.\n  - " + "\n  - ".join(errors)
+            f"{MANIFEST_SCHEMA_PATH.name}; nothing was uploaded.\n  - " + "\n  - ".join(errors)
         )
 
     s3 = _Store(client, store)
     for artifact, local in files:
-        key = store.key(variant, version, artifact["file"])
+        key = layout.artifact_key(store.prefix, variant, version, artifact["file"])
         s3.put_immutable(key, artifact["sha256"], local, "application/octet-stream")
 
-    manifest_key = manifest_key_for(store, variant, version)
-    identity = release_identity(draft)
+    manifest_key = layout.manifest_key(store.prefix, variant, version)
+    identity = _release_identity(draft)
     for attempt in range(_MAX_RELEASE_ATTEMPTS):
         existing = s3.read_json(manifest_key)
         manifest_etag: str | None = None
         if existing is not None:
             doc, raw, manifest_etag = existing
-            if not isinstance(doc, dict) or release_identity(doc) != identity:
+            if not isinstance(doc, dict) or _release_identity(doc) != identity:
                 raise VersionConflictError(
                     f"{store.url(manifest_key)} already exists for a different build: its source "
                     "or artifact digests differ from this build's. Objects under a version are "
@@ -631,11 +508,12 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
             if not isinstance(mv, int) or mv < 1:
                 raise PublishError(f"{store.url(manifest_key)} has no valid manifest_version")
             sha = sha256_bytes(raw)
-            record = s3.read_pointer(release_key_for(store, variant, mv))
+            record_key = layout.release_record_key(store.prefix, variant, mv)
+            record = s3.read_pointer(record_key)
             if record is not None and record[0]["manifest_key"] == manifest_key:
                 if record[0]["manifest_sha256"] != sha:
                     raise PublishError(
-                        f"Release record {store.url(release_key_for(store, variant, mv))} pins "
+                        f"Release record {store.url(record_key)} pins "
                         f"manifest sha256 {record[0]['manifest_sha256']} but "
                         f"{store.url(manifest_key)} now has {sha}: the released manifest was "
                         "modified in the store. Restore it; do not republish over it."
@@ -643,7 +521,7 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
                 return _finish(s3, store, record[0])  # released before: at most move the pointer
             if record is None:
                 # Written by a publish that stopped before claiming its number: claim it now.
-                target = _pointer_doc(variant, version, manifest_key, sha, mv)
+                target = pointer_doc(variant, version, manifest_key, sha, mv)
                 if _claim(s3, store, target):
                     return _finish(s3, store, target)
                 _backoff(attempt)
@@ -662,7 +540,7 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
             _backoff(attempt)  # another publisher of this version wrote it first: look again
             continue
         s3.check_written(manifest_key, sha)
-        target = _pointer_doc(variant, version, manifest_key, sha, mv)
+        target = pointer_doc(variant, version, manifest_key, sha, mv)
         if _claim(s3, store, target):
             return _finish(s3, store, target)
         _backoff(attempt)  # lost manifest_version `mv` to a racing release: renumber and retry
@@ -674,7 +552,7 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
 
 def _claim(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> bool:
     """Create the release record of `target`; True if it is (now or already) ours."""
-    key = release_key_for(store, target["variant"], target["manifest_version"])
+    key = layout.release_record_key(store.prefix, target["variant"], target["manifest_version"])
     body = canonical_json(target)
     if s3.put_if_match(key, sha256_bytes(body), body, None):
         s3.check_written(key, sha256_bytes(body))
@@ -694,7 +572,7 @@ def _finish(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> PublishRe
         manifest_key=target["manifest_key"],
         manifest_sha256=target["manifest_sha256"],
         manifest_version=target["manifest_version"],
-        pointer_key=pointer_key_for(store, target["variant"]),
+        pointer_key=layout.pointer_key(store.prefix, target["variant"]),
         uploaded=list(s3.uploaded),
         already_published=not s3.uploaded,
     )

@@ -24,26 +24,27 @@ from typing import Any
 from botocore.exceptions import ClientError, FlexibleChecksumError
 from tqdm import tqdm
 
+from . import layout
 from .errors import ChecksumMismatchError, PullError
 from .fileutil import sha256_file, write_bytes_atomic
-from .publish import (
+from .layout import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_ID,
     POINTER_SCHEMA_ID,
+    PULL_STATE_NAME,
+    PULL_STATE_SCHEMA_ID,
+    PULL_TEMP_PREFIX,
+)
+from .release import (
+    LATEST,
     file_name_problem,
-    manifest_key_for,
     manifest_schema_errors,
-    pointer_key_for,
     pointer_problems,
-    release_key_for,
     segment_problem,
     sha256_bytes,
 )
 from .store import StoreConfig, describe_client_error, is_not_found, read_small_object, store_errors
 
-STATE_NAME = ".mitra-pull.json"
-STATE_SCHEMA_ID = "mitra-build/pull-state/v1"
-TEMP_PREFIX = ".mitra-pull-"
 PROGRESS_MIN_BYTES = 8 << 20  # files smaller than this download without a progress bar
 _CHUNK = 1 << 20
 
@@ -68,7 +69,7 @@ class PullResult:
 def pull_release(
     variant: str,
     *,
-    version: str = "latest",
+    version: str = LATEST,
     dest: Path,
     client: Any,
     store: StoreConfig,
@@ -95,7 +96,7 @@ def pull_release(
     """
     if problem := segment_problem(variant, "variant"):
         raise PullError(f"Cannot pull: {problem}")
-    if version != "latest" and (problem := segment_problem(version, "version")):
+    if version != LATEST and (problem := segment_problem(version, "version")):
         raise PullError(f"Cannot pull: {problem}")
     dest = Path(dest)
     state = _read_state(dest)
@@ -136,11 +137,11 @@ def pull_release(
     write_bytes_atomic(manifest_path, raw)
     new_files = sorted(a["file"] for a in manifest["artifacts"])
     write_bytes_atomic(
-        dest / STATE_NAME,
+        dest / PULL_STATE_NAME,
         (
             json.dumps(
                 {
-                    "schema": STATE_SCHEMA_ID,
+                    "schema": PULL_STATE_SCHEMA_ID,
                     "variant": variant,
                     "version": manifest["version"],
                     "manifest_version": mv,
@@ -170,7 +171,7 @@ def pull_release(
 
 
 def _read_state(dest: Path) -> dict[str, Any] | None:
-    path = dest / STATE_NAME
+    path = dest / PULL_STATE_NAME
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -179,7 +180,7 @@ def _read_state(dest: Path) -> dict[str, Any] | None:
         raise PullError(f"{path} is damaged ({exc}); delete it (and the folder's files) to pull afresh") from exc
     ok = (
         isinstance(state, dict)
-        and state.get("schema") == STATE_SCHEMA_ID
+        and state.get("schema") == PULL_STATE_SCHEMA_ID
         and isinstance(state.get("variant"), str)
         and isinstance(state.get("version"), str)
         and isinstance(state.get("manifest_version"), int)
@@ -229,15 +230,15 @@ def _fetch_pinned_manifest(
     client: Any, store: StoreConfig, variant: str, version: str
 ) -> tuple[bytes, dict[str, Any]]:
     """The manifest's bytes and the pointer / release record that pins their SHA-256."""
-    if version == "latest":
-        pin_key = pointer_key_for(store, variant)
+    if version == LATEST:
+        pin_key = layout.pointer_key(store.prefix, variant)
         pin_raw = _read(client, store, pin_key)
         if pin_raw is None:
             raise PullError(f"No release of {variant!r} in {store.url(pin_key)}: nothing was published yet")
         pin = _checked_pointer(pin_raw, f"Pointer {store.url(pin_key)}")
-        manifest_key = manifest_key_for(store, variant, pin["version"])
+        manifest_key = layout.manifest_key(store.prefix, variant, pin["version"])
     else:
-        manifest_key = manifest_key_for(store, variant, version)
+        manifest_key = layout.manifest_key(store.prefix, variant, version)
         pin_key = ""
         pin = {}
     if pin and (pin["variant"] != variant or pin["manifest_key"] != manifest_key):
@@ -257,7 +258,7 @@ def _fetch_pinned_manifest(
         mv = doc.get("manifest_version") if isinstance(doc, dict) else None
         if not isinstance(mv, int) or isinstance(mv, bool) or mv < 1:
             raise PullError(f"{store.url(manifest_key)} has no valid manifest_version")
-        pin_key = release_key_for(store, variant, mv)
+        pin_key = layout.release_record_key(store.prefix, variant, mv)
         pin_raw = _read(client, store, pin_key)
         pin = _checked_pointer(pin_raw, f"Release record {store.url(pin_key)}") if pin_raw else {}
         if not pin or pin["manifest_key"] != manifest_key or pin["variant"] != variant:
@@ -306,11 +307,10 @@ def _checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> di
             continue
         if problem := _key_problem(artifact.get("s3_key")):
             problems.append(f"artifacts[{index}]: {problem}")
-        elif artifact["s3_key"] != store.key(pin["variant"], pin["version"], file):
-            problems.append(
-                f"artifacts[{index}]: s3_key {artifact['s3_key']!r} is not "
-                f"{store.key(pin['variant'], pin['version'], file)!r}"
-            )
+            continue
+        expected = layout.artifact_key(store.prefix, pin["variant"], pin["version"], file)
+        if artifact["s3_key"] != expected:
+            problems.append(f"artifacts[{index}]: s3_key {artifact['s3_key']!r} is not {expected!r}")
     if problems:
         raise PullError(f"{what} names unsafe files; nothing was pulled:\n  - " + "\n  - ".join(problems))
     if errors := manifest_schema_errors(doc):
@@ -356,7 +356,7 @@ def _download(
     client: Any, store: StoreConfig, artifact: dict[str, Any], dest: Path, *, progress: bool
 ) -> Path:
     key, size, expected = artifact["s3_key"], artifact["size"], artifact["sha256"]
-    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=dest)
+    fd, name = tempfile.mkstemp(prefix=PULL_TEMP_PREFIX, suffix=".part", dir=dest)
     tmp = Path(name)
     try:
         digest = hashlib.sha256()

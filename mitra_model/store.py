@@ -41,6 +41,7 @@ from botocore.exceptions import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import layout
 from .errors import StoreAuthError, StoreUnreachableError
 
 # Error codes S3-compatible servers use for "these credentials are not accepted here".
@@ -145,13 +146,15 @@ class StoreConfig(BaseModel):
         return value
 
     def key(self, *parts: str) -> str:
-        """The object key of `parts` under the prefix: key("v", "x.onnx") -> "prefix/v/x.onnx"."""
-        return "/".join(p for p in (self.prefix, *parts) if p)
+        """The object key of `parts` under the prefix: key("v", "x.onnx") -> "prefix/v/x.onnx".
+
+        Release keys have their own functions in `layout` (`artifact_key`, `pointer_key` ...).
+        """
+        return layout.join_key(self.prefix, *parts)
 
     def results_folder(self) -> str:
-        """Where Prefect persists task results when [execution] result_storage = "store" (no variant
-        can be named like this: variant names start with a letter or digit)."""
-        return self.key("_prefect-results")
+        """Where Prefect persists task results when [execution] result_storage = "store"."""
+        return layout.results_folder(self.prefix)
 
     def url(self, key: str = "") -> str:
         """`s3://bucket/key` for messages."""

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from mitra_model.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, verification_report_name
 from mitra_model.local_s3 import LocalS3Server
 from mitra_model.store import StoreConfig, ensure_bucket, make_s3_client
 
@@ -226,7 +227,7 @@ def make_build(
         )
     content = json.dumps([source_files, [(e["file"], e["sha256"]) for e in entries]]).encode()
     manifest = {
-        "schema": "mitra-build/manifest/v1",
+        "schema": MANIFEST_SCHEMA_ID,
         "variant": variant,
         "version": version or f"r-{_sha(content)[:16]}",
         "source": {
@@ -250,12 +251,12 @@ def make_build(
                 "cells": 14,
                 "failed_cells": 0 if passed else 3,
                 "max_abs_err": 1e-6 if passed else 0.5,
-                "report": f"verification-{precision}.json",
+                "report": verification_report_name(precision),
             }
             for _, _, _, precision in artifacts
         },
     }
-    (build / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (build / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return build
 
 

@@ -36,14 +36,10 @@ from mitra_model.errors import (
     StoreUnreachableError,
     VersionConflictError,
 )
+from mitra_model import layout
+from mitra_model.layout import POINTER_SCHEMA_ID
 from mitra_model.local_s3 import LocalS3Server, free_ports
-from mitra_model.publish import (
-    POINTER_SCHEMA_ID,
-    PublishResult,
-    pointer_key_for,
-    publish_build,
-    release_key_for,
-)
+from mitra_model.publish import PublishResult, publish_build
 from mitra_model.pull import pull_release
 from mitra_model.store import StoreConfig, ensure_bucket, make_s3_client
 
@@ -58,7 +54,7 @@ def _version(build: Path) -> str:
 
 
 def _pointer(client: Any, store: StoreConfig, variant: str = VARIANT) -> dict[str, Any] | None:
-    found = read_json_object(client, store, pointer_key_for(store, variant))
+    found = read_json_object(client, store, layout.pointer_key(store.prefix, variant))
     return None if found is None else found[0]
 
 
@@ -78,9 +74,9 @@ def _assert_consistent(client: Any, store: StoreConfig, expected_mv: int) -> dic
     manifest, raw = read_json_object(client, store, pointer["manifest_key"])
     assert hashlib.sha256(raw).hexdigest() == pointer["manifest_sha256"]
     assert manifest["manifest_version"] == expected_mv
-    record, _ = read_json_object(client, store, release_key_for(store, VARIANT, expected_mv))
+    record, _ = read_json_object(client, store, layout.release_record_key(store.prefix, VARIANT, expected_mv))
     assert record == pointer
-    assert read_json_object(client, store, release_key_for(store, VARIANT, expected_mv + 1)) is None
+    assert read_json_object(client, store, layout.release_record_key(store.prefix, VARIANT, expected_mv + 1)) is None
     return pointer
 
 
@@ -88,7 +84,7 @@ def _chain(client: Any, store: StoreConfig, newest: int) -> None:
     """Each release's previous_manifest_sha256 is the sha of release mv-1's manifest."""
     previous = None
     for mv in range(1, newest + 1):
-        record, _ = read_json_object(client, store, release_key_for(store, VARIANT, mv))
+        record, _ = read_json_object(client, store, layout.release_record_key(store.prefix, VARIANT, mv))
         manifest, raw = read_json_object(client, store, record["manifest_key"])
         assert hashlib.sha256(raw).hexdigest() == record["manifest_sha256"]
         assert manifest["manifest_version"] == mv
@@ -265,7 +261,7 @@ def test_publish_interrupted_at_every_call_converges(
 
 def test_lost_race_for_manifest_version_renumbers(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     slow, fast = make_build(tmp_path, seed=1), make_build(tmp_path, seed=2)
-    record_1 = release_key_for(s3_store, VARIANT, 1)
+    record_1 = layout.release_record_key(s3_store.prefix, VARIANT, 1)
 
     def let_fast_win(n: int, name: str, kwargs: dict[str, Any]) -> None:
         if name == "put_object" and kwargs.get("Key") == record_1 and not fast_done:
@@ -281,7 +277,7 @@ def test_lost_race_for_manifest_version_renumbers(s3_store: StoreConfig, s3_clie
 
 def test_slow_racer_never_rolls_the_pointer_back(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     slow, fast = make_build(tmp_path, seed=1), make_build(tmp_path, seed=2)
-    pointer_key = pointer_key_for(s3_store, VARIANT)
+    pointer_key = layout.pointer_key(s3_store.prefix, VARIANT)
 
     def newer_release_first(n: int, name: str, kwargs: dict[str, Any]) -> None:
         if name == "put_object" and kwargs.get("Key") == pointer_key and not fast_done:

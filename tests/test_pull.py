@@ -22,15 +22,12 @@ from s3_fixtures import (
     time_limit,
 )
 
+from mitra_model import layout
 from mitra_model.errors import ChecksumMismatchError, PullError
-from mitra_model.publish import (
-    PublishResult,
-    canonical_json,
-    pointer_key_for,
-    publish_build,
-    release_key_for,
-)
-from mitra_model.pull import STATE_NAME, PullResult, pull_release
+from mitra_model.layout import PULL_STATE_NAME
+from mitra_model.publish import PublishResult, publish_build
+from mitra_model.pull import PullResult, pull_release
+from mitra_model.release import canonical_json
 from mitra_model.store import StoreConfig
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
@@ -66,9 +63,9 @@ def _plant(client: Any, store: StoreConfig, result: PublishResult, mutate: Any) 
     mutate(manifest)
     raw = canonical_json(manifest)
     put_raw(client, store, result.manifest_key, raw)
-    pointer, _ = read_json_object(client, store, pointer_key_for(store, VARIANT))
+    pointer, _ = read_json_object(client, store, layout.pointer_key(store.prefix, VARIANT))
     pointer["manifest_sha256"] = _sha(raw)
-    put_raw(client, store, pointer_key_for(store, VARIANT), canonical_json(pointer))
+    put_raw(client, store, layout.pointer_key(store.prefix, VARIANT), canonical_json(pointer))
 
 
 def test_publish_then_pull_round_trip(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
@@ -84,9 +81,9 @@ def test_publish_then_pull_round_trip(s3_store: StoreConfig, s3_client: Any, tmp
         assert path.parent == dest
         assert path.read_bytes() == (build / path.name).read_bytes(), name
     assert sorted(p.name for p in dest.iterdir()) == sorted(
-        [STATE_NAME, "manifest.json", "model.onnx", "model-int8.onnx"]
+        [PULL_STATE_NAME, "manifest.json", "model.onnx", "model-int8.onnx"]
     )
-    state = json.loads((dest / STATE_NAME).read_text())
+    state = json.loads((dest / PULL_STATE_NAME).read_text())
     assert (state["manifest_version"], state["manifest_sha256"]) == (1, result.manifest_sha256)
 
     again = _pull(s3_client, s3_store, dest)  # idempotent
@@ -190,7 +187,7 @@ def test_unsafe_or_unknown_manifest_is_refused(
 
 def test_unknown_pointer_schema_is_refused(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     _published(s3_client, s3_store, tmp_path)
-    key = pointer_key_for(s3_store, VARIANT)
+    key = layout.pointer_key(s3_store.prefix, VARIANT)
     pointer, _ = read_json_object(s3_client, s3_store, key)
     pointer["schema"] = "mitra-build/pointer/v2"
     put_raw(s3_client, s3_store, key, canonical_json(pointer))
@@ -200,7 +197,7 @@ def test_unknown_pointer_schema_is_refused(s3_store: StoreConfig, s3_client: Any
 
 def test_pointer_to_another_key_is_not_followed(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     _published(s3_client, s3_store, tmp_path)
-    key = pointer_key_for(s3_store, VARIANT)
+    key = layout.pointer_key(s3_store.prefix, VARIANT)
     pointer, _ = read_json_object(s3_client, s3_store, key)
     pointer["manifest_key"] = "somewhere/else/manifest.json"
     put_raw(s3_client, s3_store, key, canonical_json(pointer))
@@ -210,7 +207,7 @@ def test_pointer_to_another_key_is_not_followed(s3_store: StoreConfig, s3_client
 
 def test_unreleased_version_cannot_be_pulled(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     build = make_build(tmp_path, seed=4)
-    record = release_key_for(s3_store, VARIANT, 1)
+    record = layout.release_record_key(s3_store.prefix, VARIANT, 1)
 
     def crash_before_claim(n: int, name: str, kwargs: dict[str, Any]) -> None:
         if name == "put_object" and kwargs.get("Key") == record:

@@ -1,0 +1,106 @@
+"""Where everything lives: every S3 key and file name of a release, in one place.
+
+Layout under `s3://BUCKET/PREFIX/`:
+
+    <variant>/<version>/<file>             artifacts, immutable
+    <variant>/<version>/manifest.json      the manifest; immutable once released
+    <variant>/_releases/<NNNNNNNN>.json    release record of manifest_version N (the commit point)
+    <variant>/latest.json                  pointer to the newest release
+    _prefect-results/                      Prefect task results (no variant can be named like
+                                           this: variant names start with a letter or digit)
+
+A build folder holds the artifact files, `manifest.json` and `verification-<name>.json/.md`; a
+pull destination holds the artifact files, `manifest.json` and `.mitra-pull.json`.
+
+Only names here: no I/O, no boto3. `consumers/lib/layout.mjs` mirrors the key functions for the
+JS consumers, and tests/test_layout.py checks that both give the same keys. Changing anything
+here changes where published releases are looked for, so it breaks every consumer that already
+pulls from a bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+MANIFEST_SCHEMA_ID = "mitra-build/manifest/v1"
+POINTER_SCHEMA_ID = "mitra-build/pointer/v1"  # latest.json and the release records
+PULL_STATE_SCHEMA_ID = "mitra-build/pull-state/v1"
+
+MANIFEST_NAME = "manifest.json"
+POINTER_NAME = "latest.json"
+RELEASES_DIR = "_releases"
+RESULTS_DIR = "_prefect-results"
+PULL_STATE_NAME = ".mitra-pull.json"
+PULL_TEMP_PREFIX = ".mitra-pull-"  # hidden, so no artifact (never hidden) can collide with one
+
+_RELEASE_DIGITS = 8  # zero-padded, so that listing `_releases/` sorts by manifest_version
+
+
+def join_key(*parts: str) -> str:
+    """Join key segments with '/', skipping empty ones (an empty prefix adds nothing).
+
+    Args:
+        parts: a prefix (may be empty or hold '/') and plain segments.
+
+    Returns:
+        e.g. join_key("models/mitra", "v", "x.onnx") -> "models/mitra/v/x.onnx".
+    """
+    return "/".join(p for p in parts if p)
+
+
+def variant_folder(prefix: str, variant: str) -> str:
+    """`<prefix>/<variant>`: everything published for one variant."""
+    return join_key(prefix, variant)
+
+
+def version_folder(prefix: str, variant: str, version: str) -> str:
+    """`<prefix>/<variant>/<version>`: the artifacts and the manifest of one version."""
+    return join_key(prefix, variant, version)
+
+
+def artifact_key(prefix: str, variant: str, version: str, file: str) -> str:
+    """The key of one file of a release (an artifact, or `manifest.json`).
+
+    Args:
+        prefix: the store's key prefix (may be empty).
+        variant: e.g. "mitra-classifier".
+        version: the release's version id.
+        file: a plain file name, e.g. "model.onnx".
+
+    Returns:
+        `<prefix>/<variant>/<version>/<file>`.
+    """
+    return join_key(version_folder(prefix, variant, version), file)
+
+
+def manifest_key(prefix: str, variant: str, version: str) -> str:
+    """`<prefix>/<variant>/<version>/manifest.json`."""
+    return artifact_key(prefix, variant, version, MANIFEST_NAME)
+
+
+def pointer_key(prefix: str, variant: str) -> str:
+    """`<prefix>/<variant>/latest.json`: the pointer to the variant's newest release."""
+    return join_key(variant_folder(prefix, variant), POINTER_NAME)
+
+
+def release_record_key(prefix: str, variant: str, manifest_version: int) -> str:
+    """`<prefix>/<variant>/_releases/<NNNNNNNN>.json`: the record that claims `manifest_version` (>= 1)."""
+    return join_key(variant_folder(prefix, variant), RELEASES_DIR, f"{manifest_version:0{_RELEASE_DIGITS}d}.json")
+
+
+def results_folder(prefix: str) -> str:
+    """`<prefix>/_prefect-results`: where Prefect persists task results in the store."""
+    return join_key(prefix, RESULTS_DIR)
+
+
+def verification_report_name(artifact: str, fmt: Literal["json", "md"] = "json") -> str:
+    """The build-folder file of an artifact's verification report: `verification-<artifact>.<fmt>`.
+
+    Args:
+        artifact: the artifact (or precision) name the report is about, e.g. "fp32".
+        fmt: "json" (the machine-readable report the manifest names) or "md" (for people).
+
+    Returns:
+        e.g. "verification-fp32.json".
+    """
+    return f"verification-{artifact}.{fmt}"
