@@ -8,7 +8,7 @@
 // The page (browser/check.mjs) runs the fixture in onnxruntime-web and sets `window.mitraResult`.
 // The report adds {"browser": "<Chromium version>", "log": [console errors, page errors]}.
 // Exit code 0 when the page reported (the caller judges the numbers), 1 when it did not.
-// mitra_model/consumers.py `check_in_browser` starts the server and runs this.
+// mitra_model/consumers/checks.py `check_in_browser` starts the server and runs this.
 
 import { parseArgs } from 'node:util';
 

@@ -8,7 +8,8 @@
 // Report: {"runtime": "onnxruntime-node", "version", "backend": "cpu", "node", "cases": [...]}
 // (cases as lib/fixture.mjs `runFixture` records them), or {"error": "..."} when the model could not
 // be loaded. Exit code 0 when every case ran (the caller judges the numbers), 1 when the model or
-// the fixture could not be used, 2 on bad arguments. mitra_model/consumers.py `check_in_node` runs it.
+// the fixture could not be used, 2 on bad arguments. mitra_model/consumers/checks.py
+// `check_in_node` runs it.
 
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';

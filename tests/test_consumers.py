@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,18 @@ from mitra_model.consumers import (
     check_in_node,
     ensure_node_modules,
     find_chromium,
+    find_node,
     package_version,
+    read_fixture,
     write_fixture,
 )
 from mitra_model.errors import ConfigError, VerificationError
-from mitra_model.export import export_onnx, io_contract
+from mitra_model.export import INPUT_NAMES, OUTPUT_NAME, export_onnx, io_contract
 from mitra_model.inputs import PADDED_CLASS_LABEL, make_inputs
 from mitra_model.publish import publish_build
 from mitra_model.quantize import quantize_onnx
 from mitra_model.snapshot import load_model, write_synthetic_snapshot
-from mitra_model.support_cache import export_support_cache
+from mitra_model.support_cache import ENCODE_INPUT_NAMES, export_support_cache
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 
@@ -132,6 +135,63 @@ def test_fixture_holds_the_inputs_and_python_outputs(fixtures, models, tiny_snap
     assert (labels[padded] == PADDED_CLASS_LABEL).all()
     ties = _decode(doc["cases"][1]["inputs"]["x_support"])
     assert len(np.unique(ties[0, :, 0])) < ties.shape[1] // 3  # heavy ties
+
+
+def test_fixture_reads_back_as_written(fixtures) -> None:
+    path = fixtures["classification", "fp32"]
+    fixture = read_fixture(path)
+    assert fixture.to_json() == path.read_text()  # what lib/fixture.mjs reads, byte for byte
+    raw = json.loads(path.read_text())
+    for case, raw_case in zip(fixture.cases, raw["cases"], strict=True):
+        for name, tensor in case.inputs.items():
+            decoded = _decode(raw_case["inputs"][name])
+            assert tensor.to_array().dtype == decoded.dtype and np.array_equal(tensor.to_array(), decoded), (case.name, name)
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda doc: doc.update(schema="mitra-build/consumer-fixture/v0"), r"schema: Input should be 'mitra-build/consumer-fixture/v1'"),
+    (lambda doc: doc.update(cases=[]), r"cases: .*at least 1 item"),
+    (lambda doc: doc["cases"][2]["inputs"]["x_query"].update(data=doc["cases"][2]["inputs"]["x_query"]["data"][:-8]),
+     r"cases\.2\.inputs\.x_query: .*\d+ bytes of data for shape \[3, 5, 5\] of float32 \(expected 300\)"),
+    (lambda doc: doc["cases"][0]["expected"].update(dtype="float64"), r"cases\.0\.expected\.dtype: "),
+])
+def test_read_fixture_names_what_is_wrong(fixtures, tmp_path: Path, edit, problem: str) -> None:
+    doc = json.loads(fixtures["classification", "fp32"].read_text())
+    edit(doc)
+    bad = tmp_path / "fixture.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=problem):
+        read_fixture(bad)
+    with pytest.raises(ConfigError, match="is not a consumer fixture"):
+        check_in_node(tmp_path / "any.onnx", bad, tolerance_abs=1e-5)  # refused before node runs
+
+
+def test_read_fixture_refuses_a_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist: make one with mitra_model.consumers.write_fixture"):
+        read_fixture(tmp_path / "fixture.json")
+    (tmp_path / "fixture.json").write_text('{"schema": ')
+    with pytest.raises(ConfigError, match="Invalid JSON"):
+        read_fixture(tmp_path / "fixture.json")
+
+
+def test_importing_the_consumer_checks_needs_no_build_toolchain() -> None:
+    # scripts/setup.sh imports the package to install the npm packages; a consumer that only checks
+    # must not pay for torch or onnxruntime
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, mitra_model.consumers; print([m for m in ('torch', 'onnxruntime') if m in sys.modules])"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert done.stdout.strip() == "[]"
+
+
+@needs_node
+def test_js_fixture_reader_mirrors_python() -> None:
+    script = ("import * as f from './lib/fixture.mjs'; console.log(JSON.stringify("
+              "[f.FIXTURE_SCHEMA, f.INPUT_NAMES, f.ENCODE_INPUT_NAMES, f.QUERY_INPUT_NAME, f.OUTPUT_NAME]))")
+    done = subprocess.run([str(find_node()), "--input-type=module", "-e", script], capture_output=True, text=True,
+                          timeout=60, cwd=CONSUMERS_DIR, check=True)
+    query = [name for name in INPUT_NAMES if name not in ENCODE_INPUT_NAMES]
+    assert json.loads(done.stdout) == [FIXTURE_SCHEMA_ID, list(INPUT_NAMES), list(ENCODE_INPUT_NAMES), *query, OUTPUT_NAME]
 
 
 # -- onnxruntime-node ----------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 // model file, or the support-cache pair encode-support -> predict-query), and measure the output
 // against what Python ONNX Runtime computed.
 //
-// Fixture format (written by mitra_model/consumers.py `write_fixture`), one JSON document:
-//   {"schema": "mitra-build/consumer-fixture/v1", "model_sha256", ["predict_sha256",] "task", "cases": [
+// Fixture format (mitra_model/consumers/fixture.py: the `Fixture` schema, written by `write_fixture`),
+// one JSON document:
+//   {"schema": "mitra-build/consumer-fixture/v1", "model_sha256", ["predict_sha256",] "task", "seed", "cases": [
 //     {"name", "shape": [B, S, Q, F], "data", "padded_support_rows",
 //      "inputs": {<name>: TENSOR, ...}, "expected": TENSOR}]}
 //   TENSOR = {"dtype": "float32" | "int64" | "bool", "shape": [...], "data": base64 of the
