@@ -13,6 +13,29 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it,
+    which is briefly visible to other threads, so that is the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: Path) -> None:
+    """Give `path` the mode a plain open()/mkdir() would have (0644 / 0755 under umask 022).
+
+    mkstemp/mkdtemp create owner-only entries on purpose; once renamed into place they are ordinary
+    outputs that a web server or another user may need to read."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -31,6 +54,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        normal_permissions(tmp_path)
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -49,6 +73,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        # writers we do not control (safetensors) also create owner-only files
+        for entry in (tmp, *tmp.rglob("*")):
+            normal_permissions(entry)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
