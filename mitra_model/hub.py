@@ -202,7 +202,7 @@ def resolve_revision(
         ConfigError: `repo_id` or `revision` is malformed.
     """
     endpoint = endpoint.rstrip("/") if endpoint else None
-    where = _Where(repo_id, revision, endpoint, token)
+    where = _Where.of(repo_id, revision, endpoint, token)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = _with_retries(
@@ -210,9 +210,11 @@ def resolve_revision(
             max_attempts=max_attempts,
             retry_delay_s=retry_delay_s,
             what=f"model_info {repo_id}@{revision}",
+            where=where,
         )
-    except Exception as exc:  # noqa: BLE001 - translated into our hierarchy, original chained
-        raise _translate(exc, where, action="resolve", attempts=max_attempts) from exc
+    except Exception as exc:  # noqa: BLE001 - translated into our hierarchy
+        # not chained: the original's text may echo the token (tracebacks reach logs and Prefect's database)
+        raise _translate(exc, where, action="resolve", attempts=max_attempts) from None
 
     commit = info.sha
     if not isinstance(commit, str) or not _COMMIT_RE.fullmatch(commit):
@@ -339,7 +341,7 @@ def _download_one(
     timeout_s: float,
 ) -> None:
     """Fetch one file by commit sha into a private hub cache and move its blob to `staged/`."""
-    where = _Where(revision.repo_id, revision.commit, endpoint, token)
+    where = _Where.of(revision.repo_id, revision.commit, endpoint, token)
     try:
         cached = _with_retries(
             lambda: hf_hub_download(
@@ -355,9 +357,10 @@ def _download_one(
             max_attempts=max_attempts,
             retry_delay_s=retry_delay_s,
             what=f"download {remote.path} from {revision.repo_id}@{revision.commit}",
+            where=where,
         )
-    except Exception as exc:  # noqa: BLE001 - translated into our hierarchy, original chained
-        raise _translate(exc, where, action=f"download {remote.path} of", attempts=max_attempts) from exc
+    except Exception as exc:  # noqa: BLE001 - translated into our hierarchy, not chained (see above)
+        raise _translate(exc, where, action=f"download {remote.path} of", attempts=max_attempts) from None
     # The cache holds `snapshots/<sha>/<path>` -> `blobs/<etag>`; move the blob itself (no copy).
     target = staged / remote.path
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +447,7 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, HfHubHTTPError) and exc.response.status_code in _TRANSIENT_STATUS
 
 
-def _with_retries(call: Callable[[], T], *, max_attempts: int, retry_delay_s: float, what: str) -> T:
+def _with_retries(call: Callable[[], T], *, max_attempts: int, retry_delay_s: float, what: str, where: _Where) -> T:
     """Run `call`, retrying transient failures with exponential backoff; re-raise the last error."""
     for attempt in range(1, max_attempts + 1):
         try:
@@ -453,7 +456,7 @@ def _with_retries(call: Callable[[], T], *, max_attempts: int, retry_delay_s: fl
             if attempt >= max_attempts or not _is_transient(exc):
                 raise
             delay = retry_delay_s * 2 ** (attempt - 1)
-            logger.warning("%s failed (%s); retry %d/%d in %.2fs", what, _short(exc), attempt,
+            logger.warning("%s failed (%s); retry %d/%d in %.2fs", what, where.redact(_short(exc)), attempt,
                            max_attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable: max_attempts must be >= 1")  # pragma: no cover
@@ -461,19 +464,35 @@ def _with_retries(call: Callable[[], T], *, max_attempts: int, retry_delay_s: fl
 
 @dataclass(frozen=True)
 class _Where:
-    """What a request was about, for error messages (the token is only used for redaction)."""
+    """What a request was about, for error messages. `token` is the token the request actually
+    sent (the one passed, else HF_TOKEN or the saved login): it is only used to say whether one was
+    sent and to redact it from anything the hub echoes back."""
 
     repo_id: str
     revision: str
     endpoint_arg: str | None
     token: str | None
 
+    @classmethod
+    def of(cls, repo_id: str, revision: str, endpoint: str | None, token: str | None) -> _Where:
+        return cls(repo_id, revision, endpoint, effective_token(token))
+
     @property
     def endpoint(self) -> str:
         return self.endpoint_arg or huggingface_hub.constants.ENDPOINT
 
     def redact(self, text: str) -> str:
-        return text.replace(self.token, "<token>") if self.token else text
+        return redact(text, self.token)
+
+
+def effective_token(token: str | None) -> str | None:
+    """The token a request sends: `token`, else huggingface_hub's default (HF_TOKEN, then the saved login)."""
+    return token or huggingface_hub.get_token()
+
+
+def redact(text: str, token: str | None) -> str:
+    """`text` with the token (and its Bearer header form) replaced by <token>."""
+    return text.replace(token, "<token>") if token else text
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -536,9 +555,9 @@ def _translate_http(
         said = f" The hub said: {where.redact(err.server_message).rstrip('.')}."
     if status in (401, 403):
         token_state = (
-            "the token passed was refused"
+            "the token sent (from token=, HF_TOKEN or the saved login) was refused"
             if where.token
-            else "no token was passed (HF_TOKEN or the saved login was used, if any)"
+            else "no token was sent (none passed, no HF_TOKEN, no saved login)"
         )
         return HubAuthError(
             f"The hub at {where.endpoint} refused to {action} {subject} (HTTP {status}): the repo is "

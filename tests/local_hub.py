@@ -89,6 +89,7 @@ class LocalHub:
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str | None]] = []  # (status, method or None) to inject
         self.requests: list[LoggedRequest] = []
+        self.echo_authorization = False  # error answers quote the Authorization header (a hostile hub)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.hub = self  # type: ignore[attr-defined]
@@ -157,6 +158,9 @@ class LocalHub:
         with self._lock:
             status, headers, body = self._route(h.command, url.path, url.query, auth, h.headers.get("Range"))
             self.requests.append(LoggedRequest(h.command, url.path, url.query, status, auth is not None))
+            if status >= 400 and self.echo_authorization:  # a careless server or proxy quoting the request
+                message = f"{headers.get('X-Error-Message', '')} (request had Authorization: {auth})"
+                status, headers, body = _error(status, headers.get("X-Error-Code", ""), message)
         h.send_response(status)
         for name, value in headers.items():
             h.send_header(name, value)
