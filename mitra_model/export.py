@@ -4,12 +4,16 @@ The TorchScript exporter (`dynamo=False`) is used on purpose: it writes one self
 given the same weights, the same bytes on every run (the dynamo exporter took ~5x longer here and
 writes external data). Anything volatile is pinned after export: producer fields, doc strings, and
 the metadata we add is derived from content only (no timestamps, no paths).
+
+`export_module` is the one export routine (a module and its I/O contract in, a file out); the full
+model (`export_onnx`) and the support-cache pair (support_cache.py) both go through it.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +21,7 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
+import torch.nn as nn
 
 from . import __version__
 from .config import Shape
@@ -52,7 +57,10 @@ class TensorSpec:
     shape: tuple[str | int, ...]  # symbolic dims are names
 
 
-def io_contract(config: MitraConfig) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+Contract = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]  # (inputs, outputs), in graph order
+
+
+def io_contract(config: MitraConfig) -> Contract:
     """The inputs and outputs consumers (e.g. @wlearn/mitra) feed and read."""
     label_dtype = "int64" if config.label_is_class else "float32"
     dtypes = {"x_support": "float32", "y_support": label_dtype, "x_query": "float32", "padding_obs_support": "bool"}
@@ -68,6 +76,16 @@ class ExportResult:
     size: int
     opset: int
     seconds: float
+
+
+def check_flavour(flavour: str) -> None:
+    """Refuse an unknown flavour before any work is done (export_module and export_support_cache).
+
+    Raises:
+        ExportError: `flavour` is not a key of FLAVOUR_FILES.
+    """
+    if flavour not in FLAVOUR_FILES:
+        raise ExportError(f"unknown export flavour {flavour!r}; expected one of {', '.join(FLAVOUR_FILES)}")
 
 
 def export_onnx(
@@ -90,31 +108,70 @@ def export_onnx(
         flavour: "portable" (standard ONNX ops only) or "optimized" (attention as ONNX Runtime's
             memory-efficient contrib MultiHeadAttention; same numbers, far less memory at large S).
 
+    Returns:
+        The written file's path, digest, size, opset and export time.
+
     Raises:
-        ExportError: the exporter failed.
+        ExportError: unknown flavour, the exporter failed, or the graph does not match io_contract.
     """
-    output = Path(output)
     config = model.config
     example = make_inputs(trace_shape.as_tuple(), config=config, data="mixed", seed=0, salt="trace")
     args = tuple(torch.from_numpy(example[name]) for name in INPUT_NAMES)
-    _, outputs = io_contract(config)
-    dynamic_axes = {name: dict(enumerate(dims)) for name, dims in _DIM_NAMES.items()}
-    dynamic_axes[OUTPUT_NAME] = {0: "batch", 1: "n_query"}
+    return export_module(
+        model, args, Path(output), io_contract(config), model_config=config, opset=opset, flavour=flavour,
+        metadata=metadata or {},
+    )
 
+
+def export_module(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    output: Path,
+    contract: Contract,
+    *,
+    model_config: MitraConfig,
+    opset: int,
+    flavour: Flavour,
+    metadata: dict[str, str],
+) -> ExportResult:
+    """Export `module` (a Tab2D, or a module built on one) traced with `args` to `output`, atomically.
+
+    The TorchScript exporter with EXPORTER_SETTINGS; every input and output named, and every dim
+    named or fixed, as `contract` says; volatile fields pinned (pin_volatile_fields), so the same
+    weights give the same bytes.
+
+    Args:
+        module: the module to export; it is put in eval mode.
+        args: example inputs, in the order of the contract's inputs.
+        output: the .onnx file to write.
+        contract: (inputs, outputs) the graph must have; str dims become dynamic and named, int dims fixed.
+        model_config: the config of the Tab2D inside `module`, recorded in the metadata.
+        opset: ONNX opset (>= 17).
+        flavour: "portable" or "optimized" (attention as contrib MultiHeadAttention).
+        metadata: extra `metadata_props` (content-derived values only); "mitra_build.flavour" is added.
+
+    Returns:
+        The written file's path, digest, size, opset and export time.
+
+    Raises:
+        ExportError: unknown flavour, the exporter failed, or the graph's inputs/outputs differ from the contract.
+    """
+    check_flavour(flavour)
+    inputs, outputs = contract
+    specs = (*inputs, *outputs)
+    dynamic_axes = {spec.name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)} for spec in specs}
     started = time.perf_counter()
-    if flavour not in FLAVOUR_FILES:
-        raise ExportError(f"unknown export flavour {flavour!r}; expected one of {', '.join(FLAVOUR_FILES)}")
     with atomic_file(output) as raw_path, torch.no_grad(), warnings.catch_warnings(), \
-            fused_attention(model, flavour == "optimized"):
+            fused_attention(module, flavour == "optimized"):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
             torch.onnx.export(
-                model.eval(),
+                module.eval(),
                 args,
                 str(raw_path),
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=dynamic_axes,
+                input_names=[spec.name for spec in inputs],
+                output_names=[spec.name for spec in outputs],
+                dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes},
                 opset_version=opset,
                 custom_opsets={"com.microsoft": 1} if flavour == "optimized" else None,
                 **EXPORTER_SETTINGS,
@@ -122,11 +179,42 @@ def export_onnx(
         except Exception as exc:  # the exporter raises many unrelated types
             raise ExportError(f"torch.onnx.export failed for {output}: {type(exc).__name__}: {exc}") from exc
         proto = onnx.load(str(raw_path))
-        pin_volatile_fields(proto, config, {"mitra_build.flavour": flavour, **(metadata or {})})
-        _name_output_dims(proto, outputs[0].shape)
+        _check_names(proto, inputs, outputs, output)
+        pin_volatile_fields(proto, model_config, {**metadata, "mitra_build.flavour": flavour})
+        for value, spec in zip((*proto.graph.input, *proto.graph.output), specs):
+            name_dims(value, spec.shape)
         onnx.save_model(proto, str(raw_path))
     seconds = time.perf_counter() - started
     return ExportResult(path=output, sha256=sha256_file(output), size=output.stat().st_size, opset=opset, seconds=seconds)
+
+
+def _check_names(proto: onnx.ModelProto, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], output: Path) -> None:
+    """The exporter drops unused inputs silently; a graph that lost one would break the contract."""
+    got = ([v.name for v in proto.graph.input], [v.name for v in proto.graph.output])
+    want = ([s.name for s in inputs], [s.name for s in outputs])
+    if got != want:
+        raise ExportError(
+            f"exported {output.name} has inputs/outputs {got}, its contract expects {want}: every contract input "
+            "must be used by the module's forward, and its outputs returned in contract order"
+        )
+
+
+def name_dims(value: onnx.ValueInfoProto, dims: tuple[str | int, ...]) -> None:
+    """Set `value`'s dims to the contract's: a str names a dynamic dim, an int fixes it.
+
+    The exporter names dynamic dims after internal nodes. dim_value and dim_param are one protobuf
+    oneof, so setting either clears the other; the explicit ClearField keeps that visible.
+    """
+    shape = value.type.tensor_type.shape
+    if len(shape.dim) != len(dims):
+        raise ExportError(f"exported `{value.name}` has {len(shape.dim)} dims, its contract says {len(dims)}: {dims}")
+    for dim, want in zip(shape.dim, dims):
+        if isinstance(want, str):
+            dim.ClearField("dim_value")
+            dim.dim_param = want
+        else:
+            dim.ClearField("dim_param")
+            dim.dim_value = want
 
 
 def pin_volatile_fields(proto: onnx.ModelProto, config: MitraConfig, metadata: dict[str, str]) -> None:
@@ -149,17 +237,6 @@ def pin_volatile_fields(proto: onnx.ModelProto, config: MitraConfig, metadata: d
     for key in sorted(props):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, props[key]
-
-
-def _name_output_dims(proto: onnx.ModelProto, dims: tuple[str | int, ...]) -> None:
-    """The exporter names output dims after internal nodes; give them the contract's names."""
-    shape = proto.graph.output[0].type.tensor_type.shape
-    for dim, want in zip(shape.dim, dims):
-        if isinstance(want, str):
-            dim.ClearField("dim_value")
-            dim.dim_param = want
-        else:
-            dim.dim_value = want
 
 
 def numpy_inputs(inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
