@@ -91,3 +91,16 @@ class StoreUnreachableError(StoreError, ConnectionError):
 
 class ToolMissingError(MitraBuildError, FileNotFoundError):
     """A program the pipeline runs (the SeaweedFS `weed` binary) is not installed."""
+
+
+class OutputError(MitraBuildError, OSError):
+    """An output cannot be written where asked (read-only, full disk, a folder in the way, or it
+    would overwrite one of the command's own inputs)."""
+
+
+class UpstreamMissingError(MitraBuildError, ModuleNotFoundError):
+    """Upstream AutoGluon Mitra (or einops/einx, which it imports) is not installed."""
+
+
+class ReferenceCacheError(MitraBuildError, ValueError):
+    """A file in the reference cache is unreadable or is not the reference it is named after."""

@@ -27,9 +27,8 @@ from mitra_model.support_cache import (
     cache_nbytes,
     export_support_cache,
     support_cache_contract,
-    verify_support_cache,
 )
-from mitra_model.verify import onnx_session, require_passed
+from mitra_model.verify import onnx_session, require_passed, verify_support_cache
 
 FLAVOURS = ("portable", "optimized")
 # (id, (B, S, Q, F), data, padded support rows)
@@ -152,6 +151,7 @@ def test_onnx_pair_matches_full_model_over_the_matrix(pairs, models, build_confi
     require_passed(report)
     assert [c.name for c in report.cells] == [c.name for c in build_config.verification.cells]
     assert report.summary["max_abs_err"] <= 1e-5, report.to_markdown()
+    assert report.summary["query_batches"] == 3 and report.onnx_path == str(pair.predict.path)
 
 
 def test_query_batches_equal_one_batch(pairs, models, task: str) -> None:

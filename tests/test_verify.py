@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from mitra_model.config import Cell, Tolerance
 from mitra_model.errors import VerificationError
 from mitra_model.snapshot import load_model
+from mitra_model.upstream import upstream_version
 from mitra_model.verify import require_passed, verify_onnx, write_report
 
 
@@ -25,6 +26,9 @@ def test_matrix_passes_for_both_tasks(tiny_exports, tiny_snapshots, build_config
     require_passed(report)
     assert [c.name for c in report.cells] == [c.name for c in build_config.verification.cells]
     assert report.summary["max_abs_err"] <= 1e-4
+    # the reference is upstream AutoGluon, and the rewrite was checked against it in the same pass
+    assert report.summary["upstream"] == upstream_version() and report.summary["rewrite_vs_upstream_max_abs"] <= 1e-6
+    assert report.summary["reference_seconds"] > 0 and len(report.table_rows()) == len(report.cells)
     write_report(report, tmp_path / "r.json", tmp_path / "r.md")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["passed"] is True and len(saved["cells"]) == len(build_config.verification.cells)
