@@ -23,9 +23,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from prefect import flow, unmapped  # noqa: E402
 
 import flows.mitra_build as pipeline  # noqa: E402
-from mitra_model.build import ArtifactSpec  # noqa: E402
 from mitra_model.config import REPO_ROOT, ExecutionConfig, load_config  # noqa: E402
-from mitra_model.export import FLAVOUR_FILES, export_onnx  # noqa: E402
+from mitra_model.export import export_onnx  # noqa: E402
+from mitra_model.layout import FLAVOUR_FILES  # noqa: E402
 from mitra_model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
 
 WORK = REPO_ROOT / "artifacts" / "bench" / "dask"
@@ -45,15 +45,16 @@ def main() -> None:
                     trace_shape=config.export.trace_shape, flavour=args.flavour)
     cells = list(config.verification.cells)
     tolerance = config.verification.tolerance("fp32")
-    spec = ArtifactSpec("fp32", onnx_path.name, "fp32", args.flavour)
+    reference_dir = WORK / "reference"
 
     timings = {}
     for name, execution in (("in-process (thread runner, 1 at a time)", ExecutionConfig()),
                             ("dask LocalCluster, 2 worker processes", ExecutionConfig(task_runner="dask", dask_workers=2))):
         @flow(task_runner=pipeline.task_runner(execution), name="bench-matrix")
         def matrix() -> list:
-            futures = pipeline.verify_cell.map(unmapped(snapshot), unmapped(onnx_path), cells, unmapped(spec),
-                                               unmapped(tolerance), unmapped(config.verification.seed))
+            futures = pipeline.verify_cell.map(unmapped(snapshot), unmapped((onnx_path,)), cells, unmapped("fp32"),
+                                               unmapped("graph"), unmapped(tolerance), unmapped(config.verification.seed),
+                                               unmapped(reference_dir))
             return [f.result() for f in futures]
 
         started = time.perf_counter()

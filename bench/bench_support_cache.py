@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import machine  # noqa: E402
 
 from mitra_model.config import REPO_ROOT, load_config  # noqa: E402
-from mitra_model.export import FLAVOUR_FILES, INPUT_NAMES, export_onnx  # noqa: E402
+from mitra_model.export import INPUT_NAMES, export_onnx  # noqa: E402
+from mitra_model.layout import FLAVOUR_FILES  # noqa: E402
 from mitra_model.inputs import make_inputs  # noqa: E402
 from mitra_model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
 from mitra_model.support_cache import ENCODE_INPUT_NAMES, cache_names, export_support_cache  # noqa: E402

@@ -1,10 +1,10 @@
 """The `mitra-build` Prefect flow: thin orchestration over `mitra_model`, readable as the pipeline.
 
-    resolve revision -> (published latest is this version? stop) -> download -> checksum
-    -> per artifact: export (portable, optimized) | quantize (int8, fp16) -> check -> verification matrix
+    resolve revision -> decide (up to date? stop) -> download -> checksum
+    -> reference: upstream Tab2D and our rewrite on every matrix cell, once
+    -> per planned recipe (mitra_model/recipes.py), each after the one it derives from:
+       make (export | quantize | export the pair) -> check -> verification matrix vs the reference
        -> consumer check (onnxruntime-node, optionally the browser)
-    -> support-cache pair (encode_support / predict_query) -> verified against the full model
-       -> consumer check of the pair (encode, then predict on its outputs, in the same runtimes)
     -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, pointer)
 
 Every task wraps one library function. Tasks keep no Prefect cache: whether to rebuild is decided
@@ -25,22 +25,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.filesystems import WritableFileSystem
 
 from mitra_model import build as builds
-from mitra_model import consumers, support_cache
+from mitra_model import consumers
+from mitra_model import reference as references
 from mitra_model import source as sources
-from mitra_model.check import check_onnx
-from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
-from mitra_model.store import StoreConfig, make_s3_client
-from mitra_model.config import REPO_ROOT, SUPPORT_CACHE_TOLERANCE, BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
-from mitra_model.export import export_onnx
-from mitra_model.publish import PublishResult, latest_release, publish_build
-from mitra_model.quantize import quantize_onnx
-from mitra_model.snapshot import Snapshot, load_model
 from mitra_model import verify as verification
+from mitra_model.check import check_onnx
+from mitra_model.config import BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
+from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
+from mitra_model.publish import PublishResult, latest_release, publish_build
+from mitra_model.recipes import BuildContext, Made, Recipe
+from mitra_model.snapshot import Snapshot
+from mitra_model.store import StoreConfig, make_s3_client
 from mitra_model.verify import CellResult
 
-DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts"
 # Persisted cell results: one object per flow run, artifact and cell under the store's results folder.
-CELL_RESULT_KEY = "verify-cell/{flow_run.id}/{parameters[spec].name}/{parameters[cell].name}"
+CELL_RESULT_KEY = "verify-cell/{flow_run.id}/{parameters[recipe_name]}/{parameters[cell].name}"
 RESULT_STORAGE_BLOCK = "mitra-build-results"  # the S3Bucket block document on the Prefect server
 
 
@@ -63,117 +62,93 @@ def checksum(snapshot: Snapshot, source: builds.SourceInfo) -> None:
     sources.verify_checksums(snapshot, source)
 
 
-@task(name="export", cache_policy=NO_CACHE)
-def export(snapshot: Snapshot, config: BuildConfig, work: Path, spec: builds.ArtifactSpec) -> Path:
-    model, _ = load_model(snapshot.path)
-    return export_onnx(model, work / spec.file, opset=config.export.opset, trace_shape=config.export.trace_shape,
-                       metadata=snapshot.onnx_metadata(), flavour=spec.flavour).path
+@task(name="make-artifact", cache_policy=NO_CACHE, task_run_name="make-{recipe.name}")
+def make_artifact(recipe: Recipe, snapshot: Snapshot, config: BuildConfig, work: Path,
+                  parent_files: tuple[Path, ...]) -> Made:
+    context = BuildContext(snapshot_dir=snapshot.path, work=work, opset=config.export.opset,
+                           trace_shape=config.export.trace_shape, parent_files=parent_files,
+                           options=config.artifacts.options_for(recipe))
+    return recipe.make(context)
 
 
-@task(name="quantize", cache_policy=NO_CACHE)
-def quantize(source: Path, work: Path, spec: builds.ArtifactSpec) -> tuple[Path, dict[str, Any]]:
-    result = quantize_onnx(source, work / spec.file, precision=spec.precision)
-    return result.path, result.details
+@task(name="check", cache_policy=NO_CACHE, task_run_name="check-{recipe.name}")
+def check(recipe: Recipe, made: Made, snapshot: Snapshot) -> None:
+    for file, path in zip(recipe.files, made.files):
+        check_onnx(path, config=snapshot.config, contract=file.contract(snapshot.config))
 
 
-@task(name="check", cache_policy=NO_CACHE)
-def check(path: Path, snapshot: Snapshot) -> None:
-    check_onnx(path, config=snapshot.config)
+@task(name="reference-cell", cache_policy=NO_CACHE, task_run_name="reference-{cell.name}")
+def reference_cell(snapshot_dir: Path, cell: Cell, seed: int, cache_dir: Path) -> None:
+    """Upstream's Tab2D and our rewrite on one cell's inputs, computed once per build and cached for
+    every artifact's verification."""
+    reference = references.reference_for(snapshot_dir, cell, seed=seed, cache_dir=cache_dir)
+    get_run_logger().info("reference %s: upstream vs rewrite max abs %.2e", cell.name, reference.rewrite_vs_upstream_max_abs)
 
 
-@task(name="verify-cell", cache_policy=NO_CACHE, task_run_name="verify-{spec.name}-{cell.name}")
-def verify_cell(snapshot_dir: Path, path: Path, cell: Cell, spec: builds.ArtifactSpec, tolerance: Tolerance,
-                seed: int) -> CellResult:
-    result = verification.verify_cell(snapshot_dir, path, cell, tolerance=tolerance, seed=seed)
-    get_run_logger().info("%s cell %s %s: max abs %.2e %s", spec.name, cell.name, result.shape,
+@task(name="verify-cell", cache_policy=NO_CACHE, task_run_name="verify-{recipe_name}-{cell.name}")
+def verify_cell(snapshot_dir: Path, paths: tuple[Path, ...], cell: Cell, recipe_name: str, kind: str,
+                tolerance: Tolerance, seed: int, reference_dir: Path) -> CellResult:
+    result = verification.verify_cell(snapshot_dir, paths, cell, kind=kind, tolerance=tolerance, seed=seed,
+                                      reference_dir=reference_dir)
+    get_run_logger().info("%s cell %s %s: max abs %.2e %s", recipe_name, cell.name, result.shape,
                           result.max_abs_err, "ok" if result.passed else "FAIL " + "; ".join(result.failures))
     return result
 
 
-@task(name="verification-report", cache_policy=NO_CACHE)
-def verification_report(path: Path, spec: builds.ArtifactSpec, tolerance: Tolerance, results: list[CellResult],
-                        variant: Variant, details: dict[str, Any]) -> builds.BuiltArtifact:
-    report = verification.make_report(path, precision=spec.precision, tolerance=tolerance, results=results)
+@task(name="verification-report", cache_policy=NO_CACHE, task_run_name="report-{recipe.name}")
+def verification_report(recipe: Recipe, made: Made, tolerance: Tolerance, results: list[CellResult],
+                        variant: Variant) -> list[builds.BuiltArtifact]:
+    summary = {"query_batches": verification.QUERY_BATCHES} if recipe.verify_as == "pair" else None
+    report = verification.make_report(made.files[-1], precision=recipe.precision, tolerance=tolerance, results=results,
+                                      summary=summary)
     create_table_artifact(
-        key=f"{variant.name}-verification-{spec.name}",
-        table=[{"cell": c.name, "B,S,Q,F": ",".join(map(str, c.shape)), "data": c.data, "max_abs_err": f"{c.max_abs_err:.2e}",
-                "agreement/corr": c.argmax_agreement if c.argmax_agreement is not None else c.correlation,
-                "onnx_s": round(c.onnx_seconds, 3), "passed": c.passed} for c in report.cells],
-        description=f"{variant.name}: verification matrix, {spec.name} ({'passed' if report.passed else 'FAILED'})",
+        key=f"{variant.name}-verification-{recipe.name}", table=report.table_rows(),
+        description=f"{variant.name}: verification matrix, {recipe.name} vs upstream Tab2D "
+                    f"({'passed' if report.passed else 'FAILED'})",
     )
     verification.require_passed(report)
-    return builds.BuiltArtifact(spec=spec, path=path, size=path.stat().st_size, sha256=report.onnx_sha256,
-                                report=report, details=details)
+    return builds.built_artifacts(recipe, made.files, report, made.details)
 
 
-def verify(path: Path, snapshot: Snapshot, config: BuildConfig, variant: Variant, spec: builds.ArtifactSpec,
-           details: dict[str, Any], storage: WritableFileSystem | None) -> builds.BuiltArtifact:
+def verify(recipe: Recipe, made: Made, snapshot: Snapshot, config: BuildConfig, variant: Variant,
+           reference_dir: Path, storage: WritableFileSystem | None) -> list[builds.BuiltArtifact]:
     """The matrix as one task per cell on the configured task runner (threads here, or Dask); with a
     result storage, each cell's result is persisted there by whichever worker ran it."""
-    tolerance = config.verification.tolerance(spec.precision)
+    tolerance = config.verification.tolerance(recipe.tolerance)
     cells = list(config.verification.cells)
     # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
     cell_task = verify_cell if storage is None else verify_cell.with_options(
         result_storage=storage, result_storage_key=CELL_RESULT_KEY, cache_policy=None)
-    futures = cell_task.map(unmapped(snapshot.path), unmapped(path), cells, unmapped(spec), unmapped(tolerance),
-                              unmapped(config.verification.seed))
-    return verification_report(path, spec, tolerance, [f.result() for f in futures], variant, details)
+    futures = cell_task.map(unmapped(snapshot.path), unmapped(made.files), cells, unmapped(recipe.name),
+                            unmapped(recipe.verify_as), unmapped(tolerance), unmapped(config.verification.seed),
+                            unmapped(reference_dir))
+    return verification_report(recipe, made, tolerance, [f.result() for f in futures], variant)
 
 
-@task(name="consumer-check", cache_policy=NO_CACHE)
-def consumer_check(built: list[builds.BuiltArtifact], snapshot: Snapshot, config: BuildConfig,
+@task(name="consumer-check", cache_policy=NO_CACHE, task_run_name="consumer-check-{recipe.name}")
+def consumer_check(recipe: Recipe, built: list[builds.BuiltArtifact], snapshot: Snapshot, config: BuildConfig,
                    work: Path) -> list[builds.BuiltArtifact]:
     """Load the artifact where it is consumed (onnxruntime-node; optionally the browser) and require
-    the outputs of Python ONNX Runtime on a fixed set of inputs. Two artifacts are the support-cache
-    pair, checked together as consumers run it: encode-support, then predict-query on its outputs."""
+    the outputs of Python ONNX Runtime on a fixed set of inputs. A pair is checked as consumers run
+    it: encode-support, then predict-query on its outputs."""
     model, *predictor = [artifact.path for artifact in built]
     predict_path = predictor[0] if predictor else None
-    name = " + ".join(artifact.spec.name for artifact in built)
-    precision = built[0].spec.precision
-    fixture = consumers.write_fixture(model, snapshot.config, work / f"fixture-{built[0].spec.name}",
-                                      predict_path=predict_path)
+    fixture = consumers.write_fixture(model, snapshot.config, work / f"fixture-{recipe.name}", predict_path=predict_path)
     checks = []
     if config.consumers.node:
         consumers.ensure_node_modules()
         checks.append(consumers.check_in_node(
             model, fixture, predict_path=predict_path,
-            tolerance_abs=config.consumers.tolerance(precision, consumers.NODE_RUNTIME)))
+            tolerance_abs=config.consumers.tolerance(recipe.precision, consumers.NODE_RUNTIME)))
     if config.consumers.browser:
         checks.append(consumers.check_in_browser(
             model, fixture, predict_path=predict_path,
-            tolerance_abs=config.consumers.tolerance(precision, consumers.WEB_RUNTIME)))
+            tolerance_abs=config.consumers.tolerance(recipe.precision, consumers.WEB_RUNTIME)))
     for check in checks:
-        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", name, check.runtime,
+        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", recipe.name, check.runtime,
                               check.runtime_version, check.host, check.max_abs_err)
     records = tuple(check.to_record() for check in checks)
     return [dataclasses.replace(artifact, checked_in=records) for artifact in built]
-
-
-@task(name="export-support-cache", cache_policy=NO_CACHE)
-def export_support_cache_pair(snapshot: Snapshot, config: BuildConfig, work: Path) -> support_cache.SupportCacheExport:
-    model, _ = load_model(snapshot.path)
-    return support_cache.export_support_cache(model, work, opset=config.export.opset,
-                                              trace_shape=config.export.trace_shape, metadata=snapshot.onnx_metadata())
-
-
-@task(name="verify-support-cache", cache_policy=NO_CACHE)
-def verify_support_cache_pair(pair: support_cache.SupportCacheExport, snapshot: Snapshot, config: BuildConfig,
-                              variant: Variant) -> list[builds.BuiltArtifact]:
-    """predict_query(encode_support(...)) against the full PyTorch model on every matrix cell, with
-    several query batches per cache; the pair is published only together."""
-    model, _ = load_model(snapshot.path)
-    tolerance = config.verification.tolerance(SUPPORT_CACHE_TOLERANCE)
-    report = support_cache.verify_support_cache(model, pair.encode.path, pair.predict.path,
-                                                cells=config.verification.cells, tolerance=tolerance,
-                                                seed=config.verification.seed)
-    create_table_artifact(
-        key=f"{variant.name}-verification-support-cache",
-        table=[{"cell": c.name, "B,S,Q,F": ",".join(map(str, c.shape)), "max_abs_err": f"{c.max_abs_err:.2e}",
-                "passed": c.passed} for c in report.cells],
-        description=f"{variant.name}: support-cache pair vs full model ({'passed' if report.passed else 'FAILED'})",
-    )
-    verification.require_passed(report)
-    return builds.support_cache_artifacts(pair, report, snapshot.config)
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
@@ -223,45 +198,40 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
                                    toolchain=toolchain, code=builds.code_digest())
     store = config.store if publish_to_store else None
     latest = read_latest_release(store, variant) if store else None
-    if latest is not None and latest["version"] == version and not force:
-        logger.info("%s is up to date: %s is already the published latest (manifest_version %d)",
-                    variant.name, version, latest["manifest_version"])
-        return {"variant": variant.name, "status": "up-to-date", "version": version,
-                "synthetic": source.synthetic, "build_dir": None, "published": store.url(latest["manifest_key"])}
-    done = builds.completed_build(artifacts, variant.name, version)
-    if done is not None and not force:
-        logger.info("%s %s is already built locally; no export or verification needed", variant.name, version)
+    decision = builds.decide_build(variant=variant.name, version=version, artifacts_root=artifacts, latest=latest,
+                                   force=force)
+    logger.info(decision.reason)
+    if decision.action == "published":
+        return {"variant": variant.name, "status": "up-to-date", "version": version, "synthetic": source.synthetic,
+                "build_dir": None, "published": store.url(latest["manifest_key"]) if store and latest else None}
+    if decision.action == "built-locally":
         folder = builds.build_dir(artifacts, variant.name, version)
-        return finish(variant, version, folder, done, store, "up-to-date" if store is None else "published")
+        return finish(variant, version, folder, decision.manifest, store, "up-to-date" if store is None else "published")
 
     snapshot_files = local if local is not None else download(pinned, artifacts, hub_endpoint)
     checksum(snapshot_files, source)
     work = builds.fresh_work_dir(artifacts, variant.name, version)
     storage = result_storage(config)
-    built: dict[str, builds.BuiltArtifact] = {}
+    reference_dir = artifacts / "cache" / "reference"
+    for cell in config.verification.cells:  # once per build; every artifact below is compared with these
+        reference_cell(snapshot_files.path, cell, config.verification.seed, reference_dir)
+    made: dict[str, Made] = {}
+    built: list[builds.BuiltArtifact] = []
     check_in_consumers = config.consumers.node or config.consumers.browser
-    for spec in builds.planned_artifacts(config.artifacts):
-        if spec.precision == "fp32":
-            path, details = export(snapshot_files, config, work, spec), {}
-        else:  # reduced precisions derive from the verified optimized fp32 file
-            path, details = quantize(built["fp32-ort"].path, work, spec)
-        check(path, snapshot_files)
-        verified = [verify(path, snapshot_files, config, variant, spec, details, storage)]
+    for recipe in config.artifacts.planned():  # each after the recipe it derives from
+        parent = made[recipe.derives_from].files if recipe.derives_from else ()
+        made[recipe.name] = make_artifact(recipe, snapshot_files, config, work, parent)
+        check(recipe, made[recipe.name], snapshot_files)
+        verified = verify(recipe, made[recipe.name], snapshot_files, config, variant, reference_dir, storage)
         if check_in_consumers:
-            verified = consumer_check(verified, snapshot_files, config, work)
-        built[spec.name] = verified[0]
-    if config.artifacts.support_cache:
-        pair = export_support_cache_pair(snapshot_files, config, work)
-        verified = verify_support_cache_pair(pair, snapshot_files, config, variant)
-        if check_in_consumers:
-            verified = consumer_check(verified, snapshot_files, config, work)
-        built.update((artifact.spec.name, artifact) for artifact in verified)
+            verified = consumer_check(recipe, verified, snapshot_files, config, work)
+        built += verified
     manifest = builds.draft_manifest(
         variant=variant.name, version=version, source=source, snapshot=snapshot_files, model_config=snapshot_files.config,
-        config_digest=config_digest(config), opset=config.export.opset, artifacts=list(built.values()),
+        config_digest=config_digest(config), opset=config.export.opset, artifacts=built,
         toolchain=toolchain,
     )
-    folder = assemble(manifest, list(built.values()), artifacts)
+    folder = assemble(manifest, built, artifacts)
     builds.discard_work_dir(work)
     return finish(variant, version, folder, manifest, store, "built")
 
@@ -342,7 +312,7 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
     if snapshot and len(selected) != 1:
         raise ConfigError(f"--snapshot builds one variant but {len(selected)} are selected "
                           f"({', '.join(v.name for v in selected)}): name one with --variant NAME (variants=[NAME])")
-    artifacts = Path(artifacts_root) if artifacts_root else DEFAULT_ARTIFACTS
+    artifacts = Path(artifacts_root) if artifacts_root else Path.cwd() / "artifacts"
     build = build_variant.with_options(task_runner=task_runner(config.execution))
     results = [
         build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,

@@ -18,87 +18,51 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import __version__
-from .config import REPO_ROOT, ArtifactsConfig
 from .errors import VerificationError
-from .export import EXPORTER_SETTINGS, FLAVOUR_FILES, FLAVOUR_RUNTIMES, TensorSpec, io_contract
+from .export import EXPORTER_SETTINGS, TensorSpec
 from .fileutil import atomic_directory, sha256_file
 from .model import MitraConfig
-from .publish import MANIFEST_NAME as MANIFEST_FILE
-from .publish import MANIFEST_SCHEMA_ID
+from .layout import MANIFEST_NAME as MANIFEST_FILE
+from .layout import MANIFEST_SCHEMA_ID, verification_report_name
+from .recipes import ArtifactFile, Recipe
 from .snapshot import Snapshot
-from .support_cache import SupportCacheExport, support_cache_contract
+from .source import SourceInfo
 from .verify import VerificationReport
-
-# Why each artifact exists, for consumers choosing a file. Each artifact's `cpu` entry in the manifest
-# has its measured CPU time over the matrix (benchmarks: bench/results-precision.md).
-PRECISION_PURPOSE = {
-    "fp32": "reference precision; what upstream computes",
-    "int8": "CPU inference: dynamic int8 MatMul weights, about 4x smaller than fp32 and faster on CPU",
-    "support-cache": "fit once, predict many: encode_support runs once per support set, predict_query per call",
-    "fp16": "GPU / WebGPU execution providers (fp16 weights and transformer compute); runs on CPU but is no "
-            "faster there than fp32 (see `cpu`)",
-}
-
-
-@dataclass(frozen=True)
-class ArtifactSpec:
-    """One file a build produces."""
-
-    name: str  # manifest key: fp32 | fp32-ort | int8 | fp16
-    file: str
-    precision: str  # fp32 | int8 | fp16 (selects the verification tolerance)
-    flavour: str  # portable | optimized
-
-
-def planned_artifacts(artifacts: ArtifactsConfig) -> list[ArtifactSpec]:
-    """The artifacts a build produces, in build order (fp32 exports first, then what derives from them)."""
-    specs = [ArtifactSpec("fp32", FLAVOUR_FILES["portable"], "fp32", "portable")]
-    if "optimized" in artifacts.flavours:
-        specs.append(ArtifactSpec("fp32-ort", FLAVOUR_FILES["optimized"], "fp32", "optimized"))
-    specs += [ArtifactSpec(p, f"model-{p}.onnx", p, "optimized") for p in artifacts.precisions]
-    return specs
 
 
 @dataclass(frozen=True)
 class BuiltArtifact:
-    spec: ArtifactSpec
+    """One verified file of a recipe (a pair's two files share the pair's report)."""
+
+    recipe: Recipe
+    file: ArtifactFile
     path: Path
     size: int
     sha256: str
     report: VerificationReport
     details: dict[str, Any]  # how it was made (e.g. quantized MatMul count)
-    checked_in: tuple[dict[str, Any], ...] = ()  # consumer runtimes it ran in (consumers.ConsumerResult.to_record)
-    contract: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None  # None: the model's io_contract
+    checked_in: tuple[dict[str, Any], ...] = ()  # consumer runtimes it ran in (ConsumerResult.to_record)
+
+    @property
+    def name(self) -> str:
+        return self.file.name
 
 
-def support_cache_artifacts(pair: SupportCacheExport, report: VerificationReport,
-                            model_config: MitraConfig) -> list[BuiltArtifact]:
-    """The verified encode-support / predict-query pair as two artifacts with their own I/O contracts
-    (published only together: both carry the one report)."""
-    contract = support_cache_contract(model_config)
-    return [
-        BuiltArtifact(spec=ArtifactSpec(name, result.path.name, "fp32", pair.flavour), path=result.path,
-                      size=result.size, sha256=result.sha256, report=report, details={"pair": "support-cache"},
-                      contract=contract[name.replace("-", "_")])
-        for name, result in (("encode-support", pair.encode), ("predict-query", pair.predict))
-    ]
+def built_artifacts(recipe: Recipe, paths: tuple[Path, ...], report: VerificationReport,
+                    details: dict[str, Any]) -> list[BuiltArtifact]:
+    """The recipe's verified files (in `recipe.files` order) as manifest entries."""
+    if len(paths) != len(recipe.files):
+        raise VerificationError(f"{recipe.name} made {len(paths)} file(s), its recipe declares {len(recipe.files)}",
+                                [recipe.name])
+    return [BuiltArtifact(recipe=recipe, file=file, path=path, size=path.stat().st_size, sha256=sha256_file(path),
+                          report=report, details=details)
+            for file, path in zip(recipe.files, paths)]
 
 
 _TOOLCHAIN_PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "safetensors")
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """Where the weights came from, as recorded in the manifest."""
-
-    repo_id: str
-    requested_revision: str
-    resolved_commit: str | None  # None for a local or synthetic snapshot
-    synthetic: bool
-    digests: dict[str, str]  # path -> "sha256:<hex>" | "gitsha1:<hex>", as known before download
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -111,8 +75,9 @@ def toolchain_versions() -> dict[str, str]:
 def code_digest() -> str:
     """SHA-256 over this package's source: a code change is a new version."""
     digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "mitra_model").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -160,7 +125,47 @@ def completed_build(artifacts_root: Path, variant: str, version: str) -> dict[st
     return manifest
 
 
-def _tensor_specs(specs) -> list[dict[str, Any]]:  # noqa: ANN001 - tuple[TensorSpec, ...]
+@dataclass(frozen=True)
+class BuildDecision:
+    """Whether a variant's version needs building, and why (what the flow logs)."""
+
+    action: Literal["build", "published", "built-locally"]
+    version: str
+    reason: str
+    manifest: dict[str, Any] | None = None  # built-locally: the intact build's manifest
+    latest: dict[str, Any] | None = None  # published: the store's latest release record
+
+
+def decide_build(*, variant: str, version: str, artifacts_root: Path, latest: dict[str, Any] | None,
+                 force: bool) -> BuildDecision:
+    """Decide from content whether to build `version` of `variant`.
+
+    Up to date means the store's latest release already is this version ("published"), or, with no
+    such release, an intact local build folder of it exists ("built-locally": publish it, build
+    nothing). `force` always builds.
+
+    Args:
+        variant: the variant name.
+        version: the content-derived version (`build_version`).
+        artifacts_root: the artifacts folder holding `builds/`.
+        latest: the store's latest release record (`publish.latest_release`), or None (no store, or
+            nothing published yet).
+        force: build even when up to date.
+    """
+    if force:
+        return BuildDecision("build", version, f"{variant} {version}: rebuilding because force=true")
+    if latest is not None and latest["version"] == version:
+        return BuildDecision("published", version, f"{variant} is up to date: {version} is already the published "
+                             f"latest (manifest_version {latest['manifest_version']})", latest=latest)
+    manifest = completed_build(artifacts_root, variant, version)
+    if manifest is not None:
+        return BuildDecision("built-locally", version, f"{variant} {version} is already built locally; no export "
+                             "or verification needed", manifest=manifest)
+    was = f"the published latest is {latest['version']}" if latest else "nothing is published or built"
+    return BuildDecision("build", version, f"{variant} {version} needs building ({was})")
+
+
+def _tensor_specs(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
     return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
 
 
@@ -177,8 +182,8 @@ def draft_manifest(
     toolchain: dict[str, str],
 ) -> dict[str, Any]:
     """The manifest as the build writes it; publishing adds manifest_version, previous digest, S3 keys."""
-    inputs, outputs = io_contract(model_config)
-    fp32_seconds = next(a.report.summary["onnx_seconds"] for a in artifacts if a.spec.name == "fp32")
+    fp32_seconds = next(a.report.summary["onnx_seconds"] for a in artifacts if a.name == "fp32")
+    reference = next(iter(artifacts)).report.summary if artifacts else {}
     return {
         "schema": MANIFEST_SCHEMA_ID,
         "variant": variant,
@@ -201,44 +206,54 @@ def draft_manifest(
             "config_sha256": config_digest,
             "code_sha256": code_digest(),
             "exporter": {"name": "torch.onnx.export", **EXPORTER_SETTINGS},
+            # every artifact is compared with upstream's own Tab2D on these weights, and so is our
+            # PyTorch rewrite (the exporter's input): ONNX ≈ rewrite ≈ upstream, measured in this build
+            "reference": {key: reference[key] for key in REFERENCE_KEYS if key in reference},
         },
-        "artifacts": [
-            {
-                "name": a.spec.name,
-                "file": a.spec.file,
-                "size": a.size,
-                "sha256": a.sha256,
-                "precision": a.spec.precision,
-                "flavour": a.spec.flavour,
-                "purpose": PRECISION_PURPOSE["support-cache" if a.contract else a.spec.precision],
-                "runtimes": list(FLAVOUR_RUNTIMES[a.spec.flavour]),
-                "inputs": _tensor_specs(a.contract[0] if a.contract else inputs),
-                "outputs": _tensor_specs(a.contract[1] if a.contract else outputs),
-                "details": a.details,
-                "checked_in": list(a.checked_in),
-                # ONNX Runtime CPU time of the whole matrix on the build machine, and relative to the
-                # portable fp32 file on the same cells (the support-cache pair is timed differently)
-                **({} if a.contract else {"cpu": {
-                    "matrix_seconds": round(a.report.summary["onnx_seconds"], 3),
-                    "relative_to_fp32": round(a.report.summary["onnx_seconds"] / fp32_seconds, 3),
-                }}),
-            }
-            for a in artifacts
-        ],
+        "artifacts": [_manifest_entry(a, model_config, fp32_seconds) for a in artifacts],
         "verification": {
-            a.spec.name: {
+            a.name: {
                 "passed": a.report.passed,
-                "precision": a.spec.precision,
+                "precision": a.recipe.precision,
                 "cells": len(a.report.cells),
                 "failed_cells": sum(not c.passed for c in a.report.cells),
                 "max_abs_err": a.report.summary["max_abs_err"],
                 "onnx_seconds": a.report.summary["onnx_seconds"],
                 "tolerance": a.report.tolerance,
-                "report": f"verification-{a.spec.name}.json",
+                "report": verification_report_name(a.name),
             }
             for a in artifacts
         },
     }
+
+
+# What a report's summary says about the reference (upstream's version, rewrite vs upstream).
+REFERENCE_KEYS = ("upstream", "rewrite_vs_upstream_max_abs", "reference_seconds")
+
+
+def _manifest_entry(a: BuiltArtifact, model_config: MitraConfig, fp32_seconds: float) -> dict[str, Any]:
+    inputs, outputs = a.file.contract(model_config)
+    entry: dict[str, Any] = {
+        "name": a.name,
+        "recipe": a.recipe.name,
+        "file": a.file.file,
+        "size": a.size,
+        "sha256": a.sha256,
+        "precision": a.recipe.precision,
+        "flavour": a.recipe.flavour,
+        "purpose": a.recipe.purpose,
+        "runtimes": list(a.recipe.runtimes),
+        "inputs": _tensor_specs(inputs),
+        "outputs": _tensor_specs(outputs),
+        "details": a.details,
+        "checked_in": list(a.checked_in),
+    }
+    if a.recipe.verify_as == "graph":  # a pair's matrix time is encode + several predicts: not comparable
+        # ONNX Runtime CPU time of the whole matrix on the build machine, and relative to the portable
+        # fp32 file on the same cells
+        seconds = a.report.summary["onnx_seconds"]
+        entry["cpu"] = {"matrix_seconds": round(seconds, 3), "relative_to_fp32": round(seconds / fp32_seconds, 3)}
+    return entry
 
 
 def assemble_build(artifacts_root: Path, manifest: dict[str, Any], artifacts: list[BuiltArtifact]) -> Path:
@@ -253,9 +268,9 @@ def assemble_build(artifacts_root: Path, manifest: dict[str, Any], artifacts: li
     final = build_dir(artifacts_root, manifest["variant"], manifest["version"])
     with atomic_directory(final) as tmp:
         for artifact in artifacts:
-            shutil.move(artifact.path, tmp / artifact.spec.file)  # a rename: work and build share a filesystem
-            (tmp / f"verification-{artifact.spec.name}.json").write_text(artifact.report.to_json(), encoding="utf-8")
-            (tmp / f"verification-{artifact.spec.name}.md").write_text(artifact.report.to_markdown(), encoding="utf-8")
+            shutil.move(artifact.path, tmp / artifact.file.file)  # a rename: work and build share a filesystem
+            (tmp / verification_report_name(artifact.name)).write_text(artifact.report.to_json(), encoding="utf-8")
+            (tmp / verification_report_name(artifact.name, "md")).write_text(artifact.report.to_markdown(), encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return final
 

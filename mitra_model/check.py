@@ -24,9 +24,16 @@ class CheckResult:
     op_types: tuple[str, ...]
 
 
-def check_onnx(path: Path, *, config: MitraConfig) -> CheckResult:
+def check_onnx(
+    path: Path, *, config: MitraConfig, contract: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None
+) -> CheckResult:
     """Run `onnx.checker.check_model(full_check=True)` and strict shape inference on `path`, and
-    check that inputs/outputs follow the consumer contract with every dimension symbolic.
+    check that inputs/outputs follow the I/O contract with every named dimension symbolic.
+
+    Args:
+        path: the ONNX file.
+        config: the architecture it was exported from.
+        contract: (inputs, outputs) to hold it to; default the full model's (`export.io_contract`).
 
     Raises:
         OnnxCheckError: the message names the offending node (or input/output) and the rule broken.
@@ -41,7 +48,7 @@ def check_onnx(path: Path, *, config: MitraConfig) -> CheckResult:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except onnx.shape_inference.InferenceError as exc:
         raise OnnxCheckError(_describe(path, "shape inference", str(exc))) from None
-    inputs, outputs = io_contract(config)
+    inputs, outputs = contract if contract is not None else io_contract(config)
     _check_values(path, "input", list(model.graph.input), inputs)
     _check_values(path, "output", list(model.graph.output), outputs)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

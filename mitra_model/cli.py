@@ -9,8 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, recipes
 from .errors import MitraBuildError, VerificationError
+from .fileutil import refuse_overwriting_inputs
+from .local_s3 import DEFAULT_S3_PORT
 
 EXIT_ERROR = 2  # bad input or a failed stage
 EXIT_VERIFICATION_FAILED = 1
@@ -43,6 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .snapshot import load_model
 
     config = load_config(args.config)
+    refuse_overwriting_inputs(args.output, folders=[args.snapshot])
     model, snapshot = load_model(args.snapshot)
     if snapshot.synthetic:
         _say(f"note: {snapshot.path} is a SYNTHETIC snapshot (random weights); the ONNX file says so in its metadata")
@@ -141,9 +144,12 @@ def _quiet_known_errors(logger: logging.Logger) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import onnx
 
+    from .config import load_config
     from .quantize import quantize_onnx
 
-    result = quantize_onnx(args.onnx, args.output, precision=args.precision)  # validates the input first
+    refuse_overwriting_inputs(args.output, inputs=[args.onnx])
+    options = load_config(args.config).artifacts.options_for(recipes.recipe(args.precision))
+    result = quantize_onnx(args.onnx, args.output, precision=args.precision, options=options)  # validates the input first
     metadata = {p.key: p.value for p in onnx.load(str(args.onnx), load_external_data=False).metadata_props}
     if metadata.get("mitra_build.flavour") != "optimized":
         _say(f"note: {args.onnx} is not the optimized flavour; the pipeline quantizes that one "
@@ -220,13 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common], help="export a snapshot folder to ONNX (and run the check stage)")
     export.add_argument("--snapshot", type=Path, required=True)
     export.add_argument("--output", type=Path, required=True)
-    export.add_argument("--flavour", choices=("portable", "optimized"), default="portable",
+    export.add_argument("--flavour", choices=recipes.choices("flavours"), default="portable",
                         help="portable: standard ONNX ops; optimized: ONNX Runtime's memory-efficient attention")
     export.set_defaults(func=cmd_export)
 
-    quantize = sub.add_parser("quantize", parents=[common], help="derive an int8 or fp16 artifact from an fp32 export")
+    precisions = recipes.choices("precisions")
+    quantize = sub.add_parser("quantize", parents=[common],
+                              help=f"derive a reduced-precision artifact ({', '.join(precisions)}) from an fp32 export")
     quantize.add_argument("--onnx", type=Path, required=True, help="fp32 export (the optimized flavour)")
-    quantize.add_argument("--precision", choices=("int8", "fp16"), required=True)
+    quantize.add_argument("--precision", choices=precisions, required=True,
+                          help="options come from [artifacts.options.<precision>] in the configuration")
     quantize.add_argument("--output", type=Path, required=True)
     quantize.set_defaults(func=cmd_quantize)
 
@@ -252,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hub-endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or the public hub)")
     run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default ./artifacts)")
     precision = run.add_mutually_exclusive_group()
-    precision.add_argument("--precision", action="append", choices=("int8", "fp16"),
+    precision.add_argument("--precision", action="append", choices=precisions,
                            help="reduced precision to build (repeatable; default: [artifacts] in the configuration)")
-    precision.add_argument("--fp32-only", action="store_true", help="build no reduced precision (int8/fp16)")
-    run.add_argument("--flavour", action="append", choices=("portable", "optimized"),
+    precision.add_argument("--fp32-only", action="store_true", help=f"build no reduced precision ({'/'.join(precisions)})")
+    run.add_argument("--flavour", action="append", choices=recipes.choices("flavours"),
                      help="fp32 flavour to build (repeatable; portable is required; default: [artifacts])")
     run.add_argument("--no-publish", action="store_true", help="keep the build local even if [store] is configured")
     run.set_defaults(func=cmd_run)
@@ -269,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     local_s3 = sub.add_parser("local-s3", parents=[common], help="serve the configured bucket from a local SeaweedFS until stopped")
     local_s3.add_argument("--dir", type=Path, required=True, help="data folder (kept between runs)")
-    local_s3.add_argument("--port", type=int, default=8333)
+    local_s3.add_argument("--port", type=int, default=DEFAULT_S3_PORT)
     local_s3.set_defaults(func=cmd_local_s3)
     return parser
 

@@ -10,10 +10,14 @@ import hashlib
 import os
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from . import recipes
+from .architecture import LIMITS
 from .errors import ConfigError
 from .store import StoreConfig
 
@@ -31,10 +35,10 @@ class _Strict(BaseModel):
 
 
 class Shape(_Strict):
-    batch: int = Field(ge=1)
-    n_support: int = Field(ge=1)
-    n_query: int = Field(ge=1)
-    n_features: int = Field(ge=1)
+    batch: int = Field(ge=1, le=LIMITS["batch"])
+    n_support: int = Field(ge=1, le=LIMITS["n_support"])
+    n_query: int = Field(ge=1, le=LIMITS["n_query"])
+    n_features: int = Field(ge=1, le=LIMITS["n_features"])
 
     def as_tuple(self) -> tuple[int, int, int, int]:
         return (self.batch, self.n_support, self.n_query, self.n_features)
@@ -45,35 +49,53 @@ class ExportConfig(_Strict):
     trace_shape: Shape
 
 
-FlavourName = Literal["portable", "optimized"]
-SUPPORT_CACHE_TOLERANCE = "support-cache"  # [verification.tolerances.support-cache]: the pair vs the full model
-PrecisionName = Literal["int8", "fp16"]
+OptionValue = int | float | bool | str
 
 
 class ArtifactsConfig(_Strict):
-    """Which artifacts a build produces. Each is verified over the full matrix; one that fails is not
-    published and fails the run."""
+    """Which artifacts a build produces (the recipes in mitra_model/recipes.py). Each is verified over
+    the full matrix; one that fails is not published and fails the run."""
 
-    flavours: tuple[FlavourName, ...] = ("portable",)
-    precisions: tuple[PrecisionName, ...] = ()
+    flavours: tuple[str, ...] = ("portable",)  # fp32 exports: recipes.choices("flavours")
+    precisions: tuple[str, ...] = ()  # reduced precisions: recipes.choices("precisions")
     support_cache: bool = False  # also the encode_support / predict_query pair (fit once, predict many)
+    # Per-recipe settings, e.g. [artifacts.options.int4] block_size = 32; keys are the recipe's options.
+    options: dict[str, dict[str, OptionValue]] = {}
 
     @model_validator(mode="after")
     def _consistent(self) -> ArtifactsConfig:
+        for key in ("flavours", "precisions"):
+            values, allowed = getattr(self, key), recipes.choices(key)  # type: ignore[arg-type]
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ValueError(f"{key} has unknown value(s) {unknown}; expected some of {list(allowed)}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} lists a value twice: {list(values)}")
         if "portable" not in self.flavours:
             raise ValueError("flavours must include 'portable' (the reference artifact every consumer can run)")
-        if self.precisions and "optimized" not in self.flavours:
-            raise ValueError("precisions (int8/fp16) are built from the optimized flavour: add 'optimized' to flavours")
-        for field, values in (("flavours", self.flavours), ("precisions", self.precisions)):
-            if len(set(values)) != len(values):
-                raise ValueError(f"{field} lists a value twice: {list(values)}")
+        planned = recipes.planned(self)  # ValueError: a recipe whose source recipe is not planned
+        for name, options in self.options.items():
+            if name not in {r.name for r in planned}:
+                raise ValueError(f"options.{name}: no planned artifact {name!r} (planned: {[r.name for r in planned]})")
+            known = recipes.recipe(name).options
+            unknown = sorted(set(options) - set(known))
+            if unknown:
+                raise ValueError(f"options.{name} has unknown key(s) {unknown}; {name} takes {sorted(known) or 'none'}")
         return self
+
+    def planned(self) -> list[recipes.Recipe]:
+        """The recipes this selects, each after the one it derives from."""
+        return recipes.planned(self)
+
+    def options_for(self, recipe: recipes.Recipe) -> dict[str, OptionValue]:
+        """The recipe's defaults overridden by [artifacts.options.<name>]."""
+        return {**recipe.options, **self.options.get(recipe.name, {})}
 
 
 class SizeConfig(_Strict):
-    dim: int = Field(ge=8)
-    n_layers: int = Field(ge=1)
-    n_heads: int = Field(ge=1)
+    dim: int = Field(ge=8, le=LIMITS["dim"])
+    n_layers: int = Field(ge=1, le=LIMITS["n_layers"])
+    n_heads: int = Field(ge=1, le=LIMITS["n_heads"])
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> SizeConfig:
@@ -83,13 +105,14 @@ class SizeConfig(_Strict):
 
 
 class Tolerance(_Strict):
-    max_abs: float = Field(gt=0)
-    max_prob_err: float | None = Field(default=None, gt=0, le=1)  # classifier: softmax probabilities
-    min_argmax_agreement: float = Field(ge=0, le=1)
-    min_correlation: float = Field(ge=-1, le=1)
+    # allow_inf_nan=False: `max_abs = inf` would switch verification off without saying so
+    max_abs: float = Field(gt=0, allow_inf_nan=False)
+    max_prob_err: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)  # classifier: softmax probabilities
+    min_argmax_agreement: float = Field(ge=0, le=1, allow_inf_nan=False)
+    min_correlation: float = Field(ge=-1, le=1, allow_inf_nan=False)
     # Correlation is only judged where the reference's spread (std) reaches this: below it, quantization
     # noise of a few 1e-2 dominates any correlation while max_abs still bounds the error.
-    correlation_min_spread: float = Field(default=0.0, ge=0)
+    correlation_min_spread: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class Cell(Shape):
@@ -113,23 +136,21 @@ class VerificationConfig(_Strict):
     cells: tuple[Cell, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names_and_fp32(self) -> VerificationConfig:
+    def _unique_names(self) -> VerificationConfig:
         names = [cell.name for cell in self.cells]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"cell names must be unique; repeated: {', '.join(duplicates)}")
-        missing = {"fp32", "int8", "fp16"} - set(self.tolerances)
-        if missing:
-            raise ValueError(f"tolerances for {', '.join(sorted(missing))} are required")
         return self
 
-    def tolerance(self, precision: str) -> Tolerance:
-        if precision not in self.tolerances:
+    def tolerance(self, key: str) -> Tolerance:
+        """The tolerance of a recipe's `tolerance` key (e.g. "fp32", "int8", "support-cache")."""
+        if key not in self.tolerances:
             raise ConfigError(
-                f"no verification tolerance for precision {precision!r}: add [verification.tolerances.{precision}] "
+                f"no verification tolerance {key!r}: add [verification.tolerances.{key}] "
                 f"to the configuration (have: {', '.join(sorted(self.tolerances))})"
             )
-        return self.tolerances[precision]
+        return self.tolerances[key]
 
 
 class Variant(_Strict):
@@ -153,6 +174,11 @@ class ScheduleConfig(_Strict):
             CronSim(self.cron, datetime(2026, 1, 1))
         except CronSimError as exc:
             raise ValueError(f"cron {self.cron!r} is not a valid 5-field cron expression: {exc}") from None
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not a known IANA time zone (e.g. \"UTC\", "
+                             "\"Europe/Berlin\")") from None
         return self
 
 
@@ -204,9 +230,20 @@ class BuildConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _support_cache_has_a_tolerance(self) -> BuildConfig:
-        if self.artifacts.support_cache and SUPPORT_CACHE_TOLERANCE not in self.verification.tolerances:
-            raise ValueError(f"artifacts.support_cache needs [verification.tolerances.{SUPPORT_CACHE_TOLERANCE}]")
+    def _planned_artifacts_have_tolerances(self) -> BuildConfig:
+        """Every planned artifact can be judged: its verification tolerance, and its consumer bound
+        for each runtime the consumer check runs in. Nothing is demanded for unplanned artifacts."""
+        runtimes = [name for name, on in (("onnxruntime-node", self.consumers.node),
+                                          ("onnxruntime-web", self.consumers.browser)) if on]
+        missing = []
+        for recipe in self.artifacts.planned():
+            if recipe.tolerance not in self.verification.tolerances:
+                missing.append(f"[verification.tolerances.{recipe.tolerance}] (for {recipe.name})")
+            bounds = self.consumers.tolerances.get(recipe.precision, {})  # consumers judge by precision
+            missing += [f"[consumers.tolerances.{recipe.precision}] {runtime} (for {recipe.name})"
+                        for runtime in runtimes if runtime not in bounds]
+        if missing:
+            raise ValueError("planned artifacts need tolerances: add " + ", ".join(missing))
         return self
 
     @model_validator(mode="after")
@@ -224,11 +261,15 @@ class BuildConfig(_Strict):
         """This configuration building the given flavours and/or reduced precisions instead of those in
         [artifacts] (None keeps the file's choice), validated like the file."""
         chosen = {key: tuple(value) for key, value in (("flavours", flavours), ("precisions", precisions)) if value is not None}
+        raw = self.model_dump()
+        raw["artifacts"] = {**raw["artifacts"], **chosen}
+        # options of recipes no longer planned would be refused: a run that drops int4 drops its options
+        names = {r.name for r in recipes.RECIPES if r.selected(SimpleNamespace(**raw["artifacts"]))}  # type: ignore[arg-type]
+        raw["artifacts"]["options"] = {k: v for k, v in raw["artifacts"]["options"].items() if k in names}
         try:
-            artifacts = self.artifacts.model_validate({**self.artifacts.model_dump(), **chosen})
+            return BuildConfig.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(f"artifacts {chosen!r}: {exc.errors()[0]['msg']}") from None
-        return self.model_copy(update={"artifacts": artifacts})
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -255,8 +296,12 @@ def load_config(path: Path | None = None) -> BuildConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist (set {CONFIG_ENV_VAR} or pass --config)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}") from None
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:

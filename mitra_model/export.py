@@ -31,13 +31,8 @@ from .inputs import make_inputs
 from .model import MitraConfig, Tab2D, fused_attention
 
 Flavour = Literal["portable", "optimized"]
-FLAVOUR_FILES: dict[str, str] = {"portable": "model.onnx", "optimized": "model-ort.onnx"}
-# Where each flavour runs. "optimized" uses ONNX Runtime's contrib MultiHeadAttention (com.microsoft).
-FLAVOUR_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "portable": ("any ONNX runtime with opset 17 (standard ops only)", "onnxruntime", "onnxruntime-node", "onnxruntime-web"),
-    "optimized": ("onnxruntime>=1.17 with com.microsoft contrib ops (Python, C++, onnxruntime-node, "
-                  "onnxruntime-web WASM)",),
-}
+# portable: standard ONNX ops only; optimized: attention as ONNX Runtime's contrib MultiHeadAttention
+FLAVOURS: tuple[str, ...] = ("portable", "optimized")
 # How every file is exported (recorded in the manifest): the TorchScript exporter, constants folded.
 EXPORTER_SETTINGS: dict[str, bool] = {"dynamo": False, "do_constant_folding": True}
 INPUT_NAMES = ("x_support", "y_support", "x_query", "padding_obs_support")
@@ -82,10 +77,10 @@ def check_flavour(flavour: str) -> None:
     """Refuse an unknown flavour before any work is done (export_module and export_support_cache).
 
     Raises:
-        ExportError: `flavour` is not a key of FLAVOUR_FILES.
+        ExportError: `flavour` is not one of FLAVOURS.
     """
-    if flavour not in FLAVOUR_FILES:
-        raise ExportError(f"unknown export flavour {flavour!r}; expected one of {', '.join(FLAVOUR_FILES)}")
+    if flavour not in FLAVOURS:
+        raise ExportError(f"unknown export flavour {flavour!r}; expected one of {', '.join(FLAVOURS)}")
 
 
 def export_onnx(

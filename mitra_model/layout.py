@@ -33,6 +33,19 @@ RESULTS_DIR = "_prefect-results"
 PULL_STATE_NAME = ".mitra-pull.json"
 PULL_TEMP_PREFIX = ".mitra-pull-"  # hidden, so no artifact (never hidden) can collide with one
 
+# Artifact files, as the recipes (mitra_model/recipes.py) publish them. "-ort": the optimized flavour.
+FLAVOUR_FILES: dict[str, str] = {"portable": "model.onnx", "optimized": "model-ort.onnx"}
+SUPPORT_CACHE_FILES: dict[str, tuple[str, str]] = {  # (encoder, predictor) per flavour
+    "portable": ("encode-support.onnx", "predict-query.onnx"),
+    "optimized": ("encode-support-ort.onnx", "predict-query-ort.onnx"),
+}
+
+
+def precision_file(precision: str) -> str:
+    """The file of a reduced-precision artifact, e.g. "model-int8.onnx"."""
+    return f"model-{precision}.onnx"
+
+
 _RELEASE_DIGITS = 8  # zero-padded, so that listing `_releases/` sorts by manifest_version
 
 

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from .build import SourceInfo
 from .config import BuildConfig, Variant
 from .errors import ChecksumMismatchError, HubUnreachableError
 from .hub import ResolvedRevision, download_snapshot, resolve_revision
 from .snapshot import WEIGHTS_FILE, Snapshot, read_snapshot, write_synthetic_snapshot
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the weights came from, as recorded in the manifest."""
+
+    repo_id: str
+    requested_revision: str
+    resolved_commit: str | None  # None for a local or synthetic snapshot
+    synthetic: bool
+    digests: dict[str, str]  # path -> "sha256:<hex>" | "gitsha1:<hex>", as known before download
+
 SYNTHETIC_SEED = 0
 SYNTHETIC_BANNER = (
     "SYNTHETIC BUILD: {variant} is built from a synthetic snapshot (Mitra's architecture, RANDOM weights). "

@@ -69,7 +69,6 @@ import torch.nn as nn
 from .config import Shape
 from .errors import SupportCacheError
 from .export import (
-    FLAVOUR_FILES,
     OUTPUT_NAME,
     Contract,
     ExportResult,
@@ -79,17 +78,12 @@ from .export import (
     export_module,
 )
 from .inputs import make_inputs
+from .layout import SUPPORT_CACHE_FILES
 from .model import N_QUANTILES, MitraConfig, SupportStatistics, Tab2D, split_heads
 
 ENCODE_INPUT_NAMES = ("x_support", "y_support", "padding_obs_support")
 STATS_NAMES = ("quantile_boundaries", "n_valid_support", "feature_mean", "feature_std")  # model.SupportStatistics
 FINGERPRINT_NAME = "model_fingerprint"
-# File names per flavour: (encoder, predictor). "-ort" as in export.FLAVOUR_FILES.
-SUPPORT_CACHE_FILES: dict[str, tuple[str, str]] = {
-    "portable": ("encode-support.onnx", "predict-query.onnx"),
-    "optimized": ("encode-support-ort.onnx", "predict-query-ort.onnx"),
-}
-assert set(SUPPORT_CACHE_FILES) == set(FLAVOUR_FILES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_run_parameters_choose_flavours_and_precisions_validated_like_the_file()
     portable_only = config.with_artifacts(flavours=["portable"], precisions=[])
     assert portable_only.artifacts.flavours == ("portable",) and portable_only.artifacts.precisions == ()
     assert config.with_artifacts(precisions=["int8"]).artifacts.flavours == config.artifacts.flavours
-    with pytest.raises(ConfigError, match="precisions \\(int8/fp16\\) are built from the optimized flavour"):
+    with pytest.raises(ConfigError, match="int8 is built from fp32-ort .*: add 'optimized' to \\[artifacts\\] flavours"):
         config.with_artifacts(flavours=["portable"], precisions=["int8"])
     with pytest.raises(ConfigError, match="flavours must include 'portable'"):
         config.with_artifacts(flavours=["optimized"])

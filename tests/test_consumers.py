@@ -48,7 +48,7 @@ from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.export import INPUT_NAMES, OUTPUT_NAME, export_onnx, io_contract
 from mitra_model.inputs import PADDED_CLASS_LABEL, make_inputs
 from mitra_model.publish import publish_build
-from mitra_model.quantize import quantize_onnx
+from mitra_model.recipes import BuildContext, recipe
 from mitra_model.snapshot import load_model, write_synthetic_snapshot
 from mitra_model.support_cache import ENCODE_INPUT_NAMES, export_support_cache
 
@@ -66,12 +66,13 @@ needs_chromium = pytest.mark.skipif(
 )
 
 TASKS = ("classification", "regression")
-ARTIFACTS = ("fp32", "fp32-ort", "int8", "fp16")  # what a build publishes (int8/fp16 from the optimized flavour)
-PRECISION = {"fp32": "fp32", "fp32-ort": "fp32", "int8": "int8", "fp16": "fp16"}
+# Every single-graph artifact a build publishes, from the recipe registry: a new recipe is checked here too.
+GRAPH_RECIPES = [r for r in load_config().artifacts.planned() if r.verify_as == "graph"]
+ARTIFACTS = tuple(r.name for r in GRAPH_RECIPES)
 
 
 def _tolerance(artifact: str, runtime: str) -> float:
-    return load_config().consumers.tolerance(PRECISION[artifact], runtime)
+    return load_config().consumers.tolerance(recipe(artifact).precision, runtime)
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +81,20 @@ def node_modules() -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, tiny_exports, build_config) -> dict[tuple[str, str], Path]:
-    """(task, artifact) -> file, built like the pipeline: portable fp32, optimized fp32, int8/fp16 from optimized."""
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, build_config) -> dict[tuple[str, str], Path]:
+    """(task, artifact) -> file, made by each recipe as the pipeline makes it (derived ones from their source)."""
     root = tmp_path_factory.mktemp("consumer-models")
     files: dict[tuple[str, str], Path] = {}
     for task in TASKS:
-        files[task, "fp32"] = tiny_exports[task].path
-        model, _ = load_model(tiny_snapshots[task].path)
-        optimized = export_onnx(
-            model, root / f"{task}-ort.onnx", opset=build_config.export.opset,
-            trace_shape=build_config.export.trace_shape, flavour="optimized",
-        ).path
-        files[task, "fp32-ort"] = optimized
-        for precision in ("int8", "fp16"):
-            files[task, precision] = quantize_onnx(optimized, root / f"{task}-{precision}.onnx", precision=precision).path
+        work = root / task
+        work.mkdir()
+        for r in GRAPH_RECIPES:
+            context = BuildContext(
+                snapshot_dir=tiny_snapshots[task].path, work=work, opset=build_config.export.opset,
+                trace_shape=build_config.export.trace_shape, options=build_config.artifacts.options_for(r),
+                parent_files=(files[task, r.derives_from],) if r.derives_from else (),
+            )
+            (files[task, r.name],) = r.make(context).files
     return files
 
 

@@ -15,7 +15,6 @@ from prefect.testing.utilities import prefect_test_harness
 import flows.mitra_build as flow_module
 from configs import write_config
 from s3_fixtures import list_keys, s3_client, s3_server, s3_store  # noqa: F401 - fixtures
-from mitra_model.build import ArtifactSpec
 from mitra_model.config import ExecutionConfig, load_config
 from mitra_model.snapshot import load_model
 from mitra_model.verify import make_report, verify_onnx
@@ -33,18 +32,18 @@ def prefect_server():
         yield
 
 
-def test_matrix_on_a_local_cluster_equals_in_process(tiny_snapshots, tiny_exports, build_config) -> None:
+def test_matrix_on_a_local_cluster_equals_in_process(tiny_snapshots, tiny_exports, build_config, tmp_path: Path) -> None:
     snapshot, onnx_path = tiny_snapshots["classification"].path, tiny_exports["classification"].path
     cells = list(build_config.verification.cells)
     tolerance = build_config.verification.tolerance("fp32")
-    spec = ArtifactSpec("fp32", "model.onnx", "fp32", "portable")
     runner = flow_module.task_runner(ExecutionConfig(task_runner="dask", dask_workers=2))
     assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["processes"] is True
 
     @flow(task_runner=runner)
     def matrix_on_dask() -> tuple[list, set[int]]:
-        futures = flow_module.verify_cell.map(unmapped(snapshot), unmapped(onnx_path), cells, unmapped(spec),
-                                              unmapped(tolerance), unmapped(build_config.verification.seed))
+        futures = flow_module.verify_cell.map(unmapped(snapshot), unmapped((onnx_path,)), cells, unmapped("fp32"),
+                                              unmapped("graph"), unmapped(tolerance),
+                                              unmapped(build_config.verification.seed), unmapped(tmp_path / "reference"))
         return [f.result() for f in futures], {f.result() for f in worker_pid.map(range(6))}
 
     distributed_results, pids = matrix_on_dask()

@@ -14,8 +14,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from configs import write_config
 from mitra_model.config import REPO_ROOT
 from mitra_model.snapshot import write_synthetic_snapshot
