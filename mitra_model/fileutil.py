@@ -7,8 +7,10 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .errors import OutputError
 
 _CHUNK = 1 << 20
 
@@ -44,20 +46,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _cannot_write(final: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write {final}: {reason}. Choose an output path on a writable filesystem with "
+                       "free space (nothing was left there)")
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside `final`; on success it is renamed onto `final`, on error deleted."""
+    """Yield a temp path beside `final`; on success it is renamed onto `final`, on error deleted.
+
+    Raises:
+        OutputError: `final` is a folder, or its folder cannot be created or written (read-only,
+            full disk); the message names the path.
+    """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    if final.is_dir():
+        raise OutputError(f"cannot write {final}: it is a folder; pass a file path")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    except OSError as exc:
+        raise _cannot_write(final, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         normal_permissions(tmp_path)
         os.replace(tmp_path, final)
+    except OSError as exc:  # the writer's own I/O (ENOSPC) or the rename
+        raise _cannot_write(final, exc) from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def refuse_overwriting_inputs(output: Path, *, inputs: Iterable[Path] = (), folders: Iterable[Path] = ()) -> None:
+    """Raise OutputError when `output` is one of `inputs` or lies inside one of `folders`.
+
+    An export written over its own snapshot's weights, or a quantization over its fp32 source,
+    would destroy what the command reads.
+    """
+    target = Path(output).resolve()
+    for path in inputs:
+        if target == Path(path).resolve():
+            raise OutputError(f"--output {output} is the input {path}: write the result to another file")
+    for folder in folders:
+        if target.is_relative_to(Path(folder).resolve()):
+            raise OutputError(f"--output {output} is inside the snapshot folder {folder}: write build output "
+                              "elsewhere, so the snapshot stays exactly as it was published")
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:
@@ -69,8 +105,13 @@ def write_bytes_atomic(final: Path, data: bytes) -> None:
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `final`; on success it replaces `final` whole."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"cannot write the folder {final}: a file is in the way")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as exc:
+        raise _cannot_write(final, exc) from None
     try:
         yield tmp
         # writers we do not control (safetensors) also create owner-only files

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
+from .architecture import MitraConfig, Task, limit_problem
 from .config import SizeConfig, TaskName
 from .errors import SnapshotError
 from .fileutil import atomic_directory, sha256_file
-from .model import MitraConfig, Tab2D, Task, expected_parameter_shapes
+
+if TYPE_CHECKING:  # torch is imported where weights are loaded: reading a folder's digests stays light
+    import torch
+
+    from .model import Tab2D
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +33,7 @@ SYNTHETIC_KEY = "mitra_build_synthetic"
 OFFICIAL_DIM_OUTPUT: dict[TaskName, int] = {"classification": 10, "regression": 1}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONFIG_INT_KEYS = ("dim", "dim_output", "n_layers", "n_heads")
+MAX_CONFIG_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,16 @@ def read_model_config(folder: Path) -> tuple[MitraConfig, bool]:
     """Parse and validate `config.json`; return the config and whether the snapshot is synthetic."""
     path = Path(folder) / CONFIG_FILE
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise SnapshotError(f"{path} is {path.stat().st_size} bytes; a Mitra config.json is a few hundred "
+                                f"(refusing anything over {MAX_CONFIG_BYTES})")
         raw: Any = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SnapshotError(f"{path} is missing: a Mitra snapshot folder needs {CONFIG_FILE} and {WEIGHTS_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"{path} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SnapshotError(f"{path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+    except OSError as exc:  # a folder named config.json, no permission, ...
+        raise SnapshotError(f"{path} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise SnapshotError(f"{path} must hold a JSON object with {', '.join(_CONFIG_INT_KEYS)}, task; found {type(raw).__name__}")
     missing = [key for key in (*_CONFIG_INT_KEYS, "task") if key not in raw]
@@ -76,7 +85,11 @@ def read_model_config(folder: Path) -> tuple[MitraConfig, bool]:
     for key in _CONFIG_INT_KEYS:
         value = raw[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SnapshotError(f"{path}: field `{key}` must be a positive integer, found {value!r}")
+            raise SnapshotError(f"{path}: field `{key}` must be a positive integer, found {_short(value)}")
+        problem = limit_problem(key, value)
+        if problem:
+            raise SnapshotError(f"{path}: field {problem} (mitra-build refuses it before building anything; "
+                                "the official Mitra checkpoints have dim 512, 12 layers, 4 heads)")
     task = raw["task"]
     if task not in (Task.CLASSIFICATION.value, Task.REGRESSION.value):
         raise SnapshotError(f"{path}: field `task` must be \"CLASSIFICATION\" or \"REGRESSION\", found {task!r}")
@@ -88,6 +101,11 @@ def read_model_config(folder: Path) -> tuple[MitraConfig, bool]:
     return config, bool(raw.get(SYNTHETIC_KEY))
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _refuse_pickles(folder: Path) -> None:
     if folder.is_file() and folder.suffix in _PICKLE_SUFFIXES:
         raise SnapshotError(
@@ -96,7 +114,10 @@ def _refuse_pickles(folder: Path) -> None:
         )
     if not folder.is_dir():
         raise SnapshotError(f"snapshot folder {folder} does not exist or is not a folder")
-    if not (folder / WEIGHTS_FILE).exists():
+    weights = folder / WEIGHTS_FILE
+    if weights.exists() and not weights.is_file():
+        raise SnapshotError(f"{weights} is not a file (a folder?): a Mitra snapshot needs {WEIGHTS_FILE} as a file")
+    if not weights.exists():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
             raise SnapshotError(
@@ -108,6 +129,11 @@ def _refuse_pickles(folder: Path) -> None:
 
 def load_state_dict(folder: Path, config: MitraConfig) -> dict[str, torch.Tensor]:
     """Load `model.safetensors` and check every tensor's name, shape, dtype and finiteness."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from .model import expected_parameter_shapes
+
     path = Path(folder) / WEIGHTS_FILE
     expected = expected_parameter_shapes(config)
     try:
@@ -167,6 +193,8 @@ def load_model(folder: Path) -> tuple[Tab2D, Snapshot]:
         SnapshotError: missing/pickle/malformed files, a bad config field, or a tensor whose name,
             shape, dtype or values are wrong (the message names it).
     """
+    from .model import Tab2D
+
     snapshot = read_snapshot(folder)
     state = load_state_dict(snapshot.path, snapshot.config)
     model = Tab2D(snapshot.config)
@@ -177,6 +205,10 @@ def load_model(folder: Path) -> tuple[Tab2D, Snapshot]:
 def random_model(config: MitraConfig, seed: int) -> Tab2D:
     """A Tab2D with every parameter random: PyTorch's default init, upstream's `init_weights` for the
     embeddings, and jittered LayerNorms (so a miswired norm cannot hide behind ones and zeros)."""
+    import torch
+
+    from .model import Tab2D
+
     generator = torch.Generator().manual_seed(seed)
     model = Tab2D(config)
     with torch.no_grad():
@@ -210,6 +242,8 @@ def write_synthetic_snapshot(output: Path, *, task: TaskName, size_name: str, si
         n_heads=size.n_heads,
         task=Task(task.upper()),
     )
+    from safetensors.torch import save_file
+
     model = random_model(config, seed)
     marker = {"size": size_name, "seed": seed, "note": "random weights generated by mitra-build; NOT the published Mitra weights"}
     config_json = {
