@@ -12,7 +12,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -r requirements.lock
   .venv/bin/python -m pip install --quiet --no-deps -e .
-  # Test-only oracle: upstream AutoGluon Mitra, without AutoGluon's dependency tree.
+  # The reference every build is verified against: upstream AutoGluon Mitra, without AutoGluon's dependency tree.
   .venv/bin/python -m pip install --quiet --no-deps autogluon.tabular==1.6.3
   echo "$want" > "$stamp"
 fi
