@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import layout
 from .errors import ChecksumMismatchError, PullError
-from .fileutil import sha256_file, write_bytes_atomic
+from .fileutil import normal_permissions, sha256_file, write_bytes_atomic
 from .layout import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_ID,
@@ -344,6 +344,7 @@ def _download_all(
                 continue
             temps[artifact["file"]] = _download(client, store, artifact, dest, progress=progress)
         for file, tmp in temps.items():
+            normal_permissions(tmp)  # mkstemp made it owner-only; a pulled release is served to others
             os.replace(tmp, dest / file)
         temps.clear()
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,18 @@ def test_publish_then_pull_round_trip(s3_store: StoreConfig, s3_client: Any, tmp
 
     explicit = _pull(s3_client, s3_store, tmp_path / "explicit", version=result.version)
     assert explicit.manifest_sha256 == result.manifest_sha256
+
+
+def test_pulled_files_are_readable_by_others(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
+    """A web server user must be able to serve a pulled release: 0644 files under umask 022."""
+    _published(s3_client, s3_store, tmp_path)
+    previous = os.umask(0o022)
+    try:
+        pulled = _pull(s3_client, s3_store, tmp_path / "dest")
+    finally:
+        os.umask(previous)
+    for path in (*pulled.files.values(), pulled.manifest_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_pull_moves_forward_and_refuses_older(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
