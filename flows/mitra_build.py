@@ -308,10 +308,7 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
     """
     config = load_config(Path(config_path) if config_path else None)
     config = config.with_artifacts(flavours=flavours, precisions=precisions)
-    selected = [config.variant(name) for name in variants] if variants else list(config.variants)
-    if snapshot and len(selected) != 1:
-        raise ConfigError(f"--snapshot builds one variant but {len(selected)} are selected "
-                          f"({', '.join(v.name for v in selected)}): name one with --variant NAME (variants=[NAME])")
+    selected = config.select_variants(variants, snapshot=snapshot)
     artifacts = Path(artifacts_root) if artifacts_root else Path.cwd() / "artifacts"
     build = build_variant.with_options(task_runner=task_runner(config.execution))
     results = [

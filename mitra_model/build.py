@@ -192,6 +192,7 @@ def draft_manifest(
             "repo_id": source.repo_id,
             "requested_revision": source.requested_revision,
             "resolved_commit": source.resolved_commit,
+            "path": source.path,  # the local folder built (a variant's `path`, or --snapshot)
             # a synthetic snapshot stays synthetic wherever it was fetched from (e.g. a mirror)
             "synthetic": source.synthetic or snapshot.synthetic,
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in snapshot.files],
@@ -279,7 +280,8 @@ def manifest_markdown(manifest: dict[str, Any]) -> str:
     """A human summary of a manifest (shown as a Prefect artifact and printed by the CLI)."""
     source = manifest["source"]
     origin = "**SYNTHETIC snapshot (random weights)**" if source["synthetic"] else (
-        f"`{source['repo_id']}` @ `{source['requested_revision']}` = commit `{source['resolved_commit']}`")
+        f"`{source['repo_id']}` @ `{source['requested_revision']}` = commit `{source['resolved_commit']}`"
+        if source.get("repo_id") else f"local folder `{source.get('path')}`")
     lines = [f"# {manifest['variant']} {manifest['version']}", "", f"Source: {origin}", "",
              "| artifact | precision | size | sha256 |", "|---|---|---|---|"]
     for a in manifest["artifacts"]:

@@ -77,10 +77,15 @@ class ArtifactsConfig(_Strict):
         for name, options in self.options.items():
             if name not in {r.name for r in planned}:
                 raise ValueError(f"options.{name}: no planned artifact {name!r} (planned: {[r.name for r in planned]})")
-            known = recipes.recipe(name).options
-            unknown = sorted(set(options) - set(known))
-            if unknown:
-                raise ValueError(f"options.{name} has unknown key(s) {unknown}; {name} takes {sorted(known) or 'none'}")
+            check = recipes.recipe(name).check_options
+            if check is None:
+                if options:
+                    raise ValueError(f"options.{name}: {name} takes no options, found {sorted(options)}")
+                continue
+            try:
+                check(options)
+            except ConfigError as exc:
+                raise ValueError(f"options.{name}: {exc}") from None
         return self
 
     def planned(self) -> list[recipes.Recipe]:
@@ -88,8 +93,8 @@ class ArtifactsConfig(_Strict):
         return recipes.planned(self)
 
     def options_for(self, recipe: recipes.Recipe) -> dict[str, OptionValue]:
-        """The recipe's defaults overridden by [artifacts.options.<name>]."""
-        return {**recipe.options, **self.options.get(recipe.name, {})}
+        """[artifacts.options.<name>] of the recipe (empty: the maker's defaults)."""
+        return dict(self.options.get(recipe.name, {}))
 
 
 class SizeConfig(_Strict):
@@ -154,10 +159,22 @@ class VerificationConfig(_Strict):
 
 
 class Variant(_Strict):
+    """One model to build: a hub repo at a revision, or a local folder in upstream's save_pretrained
+    layout (config.json + model.safetensors), e.g. your own fine-tuned checkpoint."""
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-    revision: str = Field(default="main", min_length=1)
+    repo_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    # relative paths are resolved against the configuration file's folder at load
+    path: Path | None = None
+    revision: str = Field(default="main", min_length=1)  # hub variants only
     task: TaskName
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Variant:
+        if (self.repo_id is None) == (self.path is None):
+            raise ValueError(f"variant {self.name!r} needs exactly one of repo_id (a hub repo) or path (a local "
+                             "snapshot folder)")
+        return self
 
 
 class ScheduleConfig(_Strict):
@@ -271,6 +288,27 @@ class BuildConfig(_Strict):
         except ValidationError as exc:
             raise ConfigError(f"artifacts {chosen!r}: {exc.errors()[0]['msg']}") from None
 
+    def select_variants(self, names: list[str] | None, *, snapshot: str | Path | None = None) -> list[Variant]:
+        """The variants a run builds (all when `names` is empty), checked before anything starts:
+        known names, one variant for `snapshot`, and every local `path` a readable snapshot folder.
+
+        Raises:
+            ConfigError: an unknown name, several variants with `snapshot`, or no variant at all.
+            SnapshotError: a variant's `path` is not a valid snapshot folder.
+        """
+        from .snapshot import read_model_config
+
+        selected = [self.variant(name) for name in names] if names else list(self.variants)
+        if not selected:
+            raise ConfigError("no variant to build: add a [[variants]] table to the configuration")
+        if snapshot and len(selected) != 1:
+            raise ConfigError(f"--snapshot builds one variant but {len(selected)} are selected "
+                              f"({', '.join(v.name for v in selected)}): name one with --variant NAME (variants=[NAME])")
+        for variant in selected:
+            if variant.path is not None and not snapshot:
+                read_model_config(variant.path)  # a wrong folder fails here, not minutes into the run
+        return selected
+
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
             if variant.name == name:
@@ -302,6 +340,9 @@ def load_config(path: Path | None = None) -> BuildConfig:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}") from None
+    for variant in raw.get("variants", []) if isinstance(raw.get("variants"), list) else []:
+        if isinstance(variant, dict) and isinstance(variant.get("path"), str):
+            variant["path"] = str((path.parent / Path(variant["path"]).expanduser()).resolve())
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:

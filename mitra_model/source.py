@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 class SourceInfo:
     """Where the weights came from, as recorded in the manifest."""
 
-    repo_id: str
-    requested_revision: str
+    repo_id: str | None  # None for a variant built from a local folder
+    requested_revision: str | None  # None for a local folder
     resolved_commit: str | None  # None for a local or synthetic snapshot
     synthetic: bool
     digests: dict[str, str]  # path -> "sha256:<hex>" | "gitsha1:<hex>", as known before download
+    path: str | None = None  # the local snapshot folder built, if any
 
 SYNTHETIC_SEED = 0
 SYNTHETIC_BANNER = (
@@ -60,10 +61,13 @@ def resolve_source(
     Raises:
         HubError subclasses, unless the hub is unreachable and `synthetic_fallback` is True.
     """
-    if snapshot_dir is not None:
-        snapshot = read_snapshot(snapshot_dir)
-        source = SourceInfo(variant.repo_id, variant.revision, None, snapshot.synthetic, _local_digests(snapshot))
+    if snapshot_dir is not None or variant.path is not None:
+        folder = Path(snapshot_dir if snapshot_dir is not None else variant.path).resolve()
+        snapshot = read_snapshot(folder)
+        revision = variant.revision if variant.repo_id else None
+        source = SourceInfo(variant.repo_id, revision, None, snapshot.synthetic, _local_digests(snapshot), str(folder))
         return source, None, snapshot
+    assert variant.repo_id is not None  # a Variant has a repo_id or a path
     try:
         revision = resolve_revision(variant.repo_id, variant.revision, endpoint=endpoint, token=token)
     except HubUnreachableError:
@@ -114,6 +118,6 @@ def verify_checksums(snapshot: Snapshot, source: SourceInfo) -> None:
             raise ChecksumMismatchError(f"{path}: unknown digest kind {kind!r} in {expected!r}")
         if found != want:
             raise ChecksumMismatchError(
-                f"{path}: {kind} is {found}, but {source.repo_id}@{source.resolved_commit or source.requested_revision} "
+                f"{path}: {kind} is {found}, but {source.repo_id or source.path}@{source.resolved_commit or source.requested_revision} "
                 f"says {want}. The file changed after it was pinned; delete it and re-run to download it again."
             )

@@ -89,3 +89,32 @@ def test_result_storage_in_the_store_needs_a_store(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match='execution.result_storage = "store" needs a \\[store\\] section'):
         write_config(tmp_path / "c.toml", execution={"task_runner": "dask", "result_storage": "store"})
+
+
+def test_a_variant_is_a_hub_repo_or_a_local_folder_not_both(tmp_path: Path) -> None:
+    from configs import write_config
+
+    with pytest.raises(ConfigError, match="needs exactly one of repo_id .* or path"):
+        write_config(tmp_path / "c.toml", variants=[{"name": "x", "task": "regression"}])
+    with pytest.raises(ConfigError, match="needs exactly one of repo_id"):
+        write_config(tmp_path / "c.toml", variants=[{"name": "x", "repo_id": "a/b", "path": "x", "task": "regression"}])
+    config = load_config(write_config(tmp_path / "c.toml", variants=[{"name": "x", "path": "w", "task": "regression"}]))
+    assert config.variant("x").path == (tmp_path / "w").resolve()  # relative to the config file
+
+
+def test_run_reports_config_and_variant_mistakes_before_starting_prefect(tmp_path: Path) -> None:
+    """No 15-second server start to learn about a typo."""
+    import subprocess
+    import sys
+    import time
+
+    from configs import write_config
+
+    config = write_config(tmp_path / "c.toml", variants=[{"name": "mine", "path": "missing", "task": "regression"}])
+    for extra, needle in ((["--variant", "nope"], "no variant named 'nope'"), ([], "missing")):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "mitra_model.cli", "run", "--config", str(config), *extra],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "prefect" not in done.stderr.lower()
+        assert time.perf_counter() - started < 10

@@ -240,3 +240,21 @@ def test_s3_tasks_retry_only_what_a_retry_can_fix() -> None:
     assert retries(PublishError("the store answered 503"))
     for s3_task in (flow_module.publish_release, flow_module.read_latest_release):
         assert s3_task.retries == 2 and s3_task.retry_condition_fn is flow_module.retry_io_only
+
+
+def test_a_variant_can_be_a_local_folder(tmp_path: Path, tiny_snapshots) -> None:
+    """Your own checkpoint: `path` instead of `repo_id`; the manifest records the folder and its digests."""
+    import shutil
+
+    folder = tmp_path / "my-finetune"
+    shutil.copytree(tiny_snapshots["regression"].path, folder)
+    config = write_config(tmp_path / "config.toml",
+                          variants=[{"name": "mine", "path": "my-finetune", "task": "regression"}],
+                          artifacts={"flavours": ["portable"], "precisions": [], "support_cache": False})
+    result = flow_module.mitra_build(config_path=str(config), artifacts_root=str(tmp_path / "artifacts"),
+                                     publish=False)[0]
+    assert result["status"] == "built"
+    source = json.loads((Path(result["build_dir"]) / "manifest.json").read_text())["source"]
+    assert source["path"] == str(folder.resolve()) and source["repo_id"] is None and source["resolved_commit"] is None
+    weights = next(f for f in source["files"] if f["path"] == "model.safetensors")
+    assert weights["sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
