@@ -83,3 +83,48 @@ def _check_values(path: Path, kind: str, actual: list[onnx.ValueInfoProto], expe
                 )
             if isinstance(want, int) and got != want:
                 raise OnnxCheckError(f"{path}: {kind} `{spec.name}` dim {index} is {got}, the contract expects {want}")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What an exported file says about itself in its metadata."""
+
+    precision: str  # "fp32" for an export, the quantizer's precision otherwise
+    flavour: str | None
+    weights_sha256: str | None  # the snapshot's model.safetensors it was exported from
+    synthetic: bool
+
+
+def read_identity(path: Path) -> FileIdentity:
+    """Read an ONNX file's mitra-build metadata (without its weights' meaning: no session is made).
+
+    Raises:
+        OnnxCheckError: the file is missing, empty, truncated or not ONNX.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxCheckError(f"{path} does not exist or is not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not a model
+        raise OnnxCheckError(f"{path} is not a readable ONNX model ({type(exc).__name__}); is it truncated "
+                             "or another kind of file?") from None
+    if not model.graph.node:
+        raise OnnxCheckError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
+    props = {p.key: p.value for p in model.metadata_props}
+    return FileIdentity(
+        precision=props.get("mitra_build.precision", "fp32"), flavour=props.get("mitra_build.flavour"),
+        weights_sha256=props.get("mitra.weights_sha256"), synthetic=props.get("mitra.synthetic") == "true",
+    )
+
+
+def require_exported_from(path: Path, identity: FileIdentity, weights_sha256: str, snapshot: Path) -> None:
+    """Refuse to check or verify a file against weights it was not exported from (every cell would
+    fail, telling nothing)."""
+    if identity.weights_sha256 is not None and identity.weights_sha256 != weights_sha256:
+        raise OnnxCheckError(
+            f"{path} was exported from weights with sha256 {identity.weights_sha256[:16]}…, but {snapshot} holds "
+            f"{weights_sha256[:16]}…: these weights are not the ones this file was exported from. Pass the "
+            "snapshot it was built from."
+        )
+

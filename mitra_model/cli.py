@@ -65,21 +65,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_onnx
-    from .snapshot import read_model_config
+    from .check import check_onnx, read_identity, require_exported_from
+    from .snapshot import WEIGHTS_FILE, read_snapshot
 
-    model_config, _ = read_model_config(args.snapshot)
-    result = check_onnx(args.onnx, config=model_config)
+    snapshot = read_snapshot(args.snapshot)
+    require_exported_from(args.onnx, read_identity(args.onnx), snapshot.digest(WEIGHTS_FILE).sha256, snapshot.path)
+    result = check_onnx(args.onnx, config=snapshot.config)
     print(f"{result.path}: onnx.checker (full) and strict shape inference passed; opset {result.opset}, {result.n_nodes} nodes")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .check import read_identity, require_exported_from
     from .config import load_config
-    from .snapshot import load_model
+    from .snapshot import WEIGHTS_FILE, load_model, read_snapshot
     from .verify import require_passed, verify_onnx, write_report
 
     config = load_config(args.config)
+    identity = read_identity(args.onnx)  # a non-ONNX file is one paragraph here, not an ORT traceback
+    precision = args.precision or identity.precision
+    tolerance = config.verification.tolerance(precision)
+    snapshot = read_snapshot(args.snapshot)
+    require_exported_from(args.onnx, identity, snapshot.digest(WEIGHTS_FILE).sha256, snapshot.path)
+    if not args.precision:
+        _say(f"{args.onnx} says it is {precision}: judging it by [verification.tolerances.{precision}]")
     model, _ = load_model(args.snapshot)
     cells = config.verification.cells
     done = 0
@@ -90,10 +99,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         status = "ok" if cell.passed else "FAIL " + "; ".join(cell.failures)
         _say(f"[{done}/{len(cells)}] {cell.name} {cell.shape}: max abs {cell.max_abs_err:.2e} ({cell.onnx_seconds:.2f} s) {status}")
 
-    report = verify_onnx(
-        model, args.onnx, cells=cells, tolerance=config.verification.tolerance(args.precision),
-        precision=args.precision, seed=config.verification.seed, on_cell=show,
-    )
+    report = verify_onnx(model, args.onnx, cells=cells, tolerance=tolerance, precision=precision,
+                         seed=config.verification.seed, on_cell=show)
     if args.report:
         write_report(report, args.report, args.markdown)
     print(report.to_markdown())
@@ -103,6 +110,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import os
+
+    from .config import load_config
+
+    # Every configuration and variant mistake is reported here, before a Prefect server starts (15 s)
+    config = load_config(args.config).with_artifacts(
+        flavours=args.flavour, precisions=[] if args.fp32_only else args.precision)
+    config.select_variants(args.variant, snapshot=args.snapshot)
 
     # Prefect reads these when imported; a cold ephemeral API on a busy 2-core machine needs > 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -249,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--onnx", type=Path, required=True)
     verify.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     verify.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
-    verify.add_argument("--precision", default="fp32", help="tolerance set from the configuration (default fp32)")
+    verify.add_argument("--precision", default=None,
+                        help="tolerance set from the configuration (default: the precision the file's metadata names)")
     verify.set_defaults(func=cmd_verify)
 
     run = sub.add_parser("run", parents=[common], help="run the whole mitra-build flow in this process (no server to start)")

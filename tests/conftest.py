@@ -42,7 +42,8 @@ def tiny_exports(
     for task, snapshot in tiny_snapshots.items():
         model, _ = load_model(snapshot.path)
         results[task] = export_onnx(
-            model, root / f"{task}.onnx", opset=build_config.export.opset, trace_shape=build_config.export.trace_shape
+            model, root / f"{task}.onnx", opset=build_config.export.opset, trace_shape=build_config.export.trace_shape,
+            metadata=snapshot.onnx_metadata(),
         )
     return results
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import onnx
 from onnx import numpy_helper
 
@@ -88,3 +89,43 @@ def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_pa
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     assert "--snapshot builds one variant but 2 are selected (mitra-classifier, mitra-regressor)" in done.stderr
     assert "--variant NAME" in done.stderr
+
+
+def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tmp_path: Path) -> None:
+    """An int8 file is judged by the int8 tolerances without --precision (fp32's would fail it)."""
+    from mitra_model.export import export_onnx
+    from mitra_model.quantize import quantize_onnx
+    from mitra_model.snapshot import load_model
+
+    snapshot = tiny_snapshots["classification"]
+    model, _ = load_model(snapshot.path)
+    optimized = export_onnx(model, tmp_path / "model-ort.onnx", opset=17, trace_shape=_trace_shape(),
+                            metadata=snapshot.onnx_metadata(), flavour="optimized").path
+    int8 = quantize_onnx(optimized, tmp_path / "model-int8.onnx", precision="int8").path
+    done = run_cli("verify", "--snapshot", str(snapshot.path), "--onnx", str(int8))
+    assert done.returncode == 0, done.stderr
+    assert "says it is int8" in done.stderr and "(int8" in done.stdout
+
+
+def _trace_shape():
+    from mitra_model.config import load_config
+
+    return load_config().export.trace_shape
+
+
+def test_check_and_verify_against_other_weights_is_one_clear_error(tiny_exports, tiny_snapshots) -> None:
+    exported = tiny_exports["classification"].path
+    for command in ("check", "verify"):
+        done = run_cli(command, "--snapshot", str(tiny_snapshots["regression"].path), "--onnx", str(exported))
+        assert done.returncode == 2, done.stderr
+        assert "not the ones this file was exported from" in done.stderr and "[1/" not in done.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx file at all", "truncated"])
+def test_verify_on_a_file_that_is_not_onnx_is_exit_2(tiny_exports, tiny_snapshots, tmp_path: Path, content) -> None:
+    bad = tmp_path / "bad.onnx"
+    if content == "truncated":
+        content = tiny_exports["classification"].path.read_bytes()[:5000]
+    bad.write_bytes(content)
+    done = run_cli("verify", "--snapshot", str(tiny_snapshots["classification"].path), "--onnx", str(bad))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "bad.onnx" in done.stderr, done.stderr
