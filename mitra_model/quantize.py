@@ -9,6 +9,9 @@ output head (10 or 1 columns; measured as the largest single source of int8 erro
 regressor). No node name is relied on, so the portable export and the optimized flavour (attention as
 `com.microsoft.MultiHeadAttention`) both work.
 
+Each precision is one entry of `METHODS`: its converter and a pydantic model of the options it takes
+(unknown keys and mistyped values are a ConfigError; `quantize_options` checks them without building).
+
 - int8: `onnxruntime.quantization.quantize_dynamic`, QInt8 weights (one scale per tensor), uint8
   activations quantized per call (`DynamicQuantizeLinear` + `MatMulInteger`, standard ONNX ops).
   The TorchScript export feeds most weights through `Identity` nodes, and the quantizer skips a MatMul
@@ -33,27 +36,23 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import __version__
 from .errors import ConfigError, ExportError, OnnxCheckError
 from .fileutil import atomic_file, sha256_file
 
-PRECISIONS = ("int8", "fp16")
 # A MatMul weight is reduced only if both of its dims are at least this (see the module docstring).
 MIN_WEIGHT_DIM = 16
-# int8 weight scales per tensor, not per output channel. Measured on the synthetic full-size classifier
-# (random weights): per-tensor max logit error 0.017-0.022 vs 0.021-0.025 per-channel, same speed,
-# 77.3 vs 77.8 MB; on the tiny models the two were within noise. Random uniform weights have no
-# outlier channels, which is where per-channel wins: re-measure on the published weights.
-PER_CHANNEL = False
 # Inside the fp16 region these stay float32 (fp16 loses too much in normalizations, reductions and
 # exponentials); ONNX Runtime contrib ops other than those listed also stay float32.
 FP32_OPS = frozenset({
@@ -65,46 +64,106 @@ FP16_CONTRIB_OPS = frozenset({"MultiHeadAttention"})  # com.microsoft, fp16 kern
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
+class _Options(BaseModel):
+    # strict: a TOML string "true" or a float block size is a mistake to report, not to coerce
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Int8Options(_Options):
+    # Weight scales per tensor, not per output channel. Measured on the synthetic full-size classifier
+    # (random weights): per-tensor max logit error 0.017-0.022 vs 0.021-0.025 per-channel, same speed,
+    # 77.3 vs 77.8 MB; on the tiny models the two were within noise. Random uniform weights have no
+    # outlier channels, which is where per-channel wins: re-measure on the published weights.
+    per_channel: bool = False
+
+
+class Fp16Options(_Options):
+    pass
+
+
 @dataclass(frozen=True)
 class QuantizeResult:
     path: Path
-    precision: str  # "int8" | "fp16"
+    precision: str  # one of PRECISIONS
     size: int
     sha256: str
     seconds: float
     details: dict[str, Any]  # counts of what was converted and what was left in float32
 
 
-def quantize_onnx(source: Path, output: Path, *, precision: str) -> QuantizeResult:
+# (fp32 model loaded from source, temp output path, source path, validated options) -> (model to save, details)
+Converter = Callable[[onnx.ModelProto, Path, Path, Any], tuple[onnx.ModelProto, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one precision is made: its converter and the options it accepts (with their defaults)."""
+
+    convert: Converter
+    options: type[_Options]
+    summary: str  # one line for help texts
+
+
+def quantize_options(precision: str, options: Mapping[str, Any] | None = None) -> _Options:
+    """Validate per-precision `options` against the method's option model, filling in defaults.
+
+    The configuration can call this at load time, so a bad key fails before any build starts.
+
+    Args:
+        precision: one of PRECISIONS.
+        options: option name -> value (e.g. from a TOML table); None or empty for the defaults.
+
+    Returns:
+        The method's frozen options model.
+
+    Raises:
+        ConfigError: `precision` is unknown, an option key is unknown (the error names it and the
+            allowed keys), or a value has the wrong type or range.
+    """
+    method = _method(precision)
+    allowed = ", ".join(method.options.model_fields) or "none"
+    try:
+        return method.options.model_validate(dict(options or {}))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "options"
+            if error["type"] == "extra_forbidden":
+                problems.append(f"unknown option {key!r}")
+            else:
+                problems.append(f"option {key}={error.get('input')!r}: {error['msg']}")
+        raise ConfigError(f"{precision} quantization: {'; '.join(problems)} (allowed options: {allowed})") from None
+
+
+def quantize_onnx(
+    source: Path, output: Path, *, precision: str, options: Mapping[str, Any] | None = None
+) -> QuantizeResult:
     """Write a reduced-precision copy of the fp32 Mitra ONNX `source` to `output`.
 
     The file is written atomically (nothing is left at `output` on failure) and is byte-identical on
-    every run with the same source and toolchain. Inputs and outputs keep their fp32 contract.
+    every run with the same source, options and toolchain. Inputs and outputs keep their fp32 contract.
 
     Args:
         source: an fp32 Mitra ONNX (the portable export or the optimized flavour).
         output: the .onnx file to write.
-        precision: "int8" (dynamic int8 MatMul weights, for CPU) or "fp16" (fp16 transformer
-            weights and compute, for GPU / WebGPU).
+        precision: one of PRECISIONS (see METHODS and the module docstring).
+        options: per-precision settings (see `quantize_options`); None for the defaults.
 
     Returns:
         The written file's digest and size, and `details` counting what was converted.
 
     Raises:
-        ConfigError: `precision` is not one of PRECISIONS.
+        ConfigError: `precision` is not one of PRECISIONS, or `options` are not valid for it.
         ExportError: `source` does not exist, or the conversion failed or left an fp32 weight behind.
         OnnxCheckError: `source` is not a loadable ONNX model.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    method = _method(precision)
+    settings = quantize_options(precision, options)
     source, output = Path(source), Path(output)
     model = _load(source)
     started = time.perf_counter()
     with atomic_file(output) as tmp:
-        if precision == "int8":
-            model, details = _to_int8(model, tmp, source)
-        else:
-            model, details = _to_fp16(model, source)
+        model, details = method.convert(model, tmp, source, settings)
         _pin_fields(model, precision)
         onnx.save_model(model, str(tmp))
     seconds = time.perf_counter() - started
@@ -112,6 +171,13 @@ def quantize_onnx(source: Path, output: Path, *, precision: str) -> QuantizeResu
         path=output, precision=precision, size=output.stat().st_size, sha256=sha256_file(output),
         seconds=seconds, details=details,
     )
+
+
+def _method(precision: str) -> Method:
+    try:
+        return METHODS[precision]
+    except KeyError:
+        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +304,7 @@ def _quiet_quantizer() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
-def _to_int8(model: onnx.ModelProto, tmp: Path, source: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = model.graph
@@ -256,7 +322,7 @@ def _to_int8(model: onnx.ModelProto, tmp: Path, source: Path) -> tuple[onnx.Mode
         with _quiet_quantizer():
             quantize_dynamic(
                 model, tmp, op_types_to_quantize=["MatMul"], nodes_to_quantize=[node.name for node in selected],
-                per_channel=PER_CHANNEL, reduce_range=False, weight_type=QuantType.QInt8,
+                per_channel=options.per_channel, reduce_range=False, weight_type=QuantType.QInt8,
                 # DefaultTensorType: the quantizer cannot type the outputs of contrib ops (MultiHeadAttention)
                 extra_options={"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True},
             )
@@ -276,7 +342,7 @@ def _to_int8(model: onnx.ModelProto, tmp: Path, source: Path) -> tuple[onnx.Mode
     details: dict[str, Any] = {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "weight_type": "QInt8",
-        "per_channel": PER_CHANNEL,
+        "per_channel": options.per_channel,
         "reduce_range": False,
         "identities_removed": identities,
         "quantized_matmuls": sum(node.op_type in integer_ops for node in out.node),
@@ -376,7 +442,7 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
     return None
 
 
-def _to_fp16(model: onnx.ModelProto, source: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _to_fp16(model: onnx.ModelProto, tmp: Path, source: Path, options: Fp16Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
     graph = model.graph
     identities = _drop_weight_identities(graph)
     types = _elem_types(model)
@@ -488,3 +554,14 @@ def _to_fp16(model: onnx.ModelProto, source: Path) -> tuple[onnx.ModelProto, dic
         "initializer_bytes": _initializer_bytes(graph),
     }
     return model, details
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+METHODS: Mapping[str, Method] = MappingProxyType({
+    "int8": Method(_to_int8, Int8Options, "dynamic int8 MatMul weights, for CPU"),
+    "fp16": Method(_to_fp16, Fp16Options, "fp16 transformer weights and compute, for GPU / WebGPU"),
+})
+PRECISIONS = tuple(METHODS)

@@ -48,7 +48,7 @@ class BuildContext:
     opset: int
     trace_shape: Shape
     parent_files: tuple[Path, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)  # [artifacts.options.<recipe>]
+    options: Mapping[str, Any] = field(default_factory=dict)  # [artifacts.options.<recipe>], checked at load
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class Recipe:
     runtimes: tuple[str, ...]
     verify_as: VerifyAs
     select: tuple[SelectField, str | bool]  # how [artifacts] plans it
-    options: Mapping[str, Any] = field(default_factory=dict)  # defaults of [artifacts.options.<name>]
+    # Checks [artifacts.options.<name>] (raises ConfigError naming a bad key); None: takes no options
+    check_options: Callable[[Mapping[str, Any]], None] | None = None
 
     def selected(self, artifacts: ArtifactsConfig) -> bool:
         key, value = self.select
@@ -126,6 +127,15 @@ def _export(flavour: Literal["portable", "optimized"], file: str) -> Callable[[B
     return make
 
 
+def _quantize_options(precision: str) -> Callable[[Mapping[str, Any]], None]:
+    def check(options: Mapping[str, Any]) -> None:
+        from .quantize import quantize_options
+
+        quantize_options(precision, options)
+
+    return check
+
+
 def _quantize(precision: str, file: str) -> Callable[[BuildContext], Made]:
     def make(ctx: BuildContext) -> Made:
         from .quantize import quantize_onnx
@@ -150,13 +160,15 @@ def _graph(name: str, file: str) -> tuple[ArtifactFile, ...]:
     return (ArtifactFile(name, file, _full_contract),)
 
 
-def _reduced(precision: str, purpose: str, **options: Any) -> Recipe:
-    """A reduced-precision copy of the optimized fp32 file, judged by its own tolerance."""
+def _reduced(precision: str, purpose: str) -> Recipe:
+    """A reduced-precision copy of the optimized fp32 file, judged by its own tolerance; its options
+    are the quantizer's ([artifacts.options.<precision>])."""
     file = precision_file(precision)
     return Recipe(
         name=precision, files=_graph(precision, file), derives_from="fp32-ort", make=_quantize(precision, file),
         precision=precision, flavour="optimized", tolerance=precision, verify_as="graph",
-        select=("precisions", precision), runtimes=CONTRIB_RUNTIMES, purpose=purpose, options=options,
+        select=("precisions", precision), runtimes=CONTRIB_RUNTIMES, purpose=purpose,
+        check_options=_quantize_options(precision),
     )
 
 

@@ -88,7 +88,7 @@ def test_a_planned_artifact_needs_a_consumer_bound_for_each_runtime_checked(tmp_
 
 def test_recipe_options_are_checked_against_the_recipe(tmp_path: Path) -> None:
     path = _config_with(tmp_path, ("support_cache = true", "support_cache = true\n[artifacts.options.fp16]\nblock_size = 3"))
-    with pytest.raises(ConfigError, match=r"options.fp16 has unknown key\(s\) \['block_size'\]"):
+    with pytest.raises(ConfigError, match=r"options.fp16: .*block_size"):
         load_config(path)
     path = _config_with(tmp_path, ('precisions = ["int8", "fp16"]', 'precisions = ["int8"]'),
                         ("support_cache = true", "support_cache = true\n[artifacts.options.fp16]\n"))
