@@ -10,9 +10,8 @@ import hashlib
 import os
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -59,7 +58,7 @@ class ArtifactsConfig(_Strict):
     flavours: tuple[str, ...] = ("portable",)  # fp32 exports: recipes.choices("flavours")
     precisions: tuple[str, ...] = ()  # reduced precisions: recipes.choices("precisions")
     support_cache: bool = False  # also the encode_support / predict_query pair (fit once, predict many)
-    # Per-recipe settings, e.g. [artifacts.options.int4] block_size = 32; keys are the recipe's options.
+    # Per-recipe settings, e.g. [artifacts.options.int4] block_size = 32; checked by the recipe at load.
     options: dict[str, dict[str, OptionValue]] = {}
 
     @model_validator(mode="after")
@@ -74,9 +73,9 @@ class ArtifactsConfig(_Strict):
         if "portable" not in self.flavours:
             raise ValueError("flavours must include 'portable' (the reference artifact every consumer can run)")
         planned = recipes.planned(self)  # ValueError: a recipe whose source recipe is not planned
-        for name, options in self.options.items():
-            if name not in {r.name for r in planned}:
-                raise ValueError(f"options.{name}: no planned artifact {name!r} (planned: {[r.name for r in planned]})")
+        for name, options in self.options.items():  # checked even when not planned: a run may plan it
+            if name not in recipes.BY_NAME:
+                raise ValueError(f"options.{name}: no artifact recipe {name!r} (known: {list(recipes.BY_NAME)})")
             check = recipes.recipe(name).check_options
             if check is None:
                 if options:
@@ -280,9 +279,6 @@ class BuildConfig(_Strict):
         chosen = {key: tuple(value) for key, value in (("flavours", flavours), ("precisions", precisions)) if value is not None}
         raw = self.model_dump()
         raw["artifacts"] = {**raw["artifacts"], **chosen}
-        # options of recipes no longer planned would be refused: a run that drops int4 drops its options
-        names = {r.name for r in recipes.RECIPES if r.selected(SimpleNamespace(**raw["artifacts"]))}  # type: ignore[arg-type]
-        raw["artifacts"]["options"] = {k: v for k, v in raw["artifacts"]["options"].items() if k in names}
         try:
             return BuildConfig.model_validate(raw)
         except ValidationError as exc:
