@@ -189,6 +189,8 @@ RECIPES: tuple[Recipe, ...] = (
     _reduced("int8", "CPU inference: dynamic int8 MatMul weights, about 4x smaller than fp32 and faster on CPU"),
     _reduced("fp16", "GPU / WebGPU execution providers (fp16 weights and transformer compute); runs on CPU but is "
                      "no faster there than fp32 (see `cpu`)"),
+    _reduced("int4", "smallest download: 4-bit block-quantized MatMul weights (ONNX Runtime MatMulNBits), about 6x "
+                     "smaller than fp32; a little faster than fp32 on CPU (see `cpu`)"),
     Recipe(
         name="support-cache",
         files=(ArtifactFile("encode-support", SUPPORT_CACHE_FILES["portable"][0], _pair_contract("encode_support")),

@@ -1,4 +1,4 @@
-"""Quantize: int8 / fp16 files that load, keep the I/O contract, stay accurate, carry no fp32 copy of a
+"""Quantize: int8 / fp16 / int4 files that load, keep the I/O contract, stay accurate, carry no fp32 copy of a
 quantized weight, are byte-reproducible, and refuse bad input with a typed error."""
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from mitra_model.check import check_onnx
+from mitra_model.config import Cell, Tolerance
 from mitra_model.errors import ConfigError, ExportError, MitraBuildError, OnnxCheckError
 from mitra_model.export import INPUT_NAMES, export_onnx
 from mitra_model.inputs import make_inputs
-from mitra_model.quantize import MIN_WEIGHT_DIM, QuantizeResult, quantize_onnx
+from mitra_model.quantize import METHODS, MIN_WEIGHT_DIM, PRECISIONS as ALL_PRECISIONS, Int8Options, QuantizeResult, quantize_onnx, quantize_options
 from mitra_model.snapshot import load_model
-from mitra_model.verify import onnx_session
+from mitra_model.verify import onnx_session, verify_onnx
 
-PRECISIONS = ("int8", "fp16")
+PRECISIONS = ("int8", "fp16")  # held to the fp32 export's outputs; int4 has its own tests below
 # (shape (B, S, Q, F), data, padded support rows): mixed columns, ties, a padded batch, a wider table
 SHAPES = (((1, 64, 16, 8), "mixed", 0), ((1, 100, 20, 6), "integer_ties", 0), ((3, 48, 8, 5), "mixed", 12),
           ((2, 30, 7, 4), "continuous", 0), ((1, 96, 24, 12), "mixed", 0))
@@ -143,7 +144,7 @@ def test_output_is_byte_identical_across_processes(sources, tmp_path: Path) -> N
         "import sys; from pathlib import Path; from mitra_model.quantize import quantize_onnx; "
         "print(quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), precision=sys.argv[3]).sha256)"
     )
-    for precision in PRECISIONS:
+    for precision in ALL_PRECISIONS:
         digests = set()
         for seed in ("1", "2"):
             env = {**os.environ, "PYTHONHASHSEED": seed}
@@ -165,9 +166,36 @@ def test_bad_input_raises_typed_errors(sources, tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a protobuf \xff\xfe" * 10)
     with pytest.raises(OnnxCheckError, match="junk.onnx"):
         quantize_onnx(junk, output, precision="fp16")
-    with pytest.raises(ConfigError, match="'int4'"):
-        quantize_onnx(sources["regression", "portable"], output, precision="int4")
+    with pytest.raises(ConfigError, match="'int3'.*" + ", ".join(ALL_PRECISIONS)):
+        quantize_onnx(sources["regression", "portable"], output, precision="int3")
     assert [p.name for p in tmp_path.iterdir()] == ["junk.onnx"]  # no output, no temp file
+
+
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_bad_options_raise_config_error(sources, tmp_path: Path, precision: str) -> None:
+    """Options are checked before the source is read: the error names the key and the allowed ones."""
+    allowed = ", ".join(METHODS[precision].options.model_fields) or "none"
+    with pytest.raises(ConfigError, match=f"{precision}.*'blocksize'.*allowed options: {allowed}"):
+        quantize_onnx(sources["classification", "optimized"], tmp_path / "out.onnx", precision=precision,
+                      options={"blocksize": 32})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_option_values_are_typed() -> None:
+    assert quantize_options("int8") == quantize_options("int8", {}) == Int8Options()
+    assert quantize_options("int8", {"per_channel": True}).per_channel is True
+    with pytest.raises(ConfigError, match="per_channel='yes'"):
+        quantize_options("int8", {"per_channel": "yes"})  # a TOML string is not coerced to a bool
+    with pytest.raises(ConfigError, match="'int3'.*" + ", ".join(ALL_PRECISIONS)):
+        quantize_options("int3")
+
+
+def test_int8_per_channel_option_reaches_the_quantizer(sources, tmp_path: Path) -> None:
+    source = sources["classification", "optimized"]
+    tensor = quantize_onnx(source, tmp_path / "tensor.onnx", precision="int8")
+    channel = quantize_onnx(source, tmp_path / "channel.onnx", precision="int8", options={"per_channel": True})
+    assert (tensor.details["per_channel"], channel.details["per_channel"]) == (False, True)
+    assert tensor.sha256 != channel.sha256
 
 
 def test_failure_leaves_nothing_behind(sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,3 +228,125 @@ def test_int8_batch_composition(quantized, sources, tiny_snapshots, record_prope
         print(f"{label}: max |alone - in batch| = {difference:.3e}")
         if label == "fp32":
             assert difference < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# int4
+
+
+@pytest.fixture(scope="module")
+def int4(sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, QuantizeResult]:
+    """{task: result}: int4 from the optimized flavour, as the pipeline builds it."""
+    root = tmp_path_factory.mktemp("int4")
+    return {
+        task: quantize_onnx(sources[task, "optimized"], root / f"{task}-int4.onnx", precision="int4")
+        for task in ("classification", "regression")
+    }
+
+
+def _weight_matmuls_through_identities(model: onnx.ModelProto) -> tuple[int, set[str]]:
+    """Independently of quantize.py: how many MatMuls read a large 2-D float weight, directly or
+    through an Identity, and which weights those are."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers}
+    count, weights = 0, set()
+    for node in model.graph.node:
+        weight = initializers.get(alias.get(node.input[1], node.input[1])) if node.op_type == "MatMul" else None
+        if weight is not None and weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2 \
+                and min(weight.dims) >= MIN_WEIGHT_DIM:
+            count, weights = count + 1, weights | {weight.name}
+    return count, weights
+
+
+def test_int4_quantizes_every_weight_matmul_and_leaves_no_fp32_copy(int4, sources, tiny_snapshots, task: str) -> None:
+    result = int4[task]
+    check_onnx(result.path, config=load_model(tiny_snapshots[task].path)[0].config)  # I/O contract, shapes
+    source = onnx.load(str(sources[task, "optimized"]))
+    model = onnx.load(str(result.path))
+    expected_matmuls, expected_weights = _weight_matmuls_through_identities(source)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all(n.domain == "com.microsoft" for n in nbits)
+    # tiny: 2 layers x 12 weight matrices, some read by both the support and the query path
+    assert len(expected_weights) == 24 and expected_matmuls > 24
+    assert len(nbits) == expected_matmuls == result.details["quantized_matmuls"]
+    assert result.details["quantized_weights"] == 24
+    # the rest stay fp32 MatMuls: the K=1 embeddings and the output head
+    source_matmuls = sum(n.op_type == "MatMul" for n in source.graph.node)
+    assert result.details["fp32_matmuls"] == sum(n.op_type == "MatMul" for n in model.graph.node) == source_matmuls - len(nbits)
+    attributes = {(a.name, a.i) for n in nbits for a in n.attribute if a.name in ("bits", "block_size", "accuracy_level")}
+    assert attributes == {("bits", 4), ("block_size", 32), ("accuracy_level", 4)}
+
+    names = [t.name for t in model.graph.initializer]
+    assert len(names) == len(set(names))  # a weight shared by two MatMuls is stored once
+    assert not set(names) & expected_weights
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert not [t.name for t in floats if len(t.dims) == 2 and min(t.dims) >= MIN_WEIGHT_DIM]
+    assert "Identity" not in {n.op_type for n in model.graph.node}
+    assert result.details["initializer_bytes"]["FLOAT"] == sum(numpy_helper.to_array(t).nbytes for t in floats)
+    assert result.size < 0.35 * sources[task, "optimized"].stat().st_size
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["mitra_build.precision"] == "int4" and model.producer_name == "mitra-build"
+
+
+# Two cells of the verification matrix (a padded batch among them) against PyTorch. Measured on the
+# random-weight tiny models (block 32, accuracy_level 4, seed 7): classifier max abs 0.047, max
+# probability error 0.007, argmax 100%; regressor max abs 0.027, correlation 0.97-0.99. The bounds
+# leave ~5x headroom; the full-size figures are in the quantize module's docstring.
+INT4_CELLS = (
+    Cell(name="base", batch=1, n_support=64, n_query=16, n_features=8, data="mixed"),
+    Cell(name="batch-of-3-padded", batch=3, n_support=48, n_query=8, n_features=5, data="mixed", padded_support_rows=12),
+)
+INT4_TOLERANCE = Tolerance(max_abs=0.25, max_prob_err=0.05, min_argmax_agreement=0.9, min_correlation=0.9,
+                           correlation_min_spread=MIN_STD_FOR_CORRELATION)
+
+
+def test_int4_matches_pytorch(int4, tiny_snapshots, task: str, record_property) -> None:
+    model = load_model(tiny_snapshots[task].path)[0]
+    report = verify_onnx(model, int4[task].path, cells=INT4_CELLS, tolerance=INT4_TOLERANCE, precision="int4", seed=7)
+    record_property("int4_max_abs_err", report.summary["max_abs_err"])
+    assert report.passed, report.failures
+
+
+def test_int4_options_reach_the_file(sources, tmp_path: Path) -> None:
+    source = sources["classification", "optimized"]
+    result = quantize_onnx(source, tmp_path / "sym.onnx", precision="int4",
+                           options={"block_size": 64, "is_symmetric": True, "accuracy_level": 0})
+    assert {k: result.details[k] for k in ("block_size", "is_symmetric", "accuracy_level")} == {
+        "block_size": 64, "is_symmetric": True, "accuracy_level": 0}
+    nbits = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) == 3 for n in nbits)  # symmetric: no zero points
+    assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {64}
+    assert not any(a.name == "accuracy_level" for n in nbits for a in n.attribute)  # 0: the kernel's default
+    with pytest.raises(ConfigError, match="block_size=48.*power of two"):
+        quantize_onnx(source, tmp_path / "bad.onnx", precision="int4", options={"block_size": 48})
+    with pytest.raises(ConfigError, match="accuracy_level=5"):
+        quantize_onnx(source, tmp_path / "bad.onnx", precision="int4", options={"accuracy_level": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sym.onnx"]
+
+
+def test_int4_failure_leaves_nothing_behind(sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    def broken(self) -> None:
+        raise RuntimeError("nbits quantizer exploded")
+
+    monkeypatch.setattr(matmul_nbits_quantizer.MatMulNBitsQuantizer, "process", broken)
+    with pytest.raises(ExportError, match="int4 quantization of .*nbits quantizer exploded"):
+        quantize_onnx(sources["classification", "optimized"], tmp_path / "model-ort-int4.onnx", precision="int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_keeps_the_process_logging_alone(sources, tmp_path: Path) -> None:
+    """The nbits quantizer module calls logging.basicConfig(level=INFO) at import; in a fresh process
+    (pytest's own handlers would hide it) the root logger is untouched afterwards and nothing is logged."""
+    script = (
+        "import logging, sys; from pathlib import Path; from mitra_model.quantize import quantize_onnx; "
+        "quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), precision='int4'); "
+        "root = logging.getLogger(); print(len(root.handlers), logging.getLevelName(root.level))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(sources["regression", "optimized"]), str(tmp_path / "int4.onnx")],
+        check=True, capture_output=True, text=True, timeout=120,
+    )
+    assert done.stdout.split() == ["0", "WARNING"]
+    assert "matmul_nbits_quantizer" not in done.stderr
