@@ -18,11 +18,21 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import logging
+
+from prefect import flow, get_run_logger, tags, task, unmapped
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.filesystems import WritableFileSystem
+from prefect.logging.handlers import APILogHandler
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from mitra_model import build as builds
 from mitra_model import consumers
@@ -37,6 +47,31 @@ from mitra_model.recipes import BuildContext, Made, Recipe
 from mitra_model.snapshot import Snapshot
 from mitra_model.store import StoreConfig, make_s3_client
 from mitra_model.verify import CellResult
+
+def _show_in_prefect() -> None:
+    """Make the library's log records (hub fallback, retries, the synthetic banner) part of the run's
+    logs in the Prefect UI, as PREFECT_LOGGING_EXTRA_LOGGERS would, without depending on that being
+    set before Prefect was imported; and keep per-task "Finished in state Completed()" lines out of
+    them (failures and retries are still logged)."""
+    library = logging.getLogger("mitra_model")
+    if not any(isinstance(handler, APILogHandler) for handler in library.handlers):
+        library.addHandler(APILogHandler())
+        library.setLevel(logging.INFO)
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _NoCompletedNoise) for f in task_runs.filters):
+        task_runs.addFilter(_NoCompletedNoise())
+
+
+class _NoCompletedNoise(logging.Filter):
+    # Prefect says, once per task run, that a success succeeded, and that a timeout cannot interrupt
+    # a task in a worker thread (it fails the task when the blocking call returns; that is all we ask)
+    NOISE = ("Finished in state Completed", "Timeout of ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOISE)
+
+
+_show_in_prefect()
 
 # Persisted cell results: one object per flow run, artifact and cell under the store's results folder.
 CELL_RESULT_KEY = "verify-cell/{flow_run.id}/{parameters[recipe_name]}/{parameters[cell].name}"
@@ -62,7 +97,7 @@ def checksum(snapshot: Snapshot, source: builds.SourceInfo) -> None:
     sources.verify_checksums(snapshot, source)
 
 
-@task(name="make-artifact", cache_policy=NO_CACHE, task_run_name="make-{recipe.name}")
+@task(name="make-artifact", cache_policy=NO_CACHE, task_run_name="{recipe.verb}-{recipe.name}")
 def make_artifact(recipe: Recipe, snapshot: Snapshot, config: BuildConfig, work: Path,
                   parent_files: tuple[Path, ...]) -> Made:
     context = BuildContext(snapshot_dir=snapshot.path, work=work, opset=config.export.opset,
@@ -117,12 +152,19 @@ def verify(recipe: Recipe, made: Made, snapshot: Snapshot, config: BuildConfig, 
     tolerance = config.verification.tolerance(recipe.tolerance)
     cells = list(config.verification.cells)
     # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
-    cell_task = verify_cell if storage is None else verify_cell.with_options(
-        result_storage=storage, result_storage_key=CELL_RESULT_KEY, cache_policy=None)
+    limit = config.execution.task_timeout_s
+    cell_task = verify_cell.with_options(timeout_seconds=limit) if storage is None else verify_cell.with_options(
+        result_storage=storage, result_storage_key=CELL_RESULT_KEY, cache_policy=None, timeout_seconds=limit)
     futures = cell_task.map(unmapped(snapshot.path), unmapped(made.files), cells, unmapped(recipe.name),
                             unmapped(recipe.verify_as), unmapped(tolerance), unmapped(config.verification.seed),
                             unmapped(reference_dir))
-    return verification_report(recipe, made, tolerance, [f.result() for f in futures], variant)
+    progress = create_progress_artifact(0.0, key=f"{variant.name}-progress-{recipe.name}",
+                                        description=f"{variant.name}: verification matrix of {recipe.name}")
+    results = []
+    for done, future in enumerate(futures, start=1):
+        results.append(future.result())
+        update_progress_artifact(progress, 100.0 * done / len(cells))
+    return verification_report(recipe, made, tolerance, results, variant)
 
 
 @task(name="consumer-check", cache_policy=NO_CACHE, task_run_name="consumer-check-{recipe.name}")
@@ -153,10 +195,7 @@ def consumer_check(recipe: Recipe, built: list[builds.BuiltArtifact], snapshot: 
 
 @task(name="assemble", cache_policy=NO_CACHE)
 def assemble(manifest: dict[str, Any], built: list[builds.BuiltArtifact], artifacts: Path) -> Path:
-    folder = builds.assemble_build(artifacts, manifest, built)
-    create_markdown_artifact(key=f"{manifest['variant']}-manifest", markdown=builds.manifest_markdown(manifest),
-                             description=f"{manifest['variant']} {manifest['version']}")
-    return folder
+    return builds.assemble_build(artifacts, manifest, built)
 
 
 def retry_io_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
@@ -208,23 +247,28 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         folder = builds.build_dir(artifacts, variant.name, version)
         return finish(variant, version, folder, decision.manifest, store, "up-to-date" if store is None else "published")
 
-    snapshot_files = local if local is not None else download(pinned, artifacts, hub_endpoint)
+    limit = config.execution.task_timeout_s  # every long task gets it: a hang fails the run, not the worker
+    snapshot_files = local if local is not None else download.with_options(timeout_seconds=limit)(
+        pinned, artifacts, hub_endpoint)
     checksum(snapshot_files, source)
     work = builds.fresh_work_dir(artifacts, variant.name, version)
     storage = result_storage(config)
     reference_dir = artifacts / "cache" / "reference"
     for cell in config.verification.cells:  # once per build; every artifact below is compared with these
-        reference_cell(snapshot_files.path, cell, config.verification.seed, reference_dir)
+        reference_cell.with_options(timeout_seconds=limit)(snapshot_files.path, cell, config.verification.seed,
+                                                           reference_dir)
     made: dict[str, Made] = {}
     built: list[builds.BuiltArtifact] = []
     check_in_consumers = config.consumers.node or config.consumers.browser
     for recipe in config.artifacts.planned():  # each after the recipe it derives from
         parent = made[recipe.derives_from].files if recipe.derives_from else ()
-        made[recipe.name] = make_artifact(recipe, snapshot_files, config, work, parent)
+        made[recipe.name] = make_artifact.with_options(timeout_seconds=limit)(recipe, snapshot_files, config, work,
+                                                                              parent)
         check(recipe, made[recipe.name], snapshot_files)
         verified = verify(recipe, made[recipe.name], snapshot_files, config, variant, reference_dir, storage)
         if check_in_consumers:
-            verified = consumer_check(recipe, verified, snapshot_files, config, work)
+            verified = consumer_check.with_options(timeout_seconds=limit)(recipe, verified, snapshot_files, config,
+                                                                          work)
         built += verified
     manifest = builds.draft_manifest(
         variant=variant.name, version=version, source=source, snapshot=snapshot_files, model_config=snapshot_files.config,
@@ -241,6 +285,11 @@ def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any
     """Publish a complete build folder (when a store is configured) and report."""
     logger = get_run_logger()
     published = publish_release(folder, store) if store is not None else None
+    where = None if published is None or store is None else {
+        "url": store.url(published.manifest_key), "manifest_version": published.manifest_version}
+    # after publishing, so the summary can say where the release is and which manifest_version it got
+    create_markdown_artifact(key=f"{variant.name}-manifest", markdown=builds.manifest_markdown(manifest, where),
+                             description=f"{variant.name} {version}")
     synthetic = manifest["source"]["synthetic"]
     if synthetic:
         logger.warning(sources.SYNTHETIC_BANNER.format(variant=variant.name))
@@ -282,7 +331,40 @@ def task_runner(execution: ExecutionConfig) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=execution.max_workers)
 
 
-@flow(name="mitra-build")
+def run_name() -> str:
+    """`mitra-build: mitra-classifier, mitra-regressor @ main`: what the run builds, for the UI's run list."""
+    parameters = flow_run.parameters or {}
+    names = parameters.get("variants")
+    if not names:
+        try:
+            config = load_config(Path(parameters["config_path"]) if parameters.get("config_path") else None)
+            names = [v.name for v in config.variants]
+        except Exception:  # noqa: BLE001 - a bad config fails the run itself, with its own message
+            names = ["all variants"]
+    revision = parameters.get("revision") or ("configured revisions" if parameters.get("snapshot") is None
+                                              else "local snapshot")
+    return f"mitra-build: {', '.join(names)} @ {revision}"
+
+
+def variant_lock(variant: str) -> str:
+    """The global concurrency limit (1 slot) that keeps two runs from building one variant at once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"mitra-build-variant-{variant}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it in between
+                pass
+    return name
+
+
+@flow(name="mitra-build", flow_run_name=run_name)
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
                 artifacts_root: str | None = None, publish: bool = True,
@@ -311,10 +393,12 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
     selected = config.select_variants(variants, snapshot=snapshot)
     artifacts = Path(artifacts_root) if artifacts_root else Path.cwd() / "artifacts"
     build = build_variant.with_options(task_runner=task_runner(config.execution))
-    results = [
-        build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
-                      synthetic_fallback, publish)
-        for v in selected
-    ]
+    results = []
+    for v in selected:
+        # one build of a variant at a time across every deployment and worker; the tag finds its runs
+        with tags(f"variant:{v.name}"), concurrency(variant_lock(v.name), occupy=1, strict=True,
+                                                   timeout_seconds=config.execution.variant_lock_timeout_s):
+            results.append(build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
+                                 synthetic_fallback, publish))
     get_run_logger().info("summary: %s", "; ".join(f"{r['variant']} {r['status']} {r['version']}" for r in results))
     return results

@@ -276,13 +276,16 @@ def assemble_build(artifacts_root: Path, manifest: dict[str, Any], artifacts: li
     return final
 
 
-def manifest_markdown(manifest: dict[str, Any]) -> str:
-    """A human summary of a manifest (shown as a Prefect artifact and printed by the CLI)."""
+def manifest_markdown(manifest: dict[str, Any], published: dict[str, Any] | None = None) -> str:
+    """A human summary of a manifest (shown as a Prefect artifact), with where it was published
+    (`{"url": ..., "manifest_version": N}`) when it was."""
     source = manifest["source"]
     origin = "**SYNTHETIC snapshot (random weights)**" if source["synthetic"] else (
         f"`{source['repo_id']}` @ `{source['requested_revision']}` = commit `{source['resolved_commit']}`"
         if source.get("repo_id") else f"local folder `{source.get('path')}`")
-    lines = [f"# {manifest['variant']} {manifest['version']}", "", f"Source: {origin}", "",
+    where = (f"Published: {published['url']} as manifest_version {published['manifest_version']}"
+             if published else "Not published (local build)")
+    lines = [f"# {manifest['variant']} {manifest['version']}", "", f"Source: {origin}", "", where, "",
              "| artifact | precision | size | sha256 |", "|---|---|---|---|"]
     for a in manifest["artifacts"]:
         lines.append(f"| {a['file']} | {a['precision']} ({a['flavour']}) | {a['size']:,} | `{a['sha256']}` |")

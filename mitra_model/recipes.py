@@ -90,6 +90,11 @@ class Recipe:
         return chosen is value if isinstance(value, bool) else value in chosen
 
     @property
+    def verb(self) -> str:
+        """What making it is called in task names: "export-fp32-ort", "quantize-int8"."""
+        return "export" if self.derives_from is None else "quantize"
+
+    @property
     def how_to_plan(self) -> str:
         key, value = self.select
         return f"set support_cache = true" if key == "support_cache" else f"add {value!r} to [artifacts] {key}"

@@ -14,6 +14,7 @@ import flows.mitra_build as flow_module
 from local_hub import local_hub  # noqa: F401 - fixture
 from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 from configs import write_config
+from mitra_model.config import load_config
 from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
 from mitra_model.snapshot import write_synthetic_snapshot
 from mitra_model.store import StoreConfig
@@ -165,8 +166,10 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
     for artifact in manifest["artifacts"]:
         assert hashlib.sha256(pulled.files[artifact["name"]].read_bytes()).hexdigest() == artifact["sha256"]
     by_name = {a["name"]: a for a in manifest["artifacts"]}
-    assert set(by_name) == {"fp32", "fp32-ort", "int8", "fp16", "encode-support", "predict-query"}
-    for name in ("fp32", "fp32-ort", "int8", "fp16"):
+    planned = load_config(config).artifacts.planned()
+    assert set(by_name) == {f.name for r in planned for f in r.files}  # every planned recipe's files
+    assert {"fp32", "fp32-ort", "int8", "fp16", "int4", "encode-support", "predict-query"} <= set(by_name)
+    for name in (r.name for r in planned if r.verify_as == "graph"):
         (node,) = by_name[name]["checked_in"]
         assert node["runtime"] == "onnxruntime-node" and node["passed"] is True and node["version"], node
         assert node["onnx_sha256"] == by_name[name]["sha256"] and "predict_sha256" not in node
@@ -258,3 +261,53 @@ def test_a_variant_can_be_a_local_folder(tmp_path: Path, tiny_snapshots) -> None
     assert source["path"] == str(folder.resolve()) and source["repo_id"] is None and source["resolved_commit"] is None
     weights = next(f for f in source["files"] if f["path"] == "model.safetensors")
     assert weights["sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_config) -> None:  # noqa: F811
+    """Library warnings in the run's logs, a run named after what it builds, artifact-specific task
+    names, no per-task "Finished in state Completed()" noise, tolerance beside each error, progress,
+    the manifest summary, the variant tag and the variant lock."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter,
+        LogFilterFlowRunId, TaskRunFilter,
+    )
+
+    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    local_hub.fail_next(1, status=503)  # one retry, which the library logs as a warning
+    state = flow_module.mitra_build(config_path=str(config), artifacts_root=str(artifacts),
+                                    hub_endpoint=local_hub.endpoint, publish=False, return_state=True)
+    assert state.is_completed()
+    top_id = state.state_details.flow_run_id
+
+    async def read():
+        async with get_client() as client:
+            top = await client.read_flow_run(top_id)
+            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[top_id])))
+            child_ids = [c.id for c in children] or [top_id]
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [top_id, *child_ids]}),
+                                                task_run_filter=TaskRunFilter())
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[top_id, *child_ids])))
+            keys = ["finetuned-manifest", "finetuned-progress-fp32", "finetuned-verification-fp32"]
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+            limits = await client.read_global_concurrency_limits()
+            return top, children, tasks, logs, found, limits
+
+    top, children, tasks, logs, found, limits = asyncio.run(read())
+    assert top.name == "mitra-build: finetuned @ configured revisions"
+    assert any("variant:finetuned" in child.tags for child in children)
+    names = {t.name for t in tasks}
+    assert {"export-fp32", "check-fp32", "report-fp32"} <= names and any(n.startswith("verify-fp32-") for n in names)
+    messages = [log.message for log in logs]
+    assert any("retry 1/" in m for m in messages), messages  # the library's warning reached the UI
+    noise = [log for log in logs if log.task_run_id and log.message.startswith("Finished in state Completed")]
+    assert not noise and len([t for t in tasks if t.state.is_completed()]) > 10  # many tasks, no per-task line
+    by_key = {a.key: a for a in found}
+    assert by_key["finetuned-progress-fp32"].data == 100.0
+    assert "(<= " in str(by_key["finetuned-verification-fp32"].data)  # tolerance beside the measured error
+    assert "Not published" in by_key["finetuned-manifest"].data
+    assert any(limit.name == "mitra-build-variant-finetuned" and limit.limit == 1 for limit in limits)
