@@ -104,3 +104,38 @@ class UpstreamMissingError(MitraBuildError, ModuleNotFoundError):
 
 class ReferenceCacheError(MitraBuildError, ValueError):
     """A file in the reference cache is unreadable or is not the reference it is named after."""
+
+
+class SigningKeyError(MitraBuildError, ValueError):
+    """A signing or trusted key cannot be used: missing, unreadable, wrong password, not P-256.
+
+    Messages name the file or environment variable, never the key material or its password."""
+
+
+class SignatureError(MitraBuildError, ValueError):
+    """A release or pointer signature was refused (base of the signature checks below)."""
+
+
+class UnsignedReleaseError(SignatureError):
+    """Trusted keys are configured but the release or the pointer carries no signature."""
+
+
+class UntrustedKeyError(SignatureError, PermissionError):
+    """The signature was made by a key that is not among the trusted keys (wrong key)."""
+
+
+class BadSignatureError(SignatureError):
+    """The signature does not verify or is malformed: the signed content was tampered with."""
+
+
+class NotSignedContentError(SignatureError):
+    """A file is not covered by the release signature with that SHA-256 (arbitrary artifact,
+    mix-and-match)."""
+
+
+class ExpiredPointerError(SignatureError):
+    """The signed pointer's `expires` has passed (indefinite freeze)."""
+
+
+class RollbackError(SignatureError):
+    """The pointer names an older release than one known to exist (rollback)."""

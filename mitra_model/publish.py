@@ -5,7 +5,13 @@ Artifacts are created with If-None-Match: *, the manifest is immutable once rele
 record `_releases/<N>.json` (also immutable) is the commit point, and the pointer `latest.json`
 moves by compare-and-swap and never goes back.
 
-Order of writes: artifacts -> manifest -> release record -> pointer. Consumers only follow the
+Order of writes: artifacts -> manifest -> [release.sig] -> release record -> pointer. With a
+signer (`signing.Signer`), the complete release folder (artifacts + manifest.json) is signed in
+OpenSSF model-signing format into `<version>/release.sig` (created like the artifacts, replaced
+only while its manifest is unreleased), the release record pins its key and SHA-256, and the
+pointer carries `expires` and a DSSE signature (TUF's timestamp role; `refresh_pointer` renews
+it). `revert_release` brings old artifacts back as a *new* release, so consumers never go back.
+Consumers only follow the
 pointer (or, for an explicit version, the release record), and each is written after everything it
 names exists and was re-checked, so a crash at any point leaves the old complete release visible;
 re-running `publish_build` finishes the job.
@@ -31,13 +37,19 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError, FlexibleChecksumError
 
 from . import layout
-from .errors import PublishError, VersionConflictError
+from .errors import (
+    PublishError,
+    SignatureError,
+    UntrustedKeyError,
+    VersionConflictError,
+)
 from .fileutil import sha256_file
 from .layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID
 from .release import (
@@ -48,9 +60,18 @@ from .release import (
     is_sha256_hex,
     manifest_schema_errors,
     pointer_doc,
-    pointer_problems,
     segment_problem,
     sha256_bytes,
+)
+from .signing import (
+    DEFAULT_POINTER_TTL,
+    SIGNATURE_NAME,
+    Signer,
+    format_time,
+    record_problems,
+    sign_pointer,
+    sign_release_files,
+    verify_release_signature,
 )
 from .store import (
     StoreConfig,
@@ -78,6 +99,8 @@ class PublishResult:
             already been released and was superseded since).
         uploaded: keys written by this call, in order; empty when everything was already there.
         already_published: nothing had to be written (`uploaded` is empty).
+        signature_key / signature_sha256: the release signature object (`<version>/release.sig`)
+            and its SHA-256, as the release record pins them; None for an unsigned release.
     """
 
     variant: str
@@ -88,6 +111,8 @@ class PublishResult:
     pointer_key: str
     uploaded: list[str]
     already_published: bool
+    signature_key: str | None = None
+    signature_sha256: str | None = None
 
 
 # -- digests and identity ------------------------------------------------------------------
@@ -219,8 +244,9 @@ def _final_manifest(
     doc["manifest_version"] = manifest_version
     doc["previous_manifest_sha256"] = previous
     for artifact in doc["artifacts"]:
-        file = artifact["file"]
-        artifact["s3_key"] = layout.artifact_key(store.prefix, doc["variant"], doc["version"], file)
+        # A revert keeps its artifacts' keys (under the reverted-to version); a build has none.
+        if "s3_key" not in artifact:
+            artifact["s3_key"] = layout.artifact_key(store.prefix, doc["variant"], doc["version"], artifact["file"])
     return doc
 
 
@@ -281,7 +307,7 @@ class _Store:
         if found is None:
             return None
         doc, _, etag = found
-        if problems := pointer_problems(doc):
+        if problems := record_problems(doc):
             raise PublishError(f"{self.url(key)} is not a valid pointer: " + "; ".join(problems))
         return doc, etag
 
@@ -398,24 +424,111 @@ class _Store:
 
 # -- the release protocol -----------------------------------------------------------------------
 
+_RECORD_FIELDS = (
+    "schema", "variant", "version", "manifest_key", "manifest_sha256", "manifest_version",
+    "signature_key", "signature_sha256",
+)
+
+
+def _record_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    """A pointer without what only the pointer has (`expires`, its envelope): the release record."""
+    return {k: doc[k] for k in _RECORD_FIELDS if k in doc}
+
+
+def _record(
+    variant: str, version: str, manifest_key: str, sha: str, mv: int, signature: tuple[str, str] | None
+) -> dict[str, Any]:
+    """The release record of a manifest; a signed release also pins its signature object."""
+    doc = pointer_doc(variant, version, manifest_key, sha, mv)
+    if signature is not None:
+        doc["signature_key"], doc["signature_sha256"] = signature
+    return doc
+
+
+def _newest_record(s3: _Store, store: StoreConfig, variant: str, start: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest release record at or after `start` (a record or pointer), probing as few as possible.
+
+    Records are contiguous (N is claimed only once N-1 exists), so: gallop forward (N+1, N+2, N+4,
+    ...) to the first missing one, then bisect; O(log n) GETs instead of one per release.
+    """
+    def read(mv: int) -> dict[str, Any] | None:
+        found = s3.read_pointer(layout.release_record_key(store.prefix, variant, mv))
+        return None if found is None else found[0]
+
+    base_mv = start["manifest_version"] if start else 0
+    best = _record_fields(start) if start else None
+    step = 1
+    while True:  # invariant: `best` is record base_mv (or None for 0); probe base_mv + step
+        if step > _MAX_LOG_WALK:
+            raise PublishError(f"More than {_MAX_LOG_WALK} release records past the pointer of {variant!r}")
+        found = read(base_mv + step)
+        if found is None:
+            break
+        base_mv, best, step = base_mv + step, found, step * 2
+    low, high = base_mv, base_mv + step  # record `low` exists (or is 0), record `high` does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        found = read(middle)
+        if found is None:
+            high = middle
+        else:
+            low, best = middle, found
+    return best
+
 
 def _log_tail(s3: _Store, store: StoreConfig, variant: str) -> dict[str, Any] | None:
     """The newest release record (the pointer may lag behind after a crash), or None."""
     pointer = s3.read_pointer(layout.pointer_key(store.prefix, variant))
-    tail = pointer[0] if pointer else None
-    mv = tail["manifest_version"] if tail else 0
-    for _ in range(_MAX_LOG_WALK):
-        record = s3.read_pointer(layout.release_record_key(store.prefix, variant, mv + 1))
-        if record is None:
-            return tail
-        tail, mv = record[0], mv + 1
-    raise PublishError(f"More than {_MAX_LOG_WALK} release records past the pointer of {variant!r}")
+    return _newest_record(s3, store, variant, pointer[0] if pointer else None)
 
 
-def _advance_pointer(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> bool:
+def newest_release_record(
+    client: Any, store: StoreConfig, variant: str, *, after: int = 0
+) -> dict[str, Any] | None:
+    """The newest release record of `variant` (what a puller compares a pointer with: rollback).
+
+    Args:
+        client: a boto3 S3 client.
+        store: bucket and prefix.
+        variant: e.g. "mitra-classifier".
+        after: a manifest_version known to be released (e.g. the verified pointer's): the search
+            starts there, so it costs about 2*log2(newer releases) + 1 small GETs.
+
+    Returns:
+        The record as a dict (schema, variant, version, manifest_key, manifest_sha256,
+        manifest_version, and signature_key / signature_sha256 for a signed release), or None
+        when no record exists after `after` and `after` is 0.
+
+    Raises:
+        PublishError: a record is unreadable or invalid.
+        StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
+    """
+    s3 = _Store(client, store)
+    start = None
+    if after > 0:
+        found = s3.read_pointer(layout.release_record_key(store.prefix, variant, after))
+        if found is None:
+            raise PublishError(
+                f"Release record {after} of {variant!r} does not exist in "
+                f"{store.url(layout.variant_folder(store.prefix, variant))}: the pointer names a "
+                "release that was never recorded."
+            )
+        start = found[0]
+    return _newest_record(s3, store, variant, start)
+
+
+def _pointer_body(target: dict[str, Any], signer: Signer | None, ttl: timedelta) -> bytes:
+    if signer is None:
+        return canonical_json(target)
+    return sign_pointer(target, signer, expires=datetime.now(UTC) + ttl)
+
+
+def _advance_pointer(
+    s3: _Store, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
+) -> bool:
     """Move the pointer to `target` unless it already names this or a newer release."""
     key = layout.pointer_key(store.prefix, target["variant"])
-    body = canonical_json(target)
+    body = _pointer_body(target, signer, ttl)
     sha = sha256_bytes(body)
     for attempt in range(_MAX_CAS_ATTEMPTS):
         current = s3.read_pointer(key)
@@ -439,7 +552,7 @@ def _advance_pointer(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> 
             after = s3.read_pointer(key)
             if after is None or after[0]["manifest_version"] < target["manifest_version"]:
                 raise PublishError(f"{s3.url(key)} does not hold the pointer just written")
-            if after[0]["manifest_version"] == target["manifest_version"] and after[0] != target:
+            if after[0]["manifest_version"] == target["manifest_version"] and _record_fields(after[0]) != target:
                 raise PublishError(f"{s3.url(key)} does not hold the pointer just written")
             return True
         _backoff(attempt)
@@ -450,12 +563,77 @@ def _advance_pointer(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> 
 
 
 def latest_release(client: Any, store: StoreConfig, variant: str) -> dict[str, Any] | None:
-    """The variant's pointer (`latest.json`) as a dict, or None when nothing was published yet."""
+    """The variant's pointer (`latest.json`) as a dict, or None when nothing was published yet.
+
+    Not verified: a consumer that trusts keys reads it with `signing.verify_pointer` instead.
+    """
     found = _Store(client, store).read_pointer(layout.pointer_key(store.prefix, variant))
     return None if found is None else found[0]
 
 
-def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> PublishResult:
+def _store_signature(
+    s3: _Store, store: StoreConfig, variant: str, version: str, files: dict[str, str], signer: Signer
+) -> tuple[str, str]:
+    """Sign the release folder `files` and store `<version>/release.sig`; its (key, sha256).
+
+    Created with If-None-Match like the artifacts. A signature already there is reused when it is
+    ours for exactly these files (a crashed run's: ECDSA signatures differ at every signing, so
+    signing again would not give the same bytes). One that signs other files belongs to a
+    manifest that was renumbered before it was ever released (released manifests never change),
+    so it is replaced by compare-and-swap. The same files signed by another key are refused.
+    """
+    key = layout.artifact_key(store.prefix, variant, version, SIGNATURE_NAME)
+    for attempt in range(_MAX_CAS_ATTEMPTS):
+        existing = s3.read(key)
+        etag = None
+        if existing is not None:
+            raw, etag = existing
+            try:
+                if dict(verify_release_signature(raw, [signer.public_key_pem()]).files) == files:
+                    return key, sha256_bytes(raw)
+            except UntrustedKeyError:
+                if _unverified_signed_files(raw) == files:
+                    raise VersionConflictError(
+                        f"{s3.url(key)} already signs this release with another key. A released "
+                        "version's signature is immutable: publish with the key that signed it, or "
+                        "revert_release to this version to sign a new release of the same files."
+                    ) from None
+            except SignatureError:
+                pass  # damaged, or signs other files: stale, replaced below
+        body = sign_release_files(files, signer, name=version)
+        sha = sha256_bytes(body)
+        if s3.put_if_match(key, sha, body, etag):
+            s3.check_written(key, sha)
+            return key, sha
+        _backoff(attempt)
+    raise PublishError(f"Gave up writing {s3.url(key)}: other publishers kept replacing it")
+
+
+def _unverified_signed_files(bundle: bytes) -> dict[str, str] | None:
+    """The files a bundle lists, without checking who signed it (only to tell a conflict apart)."""
+    try:
+        envelope = json.loads(bundle)["dsseEnvelope"]
+        statement = json.loads(base64.b64decode(envelope["payload"]))
+        return {r["name"]: r["digest"] for r in statement["predicate"]["resources"]}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _signed_files(doc: dict[str, Any], manifest_sha: str) -> dict[str, str]:
+    """The complete release folder of a manifest: every artifact file, and manifest.json."""
+    files = {a["file"]: a["sha256"] for a in doc["artifacts"]}
+    files[MANIFEST_NAME] = manifest_sha
+    return files
+
+
+def publish_build(
+    build_dir: Path,
+    *,
+    client: Any,
+    store: StoreConfig,
+    signer: Signer | None = None,
+    pointer_ttl: timedelta = DEFAULT_POINTER_TTL,
+) -> PublishResult:
     """Upload a verified build and make it the variant's latest release.
 
     Idempotent and crash-safe: re-running after any failure completes the publish; publishing an
@@ -465,9 +643,15 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
         build_dir: folder with the artifact files and the draft `manifest.json`.
         client: a boto3 S3 client (`store.make_s3_client(store)`).
         store: bucket and prefix to publish under.
+        signer: the release signing key. With it, the release folder (artifacts + manifest.json)
+            is signed (`<version>/release.sig`, pinned by the release record) before the pointer
+            moves, and the pointer is signed with an expiry. Without it the release is unsigned,
+            which consumers that trust a key refuse.
+        pointer_ttl: how long the signed pointer stays valid; the scheduled `refresh_pointer`
+            must run well within it.
 
     Returns:
-        PublishResult with the manifest key, its SHA-256 and `manifest_version`.
+        PublishResult with the manifest key, its SHA-256, `manifest_version` and signature key.
 
     Raises:
         PublishError: the draft failed verification, a file is missing or differs from the draft
@@ -479,7 +663,8 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
     draft, files = _read_draft(build_dir)
     for field in _PUBLISH_FIELDS:
         draft.pop(field, None)
-    variant, version = draft["variant"], draft["version"]
+    for artifact in draft["artifacts"]:
+        artifact.pop("s3_key", None)  # a build's artifacts live under its own version
     if errors := manifest_schema_errors(_final_manifest(draft, store, 1, None)):
         raise PublishError(
             f"Refusing to publish {build_dir}: the manifest would not match "
@@ -488,9 +673,16 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
 
     s3 = _Store(client, store)
     for artifact, local in files:
-        key = layout.artifact_key(store.prefix, variant, version, artifact["file"])
+        key = layout.artifact_key(store.prefix, draft["variant"], draft["version"], artifact["file"])
         s3.put_immutable(key, artifact["sha256"], local, "application/octet-stream")
+    return _release(s3, store, draft, signer, pointer_ttl)
 
+
+def _release(
+    s3: _Store, store: StoreConfig, draft: dict[str, Any], signer: Signer | None, ttl: timedelta
+) -> PublishResult:
+    """Write the manifest of `draft` (artifacts already in place), sign, claim a number, move the pointer."""
+    variant, version = draft["variant"], draft["version"]
     manifest_key = layout.manifest_key(store.prefix, variant, version)
     identity = _release_identity(draft)
     for attempt in range(_MAX_RELEASE_ATTEMPTS):
@@ -518,12 +710,13 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
                         f"{store.url(manifest_key)} now has {sha}: the released manifest was "
                         "modified in the store. Restore it; do not republish over it."
                     )
-                return _finish(s3, store, record[0])  # released before: at most move the pointer
+                # Released before (signed or not, as it was then): at most move the pointer.
+                return _finish(s3, store, _record_fields(record[0]), signer, ttl)
             if record is None:
                 # Written by a publish that stopped before claiming its number: claim it now.
-                target = pointer_doc(variant, version, manifest_key, sha, mv)
-                if _claim(s3, store, target):
-                    return _finish(s3, store, target)
+                signature = _sign(s3, store, doc, sha, signer)
+                if (claimed := _claim(s3, store, _record(variant, version, manifest_key, sha, mv, signature))):
+                    return _finish(s3, store, claimed, signer, ttl)
                 _backoff(attempt)
                 continue
             # Its number went to another release: this manifest was never released; renumber it.
@@ -540,9 +733,9 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
             _backoff(attempt)  # another publisher of this version wrote it first: look again
             continue
         s3.check_written(manifest_key, sha)
-        target = pointer_doc(variant, version, manifest_key, sha, mv)
-        if _claim(s3, store, target):
-            return _finish(s3, store, target)
+        signature = _sign(s3, store, doc, sha, signer)
+        if (claimed := _claim(s3, store, _record(variant, version, manifest_key, sha, mv, signature))):
+            return _finish(s3, store, claimed, signer, ttl)
         _backoff(attempt)  # lost manifest_version `mv` to a racing release: renumber and retry
     raise PublishError(
         f"Gave up publishing {variant}/{version} after {_MAX_RELEASE_ATTEMPTS} lost races for a "
@@ -550,22 +743,38 @@ def publish_build(build_dir: Path, *, client: Any, store: StoreConfig) -> Publis
     )
 
 
-def _claim(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> bool:
-    """Create the release record of `target`; True if it is (now or already) ours."""
+def _sign(
+    s3: _Store, store: StoreConfig, doc: dict[str, Any], manifest_sha: str, signer: Signer | None
+) -> tuple[str, str] | None:
+    if signer is None:
+        return None
+    return _store_signature(s3, store, doc["variant"], doc["version"], _signed_files(doc, manifest_sha), signer)
+
+
+def _claim(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> dict[str, Any] | None:
+    """Create the release record of `target`; the record if this manifest holds the number, else None.
+
+    The stored record wins over `target`: a racing publisher of the same manifest may have claimed
+    it first (then with its own signature, which is the one the release keeps).
+    """
     key = layout.release_record_key(store.prefix, target["variant"], target["manifest_version"])
     body = canonical_json(target)
     if s3.put_if_match(key, sha256_bytes(body), body, None):
         s3.check_written(key, sha256_bytes(body))
-        return True
+        return target
     found = s3.read_pointer(key)
-    return found is not None and (
+    if found is not None and (
         found[0]["manifest_key"] == target["manifest_key"]
         and found[0]["manifest_sha256"] == target["manifest_sha256"]
-    )
+    ):
+        return _record_fields(found[0])
+    return None
 
 
-def _finish(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> PublishResult:
-    _advance_pointer(s3, store, target)
+def _finish(
+    s3: _Store, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
+) -> PublishResult:
+    _advance_pointer(s3, store, target, signer, ttl)
     return PublishResult(
         variant=target["variant"],
         version=target["version"],
@@ -575,4 +784,176 @@ def _finish(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> PublishRe
         pointer_key=layout.pointer_key(store.prefix, target["variant"]),
         uploaded=list(s3.uploaded),
         already_published=not s3.uploaded,
+        signature_key=target.get("signature_key"),
+        signature_sha256=target.get("signature_sha256"),
     )
+
+
+# -- keeping the pointer fresh, and reverting ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointerResult:
+    """What `refresh_pointer` wrote.
+
+    Attributes:
+        manifest_version: the release the pointer names (unchanged, unless a crashed publish had
+            left the pointer behind its newest release record: then that one).
+        expires: the new expiry, UTC ISO 8601.
+    """
+
+    variant: str
+    version: str
+    manifest_version: int
+    expires: str
+    pointer_key: str
+
+
+def refresh_pointer(
+    client: Any,
+    store: StoreConfig,
+    variant: str,
+    signer: Signer,
+    ttl: timedelta = DEFAULT_POINTER_TTL,
+) -> PointerResult:
+    """Re-sign the variant's pointer with a fresh expiry, naming the same release.
+
+    For the scheduled run when nothing else changed: a consumer refuses an expired pointer
+    (freeze attack), so the pointer must be re-signed well within `ttl`. Compare-and-swap like
+    publish: a release published meanwhile is never undone (the loop re-reads and signs that).
+    A pointer behind the newest release record (a publish that crashed before moving it) is
+    moved to that record, which is what re-running the publish would do.
+
+    Args:
+        client: a boto3 S3 client.
+        store: bucket and prefix.
+        variant: e.g. "mitra-classifier".
+        signer: the release signing key.
+        ttl: validity of the new pointer from now.
+
+    Returns:
+        PointerResult naming the release and the new expiry.
+
+    Raises:
+        PublishError: nothing was published for `variant`, or the store misbehaved.
+        StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
+    """
+    s3 = _Store(client, store)
+    key = layout.pointer_key(store.prefix, variant)
+    for attempt in range(_MAX_CAS_ATTEMPTS):
+        current = s3.read_pointer(key)
+        if current is None:
+            raise PublishError(
+                f"{s3.url(key)} does not exist: nothing of {variant!r} was published yet, so there "
+                "is no pointer to refresh. Publish a build first."
+            )
+        doc, etag = current
+        target = _newest_record(s3, store, variant, doc)
+        assert target is not None  # at least the pointer's own
+        expires = datetime.now(UTC) + ttl
+        body = sign_pointer(target, signer, expires=expires)
+        if s3.put_if_match(key, sha256_bytes(body), body, etag):
+            s3.check_written(key, sha256_bytes(body))
+            return PointerResult(
+                variant=variant,
+                version=target["version"],
+                manifest_version=target["manifest_version"],
+                expires=format_time(expires),
+                pointer_key=key,
+            )
+        _backoff(attempt)
+    raise PublishError(
+        f"Gave up refreshing {s3.url(key)} after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps; "
+        "another publisher is very busy. Re-run it."
+    )
+
+
+def revert_version_id(to_version: str, from_manifest_version: int) -> str:
+    """The version id of a revert: `<to_version>.revert-<manifest_version it reverts from>`.
+
+    A new id (so the revert gets its own manifest and signature under the standard layout) that is
+    the same for a re-run of the same revert, and different for a later revert to the same version.
+    """
+    return f"{to_version}.revert-{from_manifest_version}"
+
+
+def revert_release(
+    client: Any,
+    store: StoreConfig,
+    variant: str,
+    to_version: str,
+    signer: Signer | None,
+    ttl: timedelta = DEFAULT_POINTER_TTL,
+) -> PublishResult:
+    """Make an earlier release's artifacts the latest again, as a NEW release (forward, not back).
+
+    Consumers refuse to go back to an older manifest_version (rollback protection), so a revert
+    publishes manifest_version N+1, version `revert_version_id(to_version, N)`, whose manifest is
+    `to_version`'s with the same artifacts: same files, sizes, SHA-256 and S3 keys (under
+    `to_version`'s folder; nothing is copied). It is signed like any release. Re-running the same
+    revert is a no-op.
+
+    Args:
+        client: a boto3 S3 client.
+        store: bucket and prefix.
+        variant: e.g. "mitra-classifier".
+        to_version: the version id whose artifacts come back; it must have been released.
+        signer: the release signing key (None: an unsigned release, refused by consumers with keys).
+        ttl: validity of the new signed pointer.
+
+    Returns:
+        PublishResult of the new release (already_published when the latest release already has
+        exactly these artifacts).
+
+    Raises:
+        PublishError: `to_version` was never released, or an artifact of it is missing or differs
+            in the store.
+        StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
+    """
+    for value, what in ((variant, "variant"), (to_version, "version")):
+        if problem := segment_problem(value, what):
+            raise PublishError(f"Cannot revert: {problem}")
+    s3 = _Store(client, store)
+    old_key = layout.manifest_key(store.prefix, variant, to_version)
+    found = s3.read_json(old_key)
+    record = None
+    if found is not None and isinstance(found[0], dict) and isinstance(found[0].get("manifest_version"), int):
+        old, old_raw, _ = found
+        record_found = s3.read_pointer(layout.release_record_key(store.prefix, variant, old["manifest_version"]))
+        if record_found is not None and record_found[0]["manifest_key"] == old_key:
+            record = record_found[0]
+    if record is None:
+        raise PublishError(
+            f"Cannot revert {variant} to {to_version!r}: it was never released (no release record "
+            f"names {store.url(old_key)}). Pick a version from the release log "
+            f"{store.url(layout.join_key(layout.variant_folder(store.prefix, variant), layout.RELEASES_DIR))}/."
+        )
+    if record["manifest_sha256"] != sha256_bytes(old_raw):
+        raise PublishError(
+            f"Cannot revert to {to_version!r}: {store.url(old_key)} no longer has the sha256 its "
+            "release record pins; the released manifest was modified in the store. Restore it first."
+        )
+    artifacts = old["artifacts"]
+    for artifact in artifacts:
+        stored = s3.stored_sha256(artifact["s3_key"])
+        if stored != artifact["sha256"]:
+            raise PublishError(
+                f"Cannot revert to {to_version!r}: {s3.url(artifact['s3_key'])} "
+                f"{'is missing' if stored is None else f'has sha256 {stored}'}, its manifest pins "
+                f"{artifact['sha256']}. Restore the object (or publish a fresh build) instead."
+            )
+
+    def same_files(doc: dict[str, Any]) -> set[tuple[str, str, str]]:
+        return {(a["file"], a["sha256"], a["s3_key"]) for a in doc.get("artifacts") or []}
+
+    tail = _log_tail(s3, store, variant)
+    assert tail is not None  # `record` exists
+    tail_manifest = s3.read_json(tail["manifest_key"])
+    if tail_manifest is not None and same_files(tail_manifest[0]) == same_files(old):
+        return _finish(s3, store, tail, signer, ttl)  # already serving these artifacts
+
+    draft = copy.deepcopy(old)
+    for field in _PUBLISH_FIELDS:
+        draft.pop(field, None)
+    draft["version"] = revert_version_id(to_version, tail["manifest_version"])
+    return _release(s3, store, draft, signer, ttl)

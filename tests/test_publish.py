@@ -58,11 +58,26 @@ def _pointer(client: Any, store: StoreConfig, variant: str = VARIANT) -> dict[st
     return None if found is None else found[0]
 
 
+STALE_POINTER = "refused: pointer behind the release log"
+
+
 def _consumer_sees(client: Any, store: StoreConfig, dest: Path) -> str | None:
-    """What a consumer following the pointer gets: a fully verified version, or None."""
-    if _pointer(client, store) is None:
+    """What a consumer following the pointer gets: a fully verified version, None, or a refusal.
+
+    A crash between claiming release record N+1 and moving the pointer leaves the pointer one
+    behind the log; pull refuses that (it cannot tell it from a rolled-back pointer) until the
+    publish is re-run. Refusing is safe: nothing partial is ever seen.
+    """
+    pointer = _pointer(client, store)
+    if pointer is None:
         return None
-    return pull_release(VARIANT, dest=dest, client=client, store=store, progress=False).version
+    try:
+        return pull_release(VARIANT, dest=dest, client=client, store=store, progress=False).version
+    except PullError:
+        next_record = layout.release_record_key(store.prefix, VARIANT, pointer["manifest_version"] + 1)
+        if read_json_object(client, store, next_record) is None:
+            raise
+        return STALE_POINTER
 
 
 def _assert_consistent(client: Any, store: StoreConfig, expected_mv: int) -> dict[str, Any]:
@@ -237,7 +252,7 @@ def test_publish_interrupted_at_every_call_converges(
         except SimulatedCrash:
             pass
         seen = _consumer_sees(s3_client, store, tmp_path / f"consumer-{n}")
-        allowed = (None, _version(v2)) if first_release else (_version(v1), _version(v2))
+        allowed = (None, _version(v2)) if first_release else (_version(v1), _version(v2), STALE_POINTER)
         assert seen in allowed, f"crash at call {n}: consumer saw {seen}"
 
         rerun = publish_build(v2, client=s3_client, store=store)

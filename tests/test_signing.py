@@ -1,0 +1,460 @@
+"""Signed releases against a real SeaweedFS: publish with a key, verify the way a puller does.
+
+One test per attack of TUF's list that signing answers (arbitrary artifact, rollback, freeze,
+mix-and-match, wrong key), plus: the standard `model_signing verify key` CLI accepts a release
+folder assembled from the bucket unchanged, the Node/WebCrypto verifier agrees with Python, and
+keys never show up in output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from s3_fixtures import (
+    CrashingClient,
+    SimulatedCrash,
+    list_keys,
+    make_build,
+    put_raw,
+    read_json_object,
+    s3_client,
+    s3_server,
+    s3_store,
+    time_limit,
+)
+
+from mitra_model import layout
+from mitra_model.errors import (
+    BadSignatureError,
+    ExpiredPointerError,
+    NotSignedContentError,
+    PublishError,
+    RollbackError,
+    SigningKeyError,
+    UnsignedReleaseError,
+    UntrustedKeyError,
+)
+from mitra_model.publish import (
+    newest_release_record,
+    publish_build,
+    refresh_pointer,
+    revert_release,
+)
+from mitra_model.release import sha256_bytes
+from mitra_model.signing import (
+    SIGNATURE_NAME,
+    SignedContent,
+    SignedPointer,
+    Signer,
+    check_not_rolled_back,
+    generate_keypair,
+    sign_release_folder,
+    verify_pointer,
+    verify_release_signature,
+)
+from mitra_model.store import StoreConfig
+
+__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
+pytestmark = pytest.mark.usefixtures("time_limit")
+
+VARIANT = "mitra-classifier"
+PASSWORD = b"pw-Hx93kq-never-printed"
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SIGNING_CLI = Path(sys.executable).with_name("model_signing")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two key pairs: the publisher's ("good", password-protected) and a stranger's ("other")."""
+    root = tmp_path_factory.mktemp("keys")
+    generate_keypair(root / "good.pem", root / "good.pub", password=PASSWORD)
+    generate_keypair(root / "other.pem", root / "other.pub")
+    return {
+        "dir": root,
+        "signer": Signer.from_file(root / "good.pem", password=PASSWORD),
+        "other_signer": Signer.from_file(root / "other.pem"),
+        "pub": (root / "good.pub").read_bytes(),
+        "other_pub": (root / "other.pub").read_bytes(),
+    }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _get(client: Any, store: StoreConfig, key: str) -> bytes:
+    return client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+
+
+def _pull_verified(
+    client: Any, store: StoreConfig, trusted: list[bytes], *, only: set[str] | None = None,
+    now: datetime | None = None,
+) -> dict[str, bytes]:
+    """What a verifying puller does, with the library's functions; returns file name -> bytes."""
+    raw = _get(client, store, layout.pointer_key(store.prefix, VARIANT))
+    pointer = verify_pointer(raw, trusted, now or _now())
+    check_not_rolled_back(pointer, newest_release_record(client, store, VARIANT, after=pointer.manifest_version))
+    manifest_raw = _get(client, store, pointer.manifest_key)
+    assert sha256_bytes(manifest_raw) == pointer.manifest_sha256
+    if pointer.signature_key is None:
+        raise UnsignedReleaseError("the pointer names an unsigned release")
+    bundle = _get(client, store, pointer.signature_key)
+    assert sha256_bytes(bundle) == pointer.signature_sha256
+    content = verify_release_signature(bundle, trusted)
+    manifest = json.loads(manifest_raw)
+    # Before downloading: the manifest itself, and every artifact it names, must be signed as is.
+    content.check_file(layout.MANIFEST_NAME, sha256_bytes(manifest_raw))
+    files = {layout.MANIFEST_NAME: manifest_raw}
+    for artifact in manifest["artifacts"]:
+        if only is not None and artifact["file"] not in only:
+            continue
+        content.check_file(artifact["file"], artifact["sha256"])
+        data = _get(client, store, artifact["s3_key"])
+        content.check_file(artifact["file"], sha256_bytes(data))  # after: what actually came
+        files[artifact["file"]] = data
+    content.check_files({n: sha256_bytes(d) for n, d in files.items()}, complete=only is None)
+    return files
+
+
+def _publish(tmp_path: Path, client: Any, store: StoreConfig, signer: Signer | None, seed: int, **kw: Any) -> Any:
+    return publish_build(make_build(tmp_path, seed=seed), client=client, store=store, signer=signer, **kw)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def test_generate_keypair_is_owner_only_and_never_overwrites(tmp_path: Path) -> None:
+    key_id = generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
+    assert (tmp_path / "k.pub").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert Signer.from_file(tmp_path / "k.pem").key_id == key_id
+    before = (tmp_path / "k.pem").read_bytes()
+    with pytest.raises(SigningKeyError, match="refusing to overwrite"):
+        generate_keypair(tmp_path / "k.pem", tmp_path / "k2.pub")
+    assert (tmp_path / "k.pem").read_bytes() == before
+
+
+def test_signer_from_env_and_errors_never_show_the_key(tmp_path: Path, keys: dict[str, Any]) -> None:
+    pem = (keys["dir"] / "good.pem").read_text()
+    env = {"MITRA_SIGNING_KEY": pem, "MITRA_SIGNING_KEY_PASSWORD": PASSWORD.decode()}
+    signer = Signer.from_env(environ=env)
+    assert signer.key_id == keys["signer"].key_id
+    assert pem not in repr(signer) and "PRIVATE" not in repr(signer)
+    with pytest.raises(TypeError):
+        import pickle
+        pickle.dumps(signer)
+    body = pem.splitlines()[1]  # a line of the key's base64
+    failures = []
+    for attempt in (
+        lambda: Signer.from_env(environ={"MITRA_SIGNING_KEY": pem, "MITRA_SIGNING_KEY_PASSWORD": "wrong-pw-77"}),
+        lambda: Signer.from_env(environ={"MITRA_SIGNING_KEY": pem}),
+        lambda: Signer.from_env(environ={"MITRA_SIGNING_KEY": pem[:-60]}),
+        lambda: Signer.from_env(environ={}),
+        lambda: Signer.from_file(tmp_path / "missing.pem"),
+    ):
+        with pytest.raises(SigningKeyError) as info:
+            attempt()
+        failures.append(str(info.value))
+    text = "\n".join(failures)
+    assert body not in text and "wrong-pw-77" not in text and PASSWORD.decode() not in text
+    assert "MITRA_SIGNING_KEY" in text  # names the variable to fix
+
+
+# -- the standard tool --------------------------------------------------------------------------
+
+
+def test_standard_cli_verifies_release_folder_from_the_bucket(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=1)
+    assert result.signature_key == layout.artifact_key(s3_store.prefix, VARIANT, result.version, SIGNATURE_NAME)
+    record, _ = read_json_object(s3_client, s3_store, layout.release_record_key(s3_store.prefix, VARIANT, 1))
+    assert (record["signature_key"], record["signature_sha256"]) == (result.signature_key, result.signature_sha256)
+
+    # The complete release folder: every object under the version folder, as stored.
+    folder = tmp_path / "pulled" / result.version
+    folder.mkdir(parents=True)
+    prefix = layout.version_folder(s3_store.prefix, VARIANT, result.version) + "/"
+    names = []
+    for key in list_keys(s3_client, s3_store):
+        if key.startswith(prefix):
+            (folder / key[len(prefix):]).write_bytes(_get(s3_client, s3_store, key))
+            names.append(key[len(prefix):])
+    assert sorted(names) == sorted(["manifest.json", "model.onnx", "model-int8.onnx", SIGNATURE_NAME])
+    (folder / layout.PULL_STATE_NAME).write_text("{}\n")  # pull bookkeeping is not signed
+    pub = keys["dir"] / "good.pub"
+    command = [str(MODEL_SIGNING_CLI), "verify", "key", "--public_key", str(pub),
+               "--signature", str(folder / SIGNATURE_NAME), str(folder)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Verification succeeded" in done.stdout
+
+    # The same files signed from the folder give the same signed content.
+    again = verify_release_signature(sign_release_folder(folder, keys["signer"]), [keys["pub"]])
+    assert dict(again.files) == dict(verify_release_signature((folder / SIGNATURE_NAME).read_bytes(), [keys["pub"]]).files)
+
+    (folder / "model.onnx").write_bytes(b"swapped")
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "model.onnx" in done.stderr
+    wrong = [*command[:4], str(keys["dir"] / "other.pub"), *command[5:]]
+    (folder / "model.onnx").write_bytes(_get(s3_client, s3_store, prefix + "model.onnx"))
+    assert subprocess.run(wrong, check=False, capture_output=True, text=True, timeout=120).returncode != 0
+
+
+# -- the attacks --------------------------------------------------------------------------------
+
+
+def test_signed_release_pulls_fully_and_partially(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=2)
+    files = _pull_verified(s3_client, s3_store, [keys["other_pub"], keys["pub"]])  # any trusted key
+    assert sorted(files) == ["manifest.json", "model-int8.onnx", "model.onnx"]
+    partial = _pull_verified(s3_client, s3_store, [keys["pub"]], only={"model-int8.onnx"})
+    assert sorted(partial) == ["manifest.json", "model-int8.onnx"]
+
+
+def test_arbitrary_artifact_is_refused(s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=3)
+    key = layout.artifact_key(s3_store.prefix, VARIANT, result.version, "model.onnx")
+    put_raw(s3_client, s3_store, key, b"malicious model")
+    with pytest.raises(NotSignedContentError, match="model.onnx has sha256"):
+        _pull_verified(s3_client, s3_store, [keys["pub"]])
+    # A manifest edited to pin the new bytes does not help: manifest.json is signed too.
+    manifest_key = result.manifest_key
+    manifest = json.loads(_get(s3_client, s3_store, manifest_key))
+    manifest["artifacts"][0]["sha256"] = sha256_bytes(b"malicious model")
+    forged = json.dumps(manifest).encode()
+    content = verify_release_signature(_get(s3_client, s3_store, result.signature_key), [keys["pub"]])
+    with pytest.raises(NotSignedContentError, match="manifest.json"):
+        content.check_file("manifest.json", sha256_bytes(forged))
+    with pytest.raises(NotSignedContentError, match="not covered"):
+        content.check_file("extra.onnx", sha256_bytes(b"x"))
+
+
+def test_rollback_replayed_old_pointer_is_refused(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=4)
+    pointer_key = layout.pointer_key(s3_store.prefix, VARIANT)
+    old_pointer = _get(s3_client, s3_store, pointer_key)
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=5)
+    put_raw(s3_client, s3_store, pointer_key, old_pointer)  # validly signed, not expired, but old
+    pointer = verify_pointer(old_pointer, [keys["pub"]], _now())
+    assert pointer.manifest_version == 1
+    newest = newest_release_record(s3_client, s3_store, VARIANT, after=pointer.manifest_version)
+    assert newest is not None and newest["manifest_version"] == 2
+    with pytest.raises(RollbackError, match="release record 2 exists"):
+        check_not_rolled_back(pointer, newest)
+    with pytest.raises(RollbackError, match="already pulled"):
+        check_not_rolled_back(pointer, None, known_manifest_version=2)
+
+
+def test_newest_release_record_gallops_over_many_releases(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path
+) -> None:
+    for seed in range(6):
+        _publish(tmp_path, s3_client, s3_store, None, seed=100 + seed)
+    for after in (0, 1, 3, 6):
+        assert newest_release_record(s3_client, s3_store, VARIANT, after=after)["manifest_version"] == 6
+    with pytest.raises(PublishError, match="never recorded"):
+        newest_release_record(s3_client, s3_store, VARIANT, after=9)
+
+
+def test_freeze_expired_pointer_is_refused_until_refreshed(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=6, pointer_ttl=timedelta(days=30))
+    later = _now() + timedelta(days=31)
+    with pytest.raises(ExpiredPointerError, match="expired at"):
+        _pull_verified(s3_client, s3_store, [keys["pub"]], now=later)
+    refreshed = refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"], timedelta(days=60))
+    assert (refreshed.version, refreshed.manifest_version) == (result.version, 1)
+    assert len(_pull_verified(s3_client, s3_store, [keys["pub"]], now=later)) == 3
+    # Refreshing re-signs the pointer only: no new release record, no new manifest.
+    assert layout.release_record_key(s3_store.prefix, VARIANT, 2) not in list_keys(s3_client, s3_store)
+
+
+def test_mix_and_match_artifact_from_another_release_is_refused(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    first = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=7)
+    second = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=8)
+    old = _get(s3_client, s3_store, layout.artifact_key(s3_store.prefix, VARIANT, first.version, "model.onnx"))
+    put_raw(s3_client, s3_store, layout.artifact_key(s3_store.prefix, VARIANT, second.version, "model.onnx"), old)
+    with pytest.raises(NotSignedContentError, match="another release"):
+        _pull_verified(s3_client, s3_store, [keys["pub"]])
+    # Release 1's signature served for release 2 does not cover release 2's manifest either.
+    put_raw(s3_client, s3_store, second.signature_key, _get(s3_client, s3_store, first.signature_key))
+    content = verify_release_signature(_get(s3_client, s3_store, second.signature_key), [keys["pub"]])
+    with pytest.raises(NotSignedContentError):
+        content.check_file("manifest.json", second.manifest_sha256)
+
+
+def test_wrong_key_unsigned_and_tampered_are_distinct_errors(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["other_signer"], seed=9)
+    with pytest.raises(UntrustedKeyError, match="not trusted"):
+        _pull_verified(s3_client, s3_store, [keys["pub"]])
+    bundle = _get(s3_client, s3_store, result.signature_key)
+    with pytest.raises(UntrustedKeyError):
+        verify_release_signature(bundle, [keys["pub"]])
+    assert isinstance(verify_release_signature(bundle, [keys["other_pub"]]), SignedContent)
+
+    # Tampered: a digest in the signed statement changed, the signature kept.
+    doc = json.loads(bundle)
+    statement = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+    statement["predicate"]["resources"][0]["digest"] = "0" * 64
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    with pytest.raises(BadSignatureError, match="tampered"):
+        verify_release_signature(json.dumps(doc).encode(), [keys["other_pub"]])
+    with pytest.raises(BadSignatureError, match="not valid JSON"):
+        verify_release_signature(b"{not json", [keys["other_pub"]])
+    with pytest.raises(UnsignedReleaseError):
+        verify_release_signature(None, [keys["pub"]])
+
+    # Tampered pointer: the readable copy edited, or the signed payload edited.
+    raw = _get(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT))
+    pointer = json.loads(raw)
+    edited = dict(pointer, manifest_version=7)
+    with pytest.raises(BadSignatureError, match="readable fields differ"):
+        verify_pointer(json.dumps(edited).encode(), [keys["other_pub"]], _now())
+    payload = json.loads(base64.b64decode(pointer["dsse"]["payload"]))
+    payload["expires"] = "2999-01-01T00:00:00Z"
+    forged = dict(pointer, expires=payload["expires"])
+    forged["dsse"] = dict(pointer["dsse"], payload=base64.b64encode(json.dumps(payload).encode()).decode())
+    with pytest.raises(BadSignatureError, match="tampered"):
+        verify_pointer(json.dumps(forged).encode(), [keys["other_pub"]], _now())
+
+    # Unsigned: a release published without a key is refused by a consumer with trusted keys.
+    _publish(tmp_path, s3_client, s3_store, None, seed=10)
+    with pytest.raises(UnsignedReleaseError, match="not signed"):
+        _pull_verified(s3_client, s3_store, [keys["pub"]])
+
+
+def test_revert_publishes_a_new_release_of_the_old_artifacts(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    first = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=11)
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=12)
+    reverted = revert_release(s3_client, s3_store, VARIANT, first.version, keys["signer"])
+    assert reverted.manifest_version == 3 and reverted.version != first.version
+    old = json.loads(_get(s3_client, s3_store, first.manifest_key))
+    new = json.loads(_get(s3_client, s3_store, reverted.manifest_key))
+    assert [(a["file"], a["sha256"], a["s3_key"]) for a in new["artifacts"]] == [
+        (a["file"], a["sha256"], a["s3_key"]) for a in old["artifacts"]
+    ]
+    assert new["previous_manifest_sha256"] is not None
+    pointer = verify_pointer(_get(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT)), [keys["pub"]], _now())
+    assert isinstance(pointer, SignedPointer) and pointer.manifest_version == 3
+    files = _pull_verified(s3_client, s3_store, [keys["pub"]])
+    assert files["model.onnx"] == _get(s3_client, s3_store, old["artifacts"][0]["s3_key"])
+
+    again = revert_release(s3_client, s3_store, VARIANT, first.version, keys["signer"])
+    assert again.already_published and again.manifest_version == 3
+    with pytest.raises(PublishError, match="never released"):
+        revert_release(s3_client, s3_store, VARIANT, "r-0000000000000000", keys["signer"])
+
+
+def test_publish_resumes_after_a_crash_between_signature_and_release_record(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    build = make_build(tmp_path, seed=13)
+
+    def crash_at_claim(n: int, name: str, kwargs: dict[str, Any]) -> None:
+        if name == "put_object" and f"/{layout.RELEASES_DIR}/" in kwargs.get("Key", ""):
+            raise SimulatedCrash("crash before claiming the release")
+
+    with pytest.raises(SimulatedCrash):
+        publish_build(build, client=CrashingClient(s3_client, hook=crash_at_claim), store=s3_store, signer=keys["signer"])
+    sig_key = layout.artifact_key(s3_store.prefix, VARIANT, json.loads((build / "manifest.json").read_text())["version"], SIGNATURE_NAME)
+    first_sig = _get(s3_client, s3_store, sig_key)
+    result = publish_build(build, client=s3_client, store=s3_store, signer=keys["signer"])
+    assert result.signature_sha256 == sha256_bytes(first_sig)  # the stored one was reused
+    assert len(_pull_verified(s3_client, s3_store, [keys["pub"]])) == 3
+
+
+def test_keys_never_appear_in_logs_or_errors(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any],
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=14)
+    refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"])
+    messages = [str(result), repr(keys["signer"])]
+    for bad in (lambda: Signer.from_file(keys["dir"] / "good.pem", password=b"nope"),
+                lambda: verify_release_signature(b"{}", [(keys["dir"] / "good.pem").read_bytes()])):
+        with pytest.raises(SigningKeyError) as info:
+            bad()
+        messages.append(str(info.value))
+    out, err = capfd.readouterr()
+    text = "\n".join([*messages, caplog.text, out, err])
+    private = (keys["dir"] / "good.pem").read_text().splitlines()[1:-1]
+    assert private and not any(line in text for line in private)
+    assert PASSWORD.decode() not in text
+
+
+# -- the JS verifier ----------------------------------------------------------------------------
+
+
+_NODE_SCRIPT = """
+import { readFileSync } from 'node:fs';
+import { verifyReleaseSignature, verifyPointer, checkFile } from '%s';
+const [bundle, pointer, good, other, tampered] = process.argv.slice(2).map((p) => readFileSync(p));
+const out = {};
+const signed = await verifyReleaseSignature(bundle, [other, good]);
+out.files = signed.files;
+out.keyId = signed.keyId;
+out.pointer = (await verifyPointer(pointer, [good])).manifest_version;
+for (const [name, run] of Object.entries({
+  wrongKey: () => verifyReleaseSignature(bundle, [other]),
+  tampered: () => verifyReleaseSignature(tampered, [good]),
+  expired: () => verifyPointer(pointer, [good], new Date(Date.now() + 90 * 86400e3)),
+  notSigned: async () => checkFile(signed, 'model.onnx', '0'.repeat(64)),
+})) {
+  try { await run(); out[name] = 'accepted'; } catch (e) { out[name] = e.code; }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_webcrypto_verifier_agrees(s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=15)
+    bundle = _get(s3_client, s3_store, result.signature_key)
+    doc = json.loads(bundle)
+    statement = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+    statement["predicate"]["resources"][0]["digest"] = "0" * 64
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    paths = {
+        "bundle": bundle,
+        "pointer": _get(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT)),
+        "good": keys["pub"],
+        "other": keys["other_pub"],
+        "tampered": json.dumps(doc).encode(),
+    }
+    for name, data in paths.items():
+        (tmp_path / name).write_bytes(data)
+    script = tmp_path / "check.mjs"
+    script.write_text(_NODE_SCRIPT % (REPO / "consumers" / "lib" / "signature.mjs").as_uri())
+    done = subprocess.run(["node", str(script), *(str(tmp_path / n) for n in paths)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    python = verify_release_signature(bundle, [keys["pub"]])
+    assert out["files"] == dict(python.files)
+    assert out["keyId"] == python.key_id == keys["signer"].key_id
+    assert out["pointer"] == result.manifest_version
+    assert (out["wrongKey"], out["tampered"], out["expired"], out["notSigned"]) == (
+        "untrusted-key", "bad-signature", "expired", "not-signed")
