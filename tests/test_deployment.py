@@ -15,8 +15,9 @@ import urllib.request
 from pathlib import Path
 
 from configs import write_config
-from mitra_model.config import REPO_ROOT
 from mitra_model.snapshot import write_synthetic_snapshot
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 BIN = Path(sys.executable).parent
 

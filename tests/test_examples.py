@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mitra_model.config import REPO_ROOT
 from mitra_model.consumers import ensure_node_modules, find_node
 from mitra_model.snapshot import load_model
 from mitra_model.support_cache import export_support_cache
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 
 def test_python_example_predicts_three_batches_from_one_cache() -> None:

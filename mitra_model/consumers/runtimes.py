@@ -1,10 +1,17 @@
 """The consumer runtimes on this machine: Node.js, the pinned npm packages, Chromium; and where the
 JS side lives.
 
-The JS side (`consumers/` at the repository root: node-check.mjs, browser-check.mjs, browser/,
-lib/fixture.mjs, package.json) is found from REPO_ROOT here and nowhere else.
+The JS side (node-check.mjs, browser-check.mjs, browser/, lib/, package.json, package-lock.json) is
+package data, `mitra_model/data/consumers` (in a checkout a symlink to `consumers/`). Where it runs,
+CONSUMERS_DIR, is decided here and nowhere else:
+- from a checkout (an editable install, or the source tree itself): `consumers/` in place, as the
+  README's `cd consumers && node ...` expects;
+- from an installed wheel, whose site-packages must stay untouched: a copy in the user's cache,
+  `$XDG_CACHE_HOME/mitra-build/consumers-<digest of the packaged JS files>` (~/.cache by default),
+  made by `ensure_node_modules`. The digest covers every packaged file, so an upgrade that changes
+  any of them gets a fresh folder instead of stale scripts beside old node_modules.
 
-The JS packages are pinned in `consumers/package-lock.json`; `ensure_node_modules` installs them with
+The JS packages are pinned in `package-lock.json`; `ensure_node_modules` installs them with
 `npm ci` and `ONNXRUNTIME_NODE_INSTALL=skip`: onnxruntime-node's install script otherwise tries to
 download CUDA binaries; the CPU binaries ship in the package.
 """
@@ -12,27 +19,74 @@ download CUDA binaries; the CPU binaries ship in the package.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from ..config import REPO_ROOT, ConsumerRuntime
-from ..errors import ConfigError
+from ..config import ConsumerRuntime
+from ..errors import ConfigError, OutputError
 
-CONSUMERS_DIR = REPO_ROOT / "consumers"
+DISTRIBUTION = "mitra-build"
+PACKAGED_JS: Traversable = files("mitra_model") / "data" / "consumers"
+NODE_MODULES = "node_modules"
+
+
+def _packaged_files(folder: Traversable = PACKAGED_JS, prefix: str = "") -> Iterator[tuple[str, Traversable]]:
+    """(relative name, file) of every packaged JS-side file; a checkout's node_modules is not one."""
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name == NODE_MODULES or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from _packaged_files(entry, f"{prefix}{entry.name}/")
+        else:
+            yield f"{prefix}{entry.name}", entry
+
+
+def _runs_from_checkout() -> bool:
+    """True for an editable install or an uninstalled source tree; False for an installed wheel."""
+    try:
+        direct_url = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return True  # imported from a source tree (PYTHONPATH, `python -m` in the checkout)
+    return bool(direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"))
+
+
+def _cache_dir() -> Path:
+    """Where an installed wheel's JS side runs: a writable per-user cache keyed by the files' digest."""
+    digest = hashlib.sha256()
+    for name, entry in _packaged_files():
+        digest.update(name.encode() + b"\0" + entry.read_bytes() + b"\0")
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "mitra-build" / f"consumers-{digest.hexdigest()[:16]}"
+
+
+def _consumers_dir() -> Path:
+    if _runs_from_checkout():
+        return Path(str(PACKAGED_JS)).resolve()  # the checkout's consumers/ (data/consumers links to it)
+    return _cache_dir()
+
+
+CONSUMERS_DIR = _consumers_dir()
 NODE_CHECK_SCRIPT = CONSUMERS_DIR / "node-check.mjs"
 BROWSER_CHECK_SCRIPT = CONSUMERS_DIR / "browser-check.mjs"
 BROWSER_PAGE_DIR = CONSUMERS_DIR / "browser"  # index.html + check.mjs
 JS_LIB_DIR = CONSUMERS_DIR / "lib"  # fixture.mjs, imported by the node script and the page
-NODE_MODULES_DIR = CONSUMERS_DIR / "node_modules"
+NODE_MODULES_DIR = CONSUMERS_DIR / NODE_MODULES
 
 NODE_RUNTIME: ConsumerRuntime = "onnxruntime-node"
 WEB_RUNTIME: ConsumerRuntime = "onnxruntime-web"
 WEB_RUNTIME_DIST = NODE_MODULES_DIR / WEB_RUNTIME / "dist"  # what the page imports, and its .wasm
 
-NPM_CI_COMMAND = "cd consumers && ONNXRUNTIME_NODE_INSTALL=skip npm ci"
+NPM_CI_COMMAND = f"cd {shlex.quote(str(CONSUMERS_DIR))} && ONNXRUNTIME_NODE_INSTALL=skip npm ci"
 CHROMIUM_INSTALL_COMMAND = "apt-get update && apt-get install -y chromium"
 NODE_HINT = "install Node.js 20 or newer with npm (Debian 12's own `nodejs` package is 18: too old for playwright-core and @aws-sdk/client-s3)"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -64,11 +118,38 @@ def node_version(node: Path) -> str:
 
 
 def _pinned_dependencies() -> dict[str, str]:
-    return json.loads((CONSUMERS_DIR / "package.json").read_text(encoding="utf-8"))["dependencies"]
+    return json.loads((PACKAGED_JS / "package.json").read_text(encoding="utf-8"))["dependencies"]
+
+
+def _materialize_js() -> None:
+    """Copy the packaged JS files into CONSUMERS_DIR when it is a cache folder that lacks them.
+
+    The copy is made in a sibling temp folder and renamed into place, so a concurrent or interrupted
+    run never leaves a half-copied folder behind the final name.
+    """
+    if CONSUMERS_DIR.is_dir():
+        return  # the checkout's consumers/, or a complete copy (its name is the digest of its files)
+    CONSUMERS_DIR.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".consumers-", dir=CONSUMERS_DIR.parent))
+    try:
+        for name, entry in _packaged_files():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(entry.read_bytes())
+        try:
+            staging.rename(CONSUMERS_DIR)
+        except OSError:
+            if not CONSUMERS_DIR.is_dir():  # lost a race to an identical copy: fine; anything else is not
+                raise
+    except OSError as exc:
+        raise OutputError(f"cannot copy the consumer scripts into {CONSUMERS_DIR}: {exc.strerror or exc}; "
+                          "set XDG_CACHE_HOME to a writable folder") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def package_version(package: str) -> str | None:
-    """The version of `package` installed in consumers/node_modules, or None when it is not installed."""
+    """The version of `package` installed in CONSUMERS_DIR/node_modules, or None when it is not installed."""
     try:
         return json.loads((NODE_MODULES_DIR / package / "package.json").read_text(encoding="utf-8"))["version"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
@@ -76,7 +157,9 @@ def package_version(package: str) -> str | None:
 
 
 def ensure_node_modules(*, timeout_s: float = 600) -> Path:
-    """Make consumers/node_modules hold exactly the pinned packages; run `npm ci` when it does not.
+    """Make CONSUMERS_DIR/node_modules hold exactly the pinned packages; run `npm ci` when it does not.
+
+    From an installed wheel this first copies the packaged JS files into CONSUMERS_DIR (a cache folder).
 
     Args:
         timeout_s: how long `npm ci` may take.
@@ -88,6 +171,7 @@ def ensure_node_modules(*, timeout_s: float = 600) -> Path:
         ConfigError: node or npm is missing, or `npm ci` failed (its output's tail is in the message).
     """
     find_node()
+    _materialize_js()
     pinned = _pinned_dependencies()
     if all(package_version(name) == version for name, version in pinned.items()):
         return NODE_MODULES_DIR
