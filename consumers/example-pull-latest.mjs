@@ -2,9 +2,9 @@
 // What a downstream JS bundle does with a mitra-build release: follow the variant's pointer in S3,
 // verify the chain of SHA-256 digests, and run one prediction with onnxruntime-node.
 //
-//   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... node consumers/example-pull-latest.mjs \
-//     --endpoint http://127.0.0.1:8333 --bucket mitra-artifacts --prefix models/mitra \
-//     --variant mitra-classifier [--artifact fp32] [--save DIR]
+//   cd consumers && node example-pull-latest.mjs --endpoint http://127.0.0.1:8333 --bucket mitra-build \
+//       --prefix releases --variant mitra-classifier --artifact int8     # AWS_* credentials in the env
+//   [--save DIR] keeps the verified file; --help prints the options.
 //
 // Chain of trust (as mitra_model/pull.py; the keys come from lib/layout.mjs, the mirror of
 // mitra_model/layout.py):
@@ -14,8 +14,10 @@
 //   manifest.artifacts[]             {name, file, size, sha256, s3_key, precision, flavour, ...}:
 //                                    each downloaded file must have exactly that size and SHA-256.
 // Nothing is trusted before it is checked; keys and file names from the store are validated.
-// Prints one JSON line on stdout ({"verified": true, ..., "prediction": {...}}); errors go to
-// stderr with exit code 1. The digests use WebCrypto (crypto.subtle), as a browser bundle would.
+// Prints one JSON line on stdout ({"verified": true, "synthetic": false, ..., "prediction": {...}});
+// a release whose manifest says source.synthetic (random weights) is announced as SYNTHETIC on
+// stderr and in that line. Errors go to stderr with exit code 1 (bad options: 2). The digests use
+// WebCrypto (crypto.subtle), as a browser bundle would.
 
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -29,6 +31,29 @@ import { MANIFEST_SCHEMA_ID, POINTER_SCHEMA_ID, artifactKey, manifestKey, pointe
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]*$/;
 
 class ReleaseError extends Error {}
+
+const USAGE = `usage: node example-pull-latest.mjs --bucket BUCKET [--prefix PREFIX] [--variant NAME]
+                                [--artifact NAME] [--endpoint URL] [--region REGION] [--save DIR]
+
+Pull the latest mitra-build release of a variant from S3, verify the pointer -> manifest -> artifact
+SHA-256 chain, and run one prediction with onnxruntime-node. Credentials: the AWS SDK's default chain
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles ...).
+
+  --bucket BUCKET     bucket the releases are published in (e.g. mitra-build)
+  --prefix PREFIX     key prefix (e.g. releases; default: none)
+  --variant NAME      variant (default: mitra-classifier)
+  --artifact NAME     artifact name in the manifest (default: fp32; e.g. int8)
+  --endpoint URL      S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)
+  --region REGION     signing region (default: AWS_REGION or us-east-1)
+  --save DIR          also write the verified artifact into DIR
+  -h, --help          show this help
+
+example:
+  node example-pull-latest.mjs --endpoint http://127.0.0.1:8333 --bucket mitra-build --prefix releases \\
+      --variant mitra-classifier --artifact int8
+`;
+
+class UsageError extends Error {}
 
 const subtle = globalThis.crypto?.subtle ?? (await import('node:crypto')).webcrypto.subtle;
 
@@ -126,20 +151,37 @@ async function predict(bytes, entry) {
   }
 }
 
+function parseOptions(argv) {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      options: {
+        endpoint: { type: 'string', default: process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL },
+        region: { type: 'string', default: process.env.AWS_REGION ?? 'us-east-1' },
+        bucket: { type: 'string' },
+        prefix: { type: 'string', default: '' },
+        variant: { type: 'string', default: 'mitra-classifier' },
+        artifact: { type: 'string', default: 'fp32' },
+        save: { type: 'string' },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+      strict: true,
+      allowPositionals: false,
+    });
+  } catch (error) {
+    throw new UsageError(error.message); // unknown option, missing value: no stack trace
+  }
+  return parsed.values;
+}
+
 async function main() {
-  const { values: args } = parseArgs({
-    options: {
-      endpoint: { type: 'string', default: process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL },
-      region: { type: 'string', default: process.env.AWS_REGION ?? 'us-east-1' },
-      bucket: { type: 'string' },
-      prefix: { type: 'string', default: '' },
-      variant: { type: 'string', default: 'mitra-classifier' },
-      artifact: { type: 'string', default: 'fp32' },
-      save: { type: 'string' },
-    },
-    strict: true,
-  });
-  if (!args.bucket) throw new ReleaseError('--bucket is required');
+  const args = parseOptions(process.argv.slice(2));
+  if (args.help) {
+    process.stdout.write(USAGE);
+    return;
+  }
+  if (!args.bucket) throw new UsageError('--bucket is required');
   const s3 = new S3Client({
     endpoint: args.endpoint, // undefined: AWS S3
     region: args.region,
@@ -150,6 +192,11 @@ async function main() {
     const release = await pullVerified(s3, { ...args, prefix: args.prefix.replace(/^\/+|\/+$/g, '') });
     process.stderr.write(`verified ${args.variant} ${release.manifest.version} (manifest_version ${release.manifest.manifest_version}): `
       + `${release.entry.file} ${release.entry.size} bytes, sha256 ${release.entry.sha256}\n`);
+    const synthetic = release.manifest.source?.synthetic === true;
+    if (synthetic) {
+      process.stderr.write(`SYNTHETIC release: ${args.variant} ${release.manifest.version} has RANDOM weights, `
+        + 'not a trained checkpoint; its predictions mean nothing.\n');
+    }
     if (args.save) {
       await mkdir(args.save, { recursive: true });
       await writeFile(join(args.save, release.entry.file), release.bytes);
@@ -157,6 +204,7 @@ async function main() {
     const prediction = await predict(release.bytes, release.entry);
     process.stdout.write(`${JSON.stringify({
       verified: true,
+      synthetic,
       variant: args.variant,
       version: release.manifest.version,
       manifest_version: release.manifest.manifest_version,
@@ -171,6 +219,11 @@ async function main() {
 }
 
 main().catch((error) => {
+  if (error instanceof UsageError) {
+    process.stderr.write(`error: ${error.message}\n\n${USAGE}`);
+    process.exitCode = 2;
+    return;
+  }
   process.stderr.write(`error: ${error instanceof ReleaseError ? error.message : error.stack || error}\n`);
   process.exitCode = 1;
 });

@@ -5,17 +5,101 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
+import re
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from . import __version__, recipes
-from .errors import MitraBuildError, VerificationError
+from .errors import MitraBuildError, ToolMissingError, VerificationError
 from .fileutil import refuse_overwriting_inputs
-from .local_s3 import DEFAULT_S3_PORT
+from .local_s3 import DEFAULT_S3_PORT, GRPC_OFFSET, MAX_S3_PORT
 
 EXIT_ERROR = 2  # bad input or a failed stage
 EXIT_VERIFICATION_FAILED = 1
+
+DISTRIBUTION = "mitra-build"
+# The optional-dependency groups of pyproject.toml each command needs; the base install (pull, ls)
+# needs none. Which distributions an extra holds is read from the installed metadata, not retyped here.
+COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "synth": ("build",),
+    "export": ("build",),
+    "quantize": ("build",),
+    "check": ("build",),
+    "verify": ("build",),
+    "run": ("build", "flow"),
+    "local-s3": ("flow",),
+}
+TOOLCHAIN = ("torch", "onnx", "onnxruntime", "prefect", "boto3")  # what `--version` reports
+_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
+_REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def missing_from_extra(extra: str) -> list[str]:
+    """The distributions of mitra-build's `extra` that are not installed (per the installed metadata).
+
+    Returns:
+        Their names, in pyproject.toml's order; empty when all are there, or when mitra-build itself
+        is not installed (a source tree on PYTHONPATH has no metadata to read: nothing is claimed).
+    """
+    try:
+        requirements = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        marker = _EXTRA_MARKER.search(requirement)
+        name = _REQUIREMENT_NAME.match(requirement)
+        if marker and name and marker.group(1) == extra and _installed(name.group(0)) is None:
+            missing.append(name.group(0))
+    return missing
+
+
+def require_extras(command: str) -> None:
+    """Refuse a command whose optional dependencies are not installed, naming the extra to install.
+
+    Checked at the CLI boundary before the command runs, so a consumer's slim install gets one
+    paragraph instead of a ModuleNotFoundError traceback from deep inside the library.
+
+    Raises:
+        ToolMissingError: an extra the command needs is incomplete (exit 2).
+    """
+    for extra in COMMAND_EXTRAS.get(command, ()):
+        if missing := missing_from_extra(extra):
+            raise ToolMissingError(
+                f"`mitra-build {command}` needs the [{extra}] extra, and {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'mitra-build[{extra}]' "
+                f"(in a checkout, ./scripts/setup.sh installs every extra). The base install only pulls and "
+                f"checks releases."
+            )
+
+
+def version_report() -> str:
+    """`mitra-build --version`: this package, then the toolchain as installed (extras may be missing)."""
+    lines = [f"mitra-build {__version__}"]
+    lines += [f"  {name} {_installed(name) or 'not installed'}" for name in TOOLCHAIN]
+    lines.append(f"  python {platform.python_version()} ({sys.executable})")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """Like action="version", but the toolchain is looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_report())
+        parser.exit()
 
 
 def _say(message: str) -> None:
@@ -184,21 +268,6 @@ def _store(config_path: Path | None):  # noqa: ANN202 - StoreConfig
     return config.store
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
-    from .pull import pull_release
-    from .store import make_s3_client
-
-    store = _store(args.config)
-    result = pull_release(args.variant, version=args.version, dest=args.dest, client=make_s3_client(store), store=store,
-                          progress=not args.quiet)
-    print(f"pulled {args.variant} {result.version} (manifest_version {result.manifest_version}) into {args.dest}; "
-          f"every file's size and sha256 verified")
-    for name, path in sorted(result.files.items()):
-        print(f"  {name}: {path}")
-    print(f"  manifest: {result.manifest_path} (sha256 {result.manifest_sha256})")
-    return 0
-
-
 def cmd_local_s3(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -219,10 +288,30 @@ def cmd_local_s3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _s3_port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= MAX_S3_PORT:
+        raise argparse.ArgumentTypeError(f"{port} is not in 1..{MAX_S3_PORT} (port + {GRPC_OFFSET} must be a port too)")
+    return port
+
+
+def _examples(*lines: str) -> dict:
+    """An argparse epilog with examples, kept as written (tests/test_docs.py parses each one)."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mitra-build", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"mitra-build {__version__}")
-    config_help = "configuration file (default: $MITRA_BUILD_CONFIG or config/mitra-build.toml)"
+    parser = argparse.ArgumentParser(
+        prog="mitra-build", description=__doc__,
+        **_examples("mitra-build synth --task classification --size tiny --output snap",
+                    "mitra-build export --snapshot snap --output model.onnx",
+                    "mitra-build verify --snapshot snap --onnx model.onnx"),
+    )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print this package's version and the installed toolchain's (torch, onnx, ...), then exit")
+    config_help = ("configuration file (default: $MITRA_BUILD_CONFIG, else config/mitra-build.toml in the working "
+                   "directory, else the one packaged with mitra-build)")
     parser.add_argument("--config", type=Path, default=None, help=config_help)
     # Also accepted after the subcommand (`mitra-build run --config FILE`); SUPPRESS keeps a value given
     # before the subcommand from being overwritten by the subparser's default.
@@ -230,44 +319,56 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", parents=[common], help="write a synthetic snapshot (real architecture, random weights)")
-    synth.add_argument("--task", choices=("classification", "regression"), required=True)
-    synth.add_argument("--size", choices=("tiny", "full"), required=True)
-    synth.add_argument("--output", type=Path, required=True)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = sub.add_parser("synth", parents=[common], help="write a synthetic snapshot (real architecture, random weights)",
+                           **_examples("mitra-build synth --task classification --size tiny --output snap",
+                                       "mitra-build synth --task regression --size full --output snap-full --seed 1"))
+    synth.add_argument("--task", choices=("classification", "regression"), required=True, help="which head to build")
+    synth.add_argument("--size", choices=("tiny", "full"), required=True,
+                       help="architecture from [sizes.<size>] in the configuration (full = the official Mitra's)")
+    synth.add_argument("--output", type=Path, required=True, help="snapshot folder to create (must not exist)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     synth.set_defaults(func=cmd_synth)
 
-    export = sub.add_parser("export", parents=[common], help="export a snapshot folder to ONNX (and run the check stage)")
-    export.add_argument("--snapshot", type=Path, required=True)
-    export.add_argument("--output", type=Path, required=True)
+    export = sub.add_parser("export", parents=[common], help="export a snapshot folder to ONNX (and run the check stage)",
+                            **_examples("mitra-build export --snapshot snap --output model.onnx",
+                                        "mitra-build export --snapshot snap --output model-ort.onnx --flavour optimized"))
+    export.add_argument("--snapshot", type=Path, required=True,
+                        help="snapshot folder (config.json + model.safetensors, upstream's save_pretrained layout)")
+    export.add_argument("--output", type=Path, required=True, help="ONNX file to write")
     export.add_argument("--flavour", choices=recipes.choices("flavours"), default="portable",
                         help="portable: standard ONNX ops; optimized: ONNX Runtime's memory-efficient attention")
     export.set_defaults(func=cmd_export)
 
     precisions = recipes.choices("precisions")
     quantize = sub.add_parser("quantize", parents=[common],
-                              help=f"derive a reduced-precision artifact ({', '.join(precisions)}) from an fp32 export")
+                              help=f"derive a reduced-precision artifact ({', '.join(precisions)}) from an fp32 export",
+                              **_examples("mitra-build quantize --onnx model-ort.onnx --precision int8 --output model-int8.onnx"))
     quantize.add_argument("--onnx", type=Path, required=True, help="fp32 export (the optimized flavour)")
     quantize.add_argument("--precision", choices=precisions, required=True,
                           help="options come from [artifacts.options.<precision>] in the configuration")
-    quantize.add_argument("--output", type=Path, required=True)
+    quantize.add_argument("--output", type=Path, required=True, help="ONNX file to write")
     quantize.set_defaults(func=cmd_quantize)
 
-    check = sub.add_parser("check", parents=[common], help="onnx.checker + shape inference + I/O contract")
+    check = sub.add_parser("check", parents=[common], help="onnx.checker + shape inference + I/O contract",
+                           **_examples("mitra-build check --snapshot snap --onnx model.onnx"))
     check.add_argument("--snapshot", type=Path, required=True, help="the snapshot the file was exported from")
-    check.add_argument("--onnx", type=Path, required=True)
+    check.add_argument("--onnx", type=Path, required=True, help="ONNX file to check")
     check.set_defaults(func=cmd_check)
 
-    verify = sub.add_parser("verify", parents=[common], help="run the verification matrix (exit 1 if any cell fails)")
-    verify.add_argument("--snapshot", type=Path, required=True)
-    verify.add_argument("--onnx", type=Path, required=True)
+    verify = sub.add_parser("verify", parents=[common], help="run the verification matrix (exit 1 if any cell fails)",
+                            **_examples("mitra-build verify --snapshot snap --onnx model.onnx",
+                                        "mitra-build verify --snapshot snap --onnx model-int8.onnx --report r.json --markdown r.md"))
+    verify.add_argument("--snapshot", type=Path, required=True, help="the snapshot the file was exported from (the reference)")
+    verify.add_argument("--onnx", type=Path, required=True, help="ONNX file to verify")
     verify.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     verify.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
     verify.add_argument("--precision", default=None,
                         help="tolerance set from the configuration (default: the precision the file's metadata names)")
     verify.set_defaults(func=cmd_verify)
 
-    run = sub.add_parser("run", parents=[common], help="run the whole mitra-build flow in this process (no server to start)")
+    run = sub.add_parser("run", parents=[common], help="run the whole mitra-build flow in this process (no server to start)",
+                         **_examples("mitra-build run --variant mitra-classifier --no-publish",
+                                     "mitra-build run --variant mitra-classifier --snapshot snap --fp32-only --no-publish"))
     run.add_argument("--variant", action="append", help="variant name from the configuration (repeatable; default all)")
     run.add_argument("--force", action="store_true", help="rebuild even if this version is already built")
     run.add_argument("--snapshot", type=Path, default=None, help="build this local snapshot folder instead of downloading")
@@ -284,16 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-publish", action="store_true", help="keep the build local even if [store] is configured")
     run.set_defaults(func=cmd_run)
 
-    pull = sub.add_parser("pull", parents=[common], help="download a published release and verify every byte")
-    pull.add_argument("--variant", required=True)
-    pull.add_argument("--version", default="latest", help="'latest' (the pointer) or a version id")
-    pull.add_argument("--dest", type=Path, required=True)
-    pull.add_argument("--quiet", action="store_true", help="no progress bars")
-    pull.set_defaults(func=cmd_pull)
+    from .cli_release import add_release_commands  # `ls` and `pull`: light, no build config needed
 
-    local_s3 = sub.add_parser("local-s3", parents=[common], help="serve the configured bucket from a local SeaweedFS until stopped")
+    add_release_commands(sub, common)
+
+    local_s3 = sub.add_parser(
+        "local-s3", parents=[common], help="serve the configured bucket from a local SeaweedFS until stopped",
+        description=f"Serve [store]'s bucket from SeaweedFS on 127.0.0.1. It needs two ports: S3 on --port N and its "
+                    f"gRPC twin on N+{GRPC_OFFSET} (SeaweedFS's fixed convention); both are checked before it starts, "
+                    "and a busy one is named.",
+        **_examples(f"mitra-build local-s3 --dir s3-data                 # S3 on {DEFAULT_S3_PORT}, gRPC on {DEFAULT_S3_PORT + GRPC_OFFSET}",
+                    "mitra-build local-s3 --dir s3-data --port 9333     # S3 on 9333, gRPC on 19333"))
     local_s3.add_argument("--dir", type=Path, required=True, help="data folder (kept between runs)")
-    local_s3.add_argument("--port", type=int, default=DEFAULT_S3_PORT)
+    local_s3.add_argument("--port", type=_s3_port, default=DEFAULT_S3_PORT, metavar="N",
+                          help=f"S3 port (default {DEFAULT_S3_PORT}); N+{GRPC_OFFSET} must be free too (SeaweedFS's gRPC port)")
     local_s3.set_defaults(func=cmd_local_s3)
     return parser
 
@@ -302,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        require_extras(args.command)
         return args.func(args)
     except VerificationError as exc:
         _say(f"mitra-build {args.command}: {exc}")

@@ -13,14 +13,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .layout import MANIFEST_NAME, POINTER_SCHEMA_ID
 
-MANIFEST_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "manifest.schema.json"
+MANIFEST_SCHEMA_PATH = files(__package__) / "data" / "manifest.schema.json"  # package data (config/ in a checkout)
 LATEST = "latest"  # `pull_release(version="latest")` follows the pointer, so no version may be named so
 
 _HEX64 = frozenset("0123456789abcdef")
@@ -141,28 +142,71 @@ def pointer_doc(
     }
 
 
+class Pointer(BaseModel):
+    """A pointer (`latest.json`) or release record (`_releases/<N>.json`), as pull reads it.
+
+    Attributes:
+        schema_: always POINTER_SCHEMA_ID (JSON key "schema").
+        variant / version: safe key segments (see `segment_problem`).
+        manifest_key: the key of the manifest this release names.
+        manifest_sha256: SHA-256 of that manifest's bytes, 64 lowercase hex digits.
+        manifest_version: the release's sequence number, >= 1.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    schema_: str = Field(alias="schema")
+    variant: str
+    version: str
+    manifest_key: str = Field(min_length=1)
+    manifest_sha256: str
+    manifest_version: StrictInt = Field(ge=1)
+
+    @field_validator("schema_")
+    @classmethod
+    def _known_schema(cls, value: str) -> str:
+        if value != POINTER_SCHEMA_ID:
+            raise ValueError(f"schema is {value!r}, expected {POINTER_SCHEMA_ID!r}")
+        return value
+
+    @field_validator("variant", "version")
+    @classmethod
+    def _safe_segment(cls, value: str, info: Any) -> str:
+        if problem := segment_problem(value, info.field_name):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("manifest_sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not is_sha256_hex(value):
+            raise ValueError("manifest_sha256 must be 64 lowercase hex digits")
+        return value
+
+
 def pointer_problems(doc: Any) -> list[str]:
-    """Why `doc` is not a valid pointer / release record.
+    """Why `doc` is not a valid pointer / release record (the rules of `Pointer`).
 
     Args:
         doc: a parsed pointer (any JSON value).
 
     Returns:
-        One message per problem; empty when `doc` is valid.
+        One 'field: message' line per problem; empty when `doc` is valid.
     """
     if not isinstance(doc, dict):
         return [f"expected a JSON object, got {type(doc).__name__}"]
-    problems = []
-    if doc.get("schema") != POINTER_SCHEMA_ID:
-        problems.append(f"schema is {doc.get('schema')!r}, expected {POINTER_SCHEMA_ID!r}")
-    for field in ("variant", "version"):
-        if problem := segment_problem(doc.get(field), field):
-            problems.append(problem)
-    if not isinstance(doc.get("manifest_key"), str) or not doc.get("manifest_key"):
-        problems.append("manifest_key must be a non-empty string")
-    if not is_sha256_hex(doc.get("manifest_sha256")):
-        problems.append("manifest_sha256 must be 64 lowercase hex digits")
-    mv = doc.get("manifest_version")
-    if not isinstance(mv, int) or isinstance(mv, bool) or mv < 1:
-        problems.append(f"manifest_version must be an integer >= 1, got {mv!r}")
-    return problems
+    try:
+        Pointer.model_validate(doc)
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(p) for p in error['loc']) or '<root>'}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors(include_url=False)
+        ]
+    return []
+
+
+def is_synthetic(manifest: dict[str, Any]) -> bool:
+    """True when a (schema-checked) manifest says its weights are SYNTHETIC (random, not a real
+    checkpoint): `source.synthetic`."""
+    source = manifest.get("source")
+    return bool(isinstance(source, dict) and source.get("synthetic") is True)

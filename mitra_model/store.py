@@ -8,7 +8,7 @@ everywhere else.
 
 `store_errors` turns botocore's credential and connection failures into `StoreAuthError` /
 `StoreUnreachableError` with messages that name the endpoint, the bucket and the variables to set,
-and never the secret.
+and never the secret: any botocore text put into a message goes through `redact_secrets` first.
 
 Checksums (boto3 >= 1.36): the client keeps botocore's defaults, `request_checksum_calculation=
 "when_supported"` (a CRC32 on every upload) and `response_checksum_validation="when_supported"`
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -273,15 +274,87 @@ def is_not_found(exc: ClientError) -> bool:
     return http_status(exc) == 404 or error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
-def describe_client_error(exc: ClientError, store: StoreConfig) -> str:
-    """A short reason for messages: the S3 error code, with the fix for the common ones."""
+# Variables whose values are secrets. Read only to *remove* them from messages; boto3 reads them
+# to sign requests.
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+REDACTED = "<redacted>"
+
+
+def _client_secrets(client: Any) -> list[str]:
+    """The secret key and session token a client signs with (whatever part of the chain gave them)."""
+    try:
+        credentials = client._request_signer._credentials  # noqa: SLF001 - botocore has no public accessor
+        frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    except Exception:  # noqa: BLE001 - a stand-in client, or a provider that cannot refresh now
+        return []
+    if frozen is None:
+        return []
+    return [value for value in (frozen.secret_key, frozen.token) if value]
+
+
+def redact_secrets(text: str, client: Any = None) -> str:
+    """`text` with every AWS secret key and session token replaced by "<redacted>".
+
+    Servers and botocore may echo request details (a signature's canonical request, a presigned
+    query) in error texts; this is applied wherever such a text goes into one of our messages.
+
+    Args:
+        text: a message that may quote botocore or the server.
+        client: the boto3 client involved, so that secrets from profiles or SSO are removed too.
+
+    Returns:
+        The text without the secrets (secrets shorter than 4 characters are left alone: too
+        likely to be ordinary text).
+    """
+    secrets = {os.environ.get(var, "") for var in SECRET_VARS} | set(_client_secrets(client))
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def describe_client_error(exc: ClientError, store: StoreConfig, client: Any = None) -> str:
+    """A short reason for messages: the S3 error code and the server's message (secrets redacted),
+    with the fix for the common ones."""
     code = error_code(exc) or f"HTTP {http_status(exc)}"
     if code == "NoSuchBucket":
         return (
             f"NoSuchBucket: bucket {store.bucket!r} does not exist at this endpoint; create it "
             "(`ensure_bucket` for a local store) or fix StoreConfig.bucket"
         )
-    return code
+    detail = str(exc.response.get("Error", {}).get("Message", "") or "").strip()
+    return redact_secrets(f"{code}: {detail}" if detail else code, client)
+
+
+def list_common_prefixes(client: Any, store: StoreConfig, folder: str) -> list[str]:
+    """The names of the "subfolders" directly under `folder` (a key prefix without trailing '/').
+
+    Raises:
+        StoreAuthError / StoreUnreachableError: as `store_errors`.
+        botocore ClientError: any other refusal.
+    """
+    names: list[str] = []
+    start = f"{folder}/" if folder else ""
+    with store_errors(client, store, f"listing {store.url(start)}"):
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=store.bucket, Prefix=start, Delimiter="/"
+        ):
+            names += [p["Prefix"][len(start):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
+
+
+def list_objects(client: Any, store: StoreConfig, folder: str) -> list[dict[str, Any]]:
+    """Every object directly or indirectly under `folder`: dicts with Key, Size, LastModified.
+
+    Raises:
+        StoreAuthError / StoreUnreachableError: as `store_errors`.
+        botocore ClientError: any other refusal.
+    """
+    start = f"{folder}/" if folder else ""
+    found: list[dict[str, Any]] = []
+    with store_errors(client, store, f"listing {store.url(start)}"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=start):
+            found += page.get("Contents", [])
+    return sorted(found, key=lambda item: item["Key"])
 
 
 def read_small_object(

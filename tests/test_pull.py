@@ -82,11 +82,13 @@ def test_publish_then_pull_round_trip(s3_store: StoreConfig, s3_client: Any, tmp
     for name, path in pulled.files.items():
         assert path.parent == dest
         assert path.read_bytes() == (build / path.name).read_bytes(), name
-    assert sorted(p.name for p in dest.iterdir()) == sorted(
-        [PULL_STATE_NAME, "manifest.json", "model.onnx", "model-int8.onnx"]
-    )
-    state = json.loads((dest / PULL_STATE_NAME).read_text())
-    assert (state["manifest_version"], state["manifest_sha256"]) == (1, result.manifest_sha256)
+    # DEST holds exactly the release (a folder signature must see nothing else); the pull state
+    # lives beside it (it used to be DEST/.mitra-pull.json)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["manifest.json", "model.onnx", "model-int8.onnx"])
+    assert not (dest / PULL_STATE_NAME).exists()
+    state = json.loads((tmp_path / ".dest.mitra" / "state.json").read_text())
+    (record,) = state["releases"].values()
+    assert (record["manifest_version"], record["manifest_sha256"]) == (1, result.manifest_sha256)
 
     again = _pull(s3_client, s3_store, dest)  # idempotent
     assert again == pulled
