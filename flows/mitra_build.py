@@ -15,6 +15,7 @@ only counts as done while its folder holds every file with its recorded sha256.
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ from mitra_model import verify as verification
 from mitra_model.check import check_onnx
 from mitra_model.config import BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
 from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
-from mitra_model.publish import PublishResult, latest_release, publish_build
+from mitra_model import signing
+from mitra_model.publish import PublishResult, latest_release, publish_build, refresh_pointer
 from mitra_model.recipes import BuildContext, Made, Recipe
 from mitra_model.snapshot import Snapshot
 from mitra_model.store import StoreConfig, make_s3_client
@@ -218,17 +220,37 @@ def read_latest_release(store: StoreConfig, variant: Variant) -> dict[str, Any] 
 
 @task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,  # idempotent: a retry converges
       retry_condition_fn=retry_io_only)
-def publish_release(folder: Path, store: StoreConfig) -> PublishResult:
-    result = publish_build(folder, client=make_s3_client(store), store=store)
-    get_run_logger().info("published %s %s as manifest_version %d (%s)", result.variant, result.version,
-                          result.manifest_version, store.url(result.manifest_key))
+def publish_release(folder: Path, store: StoreConfig, ttl_days: int, signing_key: str | None) -> PublishResult:
+    # the signer is made here, inside the task: it refuses to be pickled into a Prefect result
+    signer = signing.signer_from_environment(Path(signing_key) if signing_key else None)
+    logger = get_run_logger()
+    result = publish_build(folder, client=make_s3_client(store), store=store, signer=signer,
+                           pointer_ttl=timedelta(days=ttl_days))
+    logger.info("published %s %s as manifest_version %d (%s)", result.variant, result.version,
+                result.manifest_version, store.url(result.manifest_key))
+    if signer is None:
+        logger.warning("%s %s is UNSIGNED: consumers that trust a key will refuse it. Set %s (or %s) to sign "
+                       "releases.", result.variant, result.version, signing.SIGNING_KEY_FILE_ENV, signing.SIGNING_KEY_ENV)
     return result
+
+
+@task(name="refresh-pointer", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_io_only)
+def refresh_release_pointer(store: StoreConfig, variant: Variant, ttl_days: int, signing_key: str | None) -> None:
+    """TUF's timestamp role: an unchanged release still gets a freshly signed latest.json, so
+    consumers can refuse a pointer that stopped being renewed (a frozen mirror)."""
+    signer = signing.signer_from_environment(Path(signing_key) if signing_key else None)
+    if signer is None:
+        return  # unsigned releases have no expiry to renew
+    result = refresh_pointer(make_s3_client(store), store, variant.name, signer, timedelta(days=ttl_days))
+    get_run_logger().info("re-signed %s's latest.json (manifest_version %d, unchanged): expires %s",
+                          variant.name, result.manifest_version, result.expires)
 
 
 @flow(name="build-variant", flow_run_name="{variant_name}@{revision}")
 def build_variant(variant_name: str, revision: str, config: BuildConfig, artifacts: Path, force: bool,
                   snapshot: str | None, hub_endpoint: str | None, synthetic_fallback: bool,
-                  publish_to_store: bool) -> dict[str, Any]:
+                  publish_to_store: bool, signing_key: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     variant = config.variant(variant_name).model_copy(update={"revision": revision})
     source, pinned, local = resolve_revision(variant, config, artifacts, snapshot, hub_endpoint, synthetic_fallback)
@@ -240,12 +262,16 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
     decision = builds.decide_build(variant=variant.name, version=version, artifacts_root=artifacts, latest=latest,
                                    force=force)
     logger.info(decision.reason)
+    ttl_days = config.signing.pointer_ttl_days
     if decision.action == "published":
+        if store is not None:
+            refresh_release_pointer(store, variant, ttl_days, signing_key)
         return {"variant": variant.name, "status": "up-to-date", "version": version, "synthetic": source.synthetic,
                 "build_dir": None, "published": store.url(latest["manifest_key"]) if store and latest else None}
     if decision.action == "built-locally":
         folder = builds.build_dir(artifacts, variant.name, version)
-        return finish(variant, version, folder, decision.manifest, store, "up-to-date" if store is None else "published")
+        return finish(variant, version, folder, decision.manifest, store, "up-to-date" if store is None else "published",
+                      ttl_days, signing_key)
 
     limit = config.execution.task_timeout_s  # every long task gets it: a hang fails the run, not the worker
     snapshot_files = local if local is not None else download.with_options(timeout_seconds=limit)(
@@ -277,14 +303,14 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
     )
     folder = assemble(manifest, built, artifacts)
     builds.discard_work_dir(work)
-    return finish(variant, version, folder, manifest, store, "built")
+    return finish(variant, version, folder, manifest, store, "built", ttl_days, signing_key)
 
 
 def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any], store: StoreConfig | None,
-           status: str) -> dict[str, Any]:
-    """Publish a complete build folder (when a store is configured) and report."""
+           status: str, ttl_days: int, signing_key: str | None) -> dict[str, Any]:
+    """Publish a complete build folder (when a store is configured; signed when a key is) and report."""
     logger = get_run_logger()
-    published = publish_release(folder, store) if store is not None else None
+    published = publish_release(folder, store, ttl_days, signing_key) if store is not None else None
     where = None if published is None or store is None else {
         "url": store.url(published.manifest_key), "manifest_version": published.manifest_version}
     # after publishing, so the summary can say where the release is and which manifest_version it got
@@ -368,7 +394,8 @@ def variant_lock(variant: str) -> str:
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
                 artifacts_root: str | None = None, publish: bool = True,
-                precisions: list[str] | None = None, flavours: list[str] | None = None) -> list[dict[str, Any]]:
+                precisions: list[str] | None = None, flavours: list[str] | None = None,
+                signing_key: str | None = None) -> list[dict[str, Any]]:
     """Build every configured variant (or the named ones) whose weights or config changed.
 
     Args:
@@ -385,8 +412,11 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
         publish: publish to the configured [store] (default); False keeps builds local.
         precisions: reduced precisions to build (e.g. ["int8"]; [] for fp32 only); default from
             [artifacts] in the configuration.
-        flavours: fp32 flavours to build (["portable"] or ["portable", "optimized"]; int8/fp16 need
-            "optimized"); default from [artifacts] in the configuration.
+        flavours: fp32 flavours to build (["portable"] or ["portable", "optimized"]; reduced precisions
+            need "optimized"); default from [artifacts] in the configuration.
+        signing_key: the release signing key's PEM file on the machine that publishes (default
+            $MITRA_SIGNING_KEY_FILE, else the PEM in $MITRA_SIGNING_KEY; none: unsigned releases).
+            Never put the key itself in a parameter: parameters are stored by the Prefect server.
     """
     config = load_config(Path(config_path) if config_path else None)
     config = config.with_artifacts(flavours=flavours, precisions=precisions)
@@ -399,6 +429,6 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
         with tags(f"variant:{v.name}"), concurrency(variant_lock(v.name), occupy=1, strict=True,
                                                    timeout_seconds=config.execution.variant_lock_timeout_s):
             results.append(build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
-                                 synthetic_fallback, publish))
+                                 synthetic_fallback, publish, signing_key))
     get_run_logger().info("summary: %s", "; ".join(f"{r['variant']} {r['status']} {r['version']}" for r in results))
     return results

@@ -313,6 +313,29 @@ class Signer:
         return _Loaded(self._key)
 
 
+SIGNING_KEY_FILE_ENV = "MITRA_SIGNING_KEY_FILE"  # a path to the PEM, for a publisher's machine
+
+
+def signer_from_environment(key_file: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Signer | None:
+    """The publisher's release signer, or None when no key is configured (releases go out unsigned).
+
+    Looked up in order: `key_file`, the file named by $MITRA_SIGNING_KEY_FILE, the PEM in
+    $MITRA_SIGNING_KEY (password, if any, in $MITRA_SIGNING_KEY_PASSWORD). Never from the build
+    configuration or a manifest, which are shared and published.
+
+    Raises:
+        SigningKeyError: a key is named but cannot be loaded (the message never shows the key).
+    """
+    env = os.environ if environ is None else environ
+    password = env.get(SIGNING_KEY_PASSWORD_ENV) or None
+    path = key_file or (Path(env[SIGNING_KEY_FILE_ENV]) if env.get(SIGNING_KEY_FILE_ENV) else None)
+    if path is not None:
+        return Signer.from_file(Path(path), password=password.encode("utf-8") if password else None)
+    if env.get(SIGNING_KEY_ENV, "").strip():
+        return Signer.from_env(environ=env)
+    return None
+
+
 def load_trusted_keys(paths: Sequence[Path]) -> tuple[bytes, ...]:
     """Read a consumer's trusted public keys (PEM files), checking each is a P-256 public key.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate requirements.lock from the current .venv (after changing dependencies in pyproject.toml):
-# the lock pins the base install and every extra ([build], [flow], [test]) together.
+# the lock pins the base install and every extra ([build], [flow], [signing], [test]) together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Not pinned here: this project itself (pip freeze lists the editable install as a comment and an -e

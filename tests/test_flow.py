@@ -311,3 +311,41 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
     assert "(<= " in str(by_key["finetuned-verification-fp32"].data)  # tolerance beside the measured error
     assert "Not published" in by_key["finetuned-manifest"].data
     assert any(limit.name == "mitra-build-variant-finetuned" and limit.limit == 1 for limit in limits)
+
+
+def test_signed_release_and_the_scheduled_run_renews_the_pointer(local_hub, s3_store, s3_client, tmp_path: Path,  # noqa: F811
+                                                                  build_config, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """With a signing key the release is signed before its pointer moves; a later run with nothing to
+    build re-signs latest.json with a fresh expiry (TUF's timestamp role) and says so."""
+    import time
+    from datetime import datetime, timezone
+
+    from mitra_model import layout
+    from mitra_model.signing import generate_keypair, verify_pointer, verify_release_signature
+
+    generate_keypair(tmp_path / "release.pem", tmp_path / "release.pub")
+    trusted = [(tmp_path / "release.pub").read_bytes()]
+    monkeypatch.setenv("MITRA_SIGNING_KEY_FILE", str(tmp_path / "release.pem"))
+    config, artifacts = small_config(tmp_path, store=s3_store), tmp_path / "artifacts"
+    local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
+    first = run(local_hub, config, artifacts, publish=True)
+
+    def pointer():
+        raw = s3_client.get_object(Bucket=s3_store.bucket, Key=layout.pointer_key(s3_store.prefix, "finetuned"))
+        return verify_pointer(raw["Body"].read(), trusted, datetime.now(timezone.utc))
+
+    signed = pointer()
+    assert signed.version == first["version"] and signed.signature_key
+    bundle = s3_client.get_object(Bucket=s3_store.bucket, Key=signed.signature_key)["Body"].read()
+    content = verify_release_signature(bundle, trusted)
+    assert "manifest.json" in content.files and "model.onnx" in content.files
+
+    time.sleep(1.1)  # expiry has a one-second resolution
+    with caplog.at_level("INFO"):
+        again = run(local_hub, config, artifacts, publish=True)
+    assert again["status"] == "up-to-date"
+    renewed = pointer()
+    assert renewed.manifest_version == signed.manifest_version and renewed.expires > signed.expires
+    assert "re-signed finetuned's latest.json" in caplog.text
+    assert (tmp_path / "release.pem").read_text() not in caplog.text
