@@ -42,6 +42,11 @@ echo "==> starting Prefect server on $PREFECT_API_URL (SQLite in $PREFECT_HOME)"
 start prefect-server .venv/bin/prefect server start --host 127.0.0.1 --port "${MITRA_DEMO_PREFECT_PORT:-4200}"
 wait_for "Prefect server" 240 curl -sf "$PREFECT_API_URL/health"
 
+echo "==> a release signing key for this demo in artifacts/keys/ (for real releases keep it in a secret store)"
+mkdir -p artifacts/keys
+[ -f artifacts/keys/release.pem ] || .venv/bin/mitra-build keygen artifacts/keys/release.pem artifacts/keys/release.pub
+export MITRA_SIGNING_KEY_FILE="$PWD/artifacts/keys/release.pem" # the worker signs every release it publishes
+
 scripts/deploy.sh
 echo "==> starting a process worker on mitra-build-pool"
 start prefect-worker .venv/bin/prefect worker start --pool mitra-build-pool
@@ -51,10 +56,15 @@ echo "==> running mitra-build/build (hub first; SYNTHETIC full-size fallback if 
 echo "==> running it again: nothing changed, so it must finish in seconds as up to date"
 .venv/bin/prefect deployment run 'mitra-build/scheduled' -p synthetic_fallback=true --watch --watch-timeout 600
 
-echo "==> pulling latest of every variant from the bucket into a fresh folder (checks size + sha256)"
+echo "==> pulling latest of every variant into a fresh folder: signature, expiry, rollback, size + sha256 checked"
 pulled=$(mktemp -d artifacts/pulled.XXXXXX)
+.venv/bin/mitra-build ls s3://mitra-build/releases --endpoint-url http://127.0.0.1:8333
 for variant in $(.venv/bin/python -c 'from mitra_model.config import load_config; print(" ".join(v.name for v in load_config().variants))'); do
-  .venv/bin/mitra-build pull --variant "$variant" --version latest --dest "$pulled/$variant" --quiet
+  .venv/bin/mitra-build pull "s3://mitra-build/releases/$variant@latest" --dest "$pulled/$variant" \
+    --endpoint-url http://127.0.0.1:8333 --trusted-key artifacts/keys/release.pub --quiet
+  # the standard OpenSSF tool accepts the pulled folder as it is
+  .venv/bin/model_signing verify key --public_key artifacts/keys/release.pub \
+    --signature "$pulled/$variant/release.sig" "$pulled/$variant/"
   .venv/bin/python - "$pulled/$variant/manifest.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))

@@ -35,3 +35,14 @@ def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store
     path.write_text(toml.dumps(raw))
     load_config(path)
     return path
+
+
+def edited_config(tmp_path: Path, *replacements: tuple[str, str]) -> Path:
+    """The default configuration file with each (old, new) text replaced once (old must be there)."""
+    text = DEFAULT_CONFIG_PATH.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "edited.toml"
+    path.write_text(text)
+    return path

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from configs import edited_config
+
 from mitra_model.config import DEFAULT_CONFIG_PATH, config_digest, load_config
 from mitra_model.errors import ConfigError
-
-
-def _with(tmp_path: Path, old: str, new: str) -> Path:
-    text = DEFAULT_CONFIG_PATH.read_text()
-    assert old in text
-    path = tmp_path / "c.toml"
-    path.write_text(text.replace(old, new, 1))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -32,20 +26,20 @@ def _with(tmp_path: Path, old: str, new: str) -> Path:
 )
 def test_invalid_field_is_named(tmp_path: Path, old: str, new: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(_with(tmp_path, old, new))
+        load_config(edited_config(tmp_path, (old, new)))
     assert needle in str(info.value)
 
 
 def test_a_cell_at_the_trace_shape_is_refused(tmp_path: Path) -> None:
-    path = _with(tmp_path, "batch = 1\nn_support = 64\nn_query = 16\nn_features = 8",
-                 "batch = 2\nn_support = 11\nn_query = 5\nn_features = 3")
+    path = edited_config(tmp_path, ("batch = 1\nn_support = 64\nn_query = 16\nn_features = 8",
+                                    "batch = 2\nn_support = 11\nn_query = 5\nn_features = 3"))
     with pytest.raises(ConfigError, match="has the trace shape"):
         load_config(path)
 
 
 def test_padding_must_leave_a_valid_row(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="padded_support_rows \\(12\\) must leave"):
-        load_config(_with(tmp_path, "n_support = 48", "n_support = 12"))
+        load_config(edited_config(tmp_path, ("n_support = 48", "n_support = 12")))
 
 
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
@@ -70,7 +64,7 @@ def test_only_settings_that_change_the_artifacts_change_the_version(tmp_path: Pa
                                                                     rebuilds: bool) -> None:
     """The config digest is part of every build's version: a new cron must not rebuild and republish,
     a new tolerance must."""
-    changed = config_digest(load_config(_with(tmp_path, old, new))) != config_digest(load_config())
+    changed = config_digest(load_config(edited_config(tmp_path, (old, new)))) != config_digest(load_config())
     assert changed is rebuilds
 
 

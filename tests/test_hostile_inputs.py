@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from configs import edited_config
+
 from mitra_model.architecture import LIMITS
 from mitra_model.config import DEFAULT_CONFIG_PATH, load_config
 from mitra_model.errors import ConfigError, SnapshotError
@@ -70,14 +72,6 @@ def test_config_json_that_is_a_folder_is_named(snapshot_copy: Path) -> None:
         read_snapshot(snapshot_copy)
 
 
-def _config_with(tmp_path: Path, old: str, new: str) -> Path:
-    text = DEFAULT_CONFIG_PATH.read_text()
-    assert old in text, old
-    path = tmp_path / "c.toml"
-    path.write_text(text.replace(old, new, 1))
-    return path
-
-
 @pytest.mark.parametrize("old, new, needle", [
     ("max_abs = 1e-4", "max_abs = inf", "verification.tolerances.fp32.max_abs"),
     ("max_abs = 1e-4", "max_abs = nan", "verification.tolerances.fp32.max_abs"),
@@ -87,7 +81,7 @@ def _config_with(tmp_path: Path, old: str, new: str) -> Path:
 ])
 def test_config_holes_are_closed(tmp_path: Path, old: str, new: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(_config_with(tmp_path, old, new))
+        load_config(edited_config(tmp_path, (old, new)))
     assert needle in str(info.value)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from configs import edited_config
+
 from mitra_model import recipes
 from mitra_model.build import decide_build
 from mitra_model.cli import build_parser
@@ -20,16 +22,6 @@ from mitra_model.errors import ConfigError
 
 # The default configuration's line that plans the reduced precisions, whatever it lists.
 PRECISIONS_LINE = re.search(r"^precisions = .*$", DEFAULT_CONFIG_PATH.read_text(), re.M).group(0)
-
-
-def _config_with(tmp_path: Path, *replacements: tuple[str, str]) -> Path:
-    text = DEFAULT_CONFIG_PATH.read_text()
-    for old, new in replacements:
-        assert old in text, old
-        text = text.replace(old, new, 1)
-    path = tmp_path / "c.toml"
-    path.write_text(text)
-    return path
 
 
 def test_every_recipe_derives_from_a_declared_recipe_and_names_are_unique() -> None:
@@ -56,7 +48,7 @@ def test_a_recipe_whose_source_is_not_planned_is_refused_with_the_fix() -> None:
 
 
 def test_unknown_precision_names_the_ones_the_registry_has(tmp_path: Path) -> None:
-    path = _config_with(tmp_path, (PRECISIONS_LINE, 'precisions = ["int3"]'))
+    path = edited_config(tmp_path, (PRECISIONS_LINE, 'precisions = ["int3"]'))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "int3" in str(info.value) and all(p in str(info.value) for p in recipes.choices("precisions"))
@@ -85,17 +77,17 @@ def test_no_tolerance_is_demanded_for_an_artifact_that_is_not_planned(tmp_path: 
 
 
 def test_a_planned_artifact_needs_a_consumer_bound_for_each_runtime_checked(tmp_path: Path) -> None:
-    path = _config_with(tmp_path, ("[consumers.tolerances.fp16]\nonnxruntime-node = 1e-5\n",
+    path = edited_config(tmp_path, ("[consumers.tolerances.fp16]\nonnxruntime-node = 1e-5\n",
                                    "[consumers.tolerances.fp16]\n"))
     with pytest.raises(ConfigError, match=r"\[consumers.tolerances.fp16\] onnxruntime-node \(for fp16\)"):
         load_config(path)
 
 
 def test_recipe_options_are_checked_against_the_recipe(tmp_path: Path) -> None:
-    path = _config_with(tmp_path, ("support_cache = true", "support_cache = true\n[artifacts.options.fp16]\nblock_size = 3"))
+    path = edited_config(tmp_path, ("support_cache = true", "support_cache = true\n[artifacts.options.fp16]\nblock_size = 3"))
     with pytest.raises(ConfigError, match=r"options.fp16: .*block_size"):
         load_config(path)
-    path = _config_with(tmp_path, ("support_cache = true", "support_cache = true\n[artifacts.options.int3]\n"))
+    path = edited_config(tmp_path, ("support_cache = true", "support_cache = true\n[artifacts.options.int3]\n"))
     with pytest.raises(ConfigError, match="options.int3: no artifact recipe 'int3'"):
         load_config(path)
 
