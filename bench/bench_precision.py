@@ -1,6 +1,6 @@
 """Precision and speed benchmark on the full-size model, all engines in one run on the same inputs:
 upstream AutoGluon Tab2D in PyTorch eager (the test oracle, loaded with the same weights), our
-upstream-equivalent PyTorch module, portable fp32, ORT-optimized fp32, int8 and fp16 ONNX.
+upstream-equivalent PyTorch module, portable fp32, ORT-optimized fp32, and every reduced precision of the recipe registry (int8, fp16, int4).
 
     .venv/bin/python bench/bench_precision.py [--repeats 5] [--task classification]
 
@@ -27,19 +27,22 @@ from pathlib import Path
 
 import numpy as np
 
+from mitra_model import recipes
 from mitra_model.config import load_config
+from mitra_model.layout import FLAVOUR_FILES, precision_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
 WORK = REPO_ROOT / "artifacts" / "bench"
 SHAPES = [(1, 512, 32, 16), (2, 256, 16, 8), (1, 2048, 8, 4)]
 COMPOSITION_SHAPE = (2, 256, 16, 8)  # batch-composition dependence: a table alone vs in a batch of 2
-ENGINES = ("upstream", "torch", "portable", "optimized", "int8", "fp16")
-FILES = {"portable": "model.onnx", "optimized": "model-ort.onnx", "int8": "model-int8.onnx", "fp16": "model-fp16.onnx"}
+REDUCED = recipes.choices("precisions")  # every reduced precision the registry has (int8, fp16, int4, ...)
+ENGINES = ("upstream", "torch", "portable", "optimized", *REDUCED)
+FILES = {**FLAVOUR_FILES, **{precision: precision_file(precision) for precision in REDUCED}}
 
 
 def prepare(task: str) -> Path:
-    """Snapshot and the four ONNX files (built once, reused)."""
+    """Snapshot and the ONNX files (built once, reused)."""
     from mitra_model.export import export_onnx
     from mitra_model.quantize import quantize_onnx
     from mitra_model.snapshot import load_model, write_synthetic_snapshot
@@ -54,9 +57,10 @@ def prepare(task: str) -> Path:
         if not (folder / FILES[flavour]).exists():
             export_onnx(model, folder / FILES[flavour], opset=config.export.opset,
                         trace_shape=config.export.trace_shape, flavour=flavour)
-    for precision in ("int8", "fp16"):
+    for precision in REDUCED:
         if not (folder / FILES[precision]).exists():
-            quantize_onnx(folder / FILES["optimized"], folder / FILES[precision], precision=precision)
+            options = config.artifacts.options_for(recipes.recipe(precision))
+            quantize_onnx(folder / FILES["optimized"], folder / FILES[precision], precision=precision, options=options)
     return folder
 
 
@@ -268,9 +272,10 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {c['table_alone_vs_in_batch']:.2e} | {c['half_the_queries_vs_all']:.2e} |")
     lines += ["", "Speed-up ratios (median of per-repeat ratios; targets: optimized >= 1.3x PyTorch, int8 >= 1.8x "
               "portable):", "",
-              "| shape | optimized vs upstream | optimized vs our PyTorch | portable vs our PyTorch | int8 vs portable "
-              "| fp16 vs portable |", "|---|---|---|---|---|---|"]
-    pairs = [("upstream", "optimized"), ("torch", "optimized"), ("torch", "portable"), ("portable", "int8"), ("portable", "fp16")]
+              "| shape | optimized vs upstream | optimized vs our PyTorch | portable vs our PyTorch | "
+              + " | ".join(f"{p} vs portable" for p in REDUCED) + " |", "|---" * (4 + len(REDUCED)) + "|"]
+    pairs = [("upstream", "optimized"), ("torch", "optimized"), ("torch", "portable"),
+             *(("portable", precision) for precision in REDUCED)]
     for i, shape in enumerate(SHAPES):
         cells = " | ".join(f"{paired_ratio(engines, slow, fast, i):.2f}x" for slow, fast in pairs)
         lines.append(f"| {'x'.join(map(str, shape))} | {cells} |")
