@@ -4,7 +4,8 @@
 //
 //   cd consumers && node example-pull-latest.mjs --endpoint http://127.0.0.1:8333 --bucket mitra-build \
 //       --prefix releases --variant mitra-classifier --artifact int8     # AWS_* credentials in the env
-//   [--save DIR] keeps the verified file; --help prints the options.
+//   [--save DIR] keeps the verified file; [--trusted-key release-signing.pub] (repeatable) accepts
+//   only releases signed by that key; --help prints the options.
 //
 // Chain of trust (as mitra_model/pull.py; the keys come from lib/layout.mjs, the mirror of
 // mitra_model/layout.py):
@@ -14,19 +15,28 @@
 //   manifest.artifacts[]             {name, file, size, sha256, s3_key, precision, flavour, ...}:
 //                                    each downloaded file must have exactly that size and SHA-256.
 // Nothing is trusted before it is checked; keys and file names from the store are validated.
+// With --trusted-key (lib/signature.mjs, the WebCrypto mirror of mitra_model/signing.py): the
+// pointer must carry a valid, unexpired signature by a trusted key (its signed fields are the ones
+// used), the release signature it pins (<version>/release.sig, by sha256) must verify, and
+// manifest.json and the artifact must be exactly what it signs (checked before and after the
+// download). A refusal is one line on stderr and exit code 2. (The Python puller also refuses a
+// pointer older than the release log; this example does not walk the log.)
 // Prints one JSON line on stdout ({"verified": true, "synthetic": false, ..., "prediction": {...}});
 // a release whose manifest says source.synthetic (random weights) is announced as SYNTHETIC on
-// stderr and in that line. Errors go to stderr with exit code 1 (bad options: 2). The digests use
-// WebCrypto (crypto.subtle), as a browser bundle would.
+// stderr and in that line. Errors go to stderr with exit code 1 (bad options and signature
+// refusals: 2). The digests use WebCrypto (crypto.subtle), as a browser bundle would.
 
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
 import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import * as ort from 'onnxruntime-node';
 
-import { MANIFEST_SCHEMA_ID, POINTER_SCHEMA_ID, artifactKey, manifestKey, pointerKey } from './lib/layout.mjs';
+import {
+  MANIFEST_NAME, MANIFEST_SCHEMA_ID, POINTER_SCHEMA_ID, artifactKey, manifestKey, pointerKey, signatureKey, variantFolder,
+} from './lib/layout.mjs';
+import { SignatureError, checkFile, verifyPointer, verifyReleaseSignature } from './lib/signature.mjs';
 
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]*$/;
 
@@ -34,6 +44,7 @@ class ReleaseError extends Error {}
 
 const USAGE = `usage: node example-pull-latest.mjs --bucket BUCKET [--prefix PREFIX] [--variant NAME]
                                 [--artifact NAME] [--endpoint URL] [--region REGION] [--save DIR]
+                                [--trusted-key PEM ...]
 
 Pull the latest mitra-build release of a variant from S3, verify the pointer -> manifest -> artifact
 SHA-256 chain, and run one prediction with onnxruntime-node. Credentials: the AWS SDK's default chain
@@ -46,11 +57,13 @@ SHA-256 chain, and run one prediction with onnxruntime-node. Credentials: the AW
   --endpoint URL      S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)
   --region REGION     signing region (default: AWS_REGION or us-east-1)
   --save DIR          also write the verified artifact into DIR
+  --trusted-key PEM   accept only a release signed by this public key (repeatable: any of them);
+                      refusals exit 2
   -h, --help          show this help
 
 example:
   node example-pull-latest.mjs --endpoint http://127.0.0.1:8333 --bucket mitra-build --prefix releases \\
-      --variant mitra-classifier --artifact int8
+      --variant mitra-classifier --artifact int8 --trusted-key release-signing.pub
 `;
 
 class UsageError extends Error {}
@@ -81,10 +94,37 @@ function parseJson(bytes, what) {
   }
 }
 
-/** Pointer -> manifest (pinned by sha256) -> artifact bytes (pinned by size and sha256). */
-async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }) {
+/** Where a manifest may keep an artifact: `<prefix>/<variant>/<any safe version>/<file>` (a revert
+ * names the files of the version it brings back, where they are stored). */
+function isArtifactKey(key, prefix, variant, file) {
+  const folder = `${variantFolder(prefix, variant)}/`;
+  const version = typeof key === 'string' && key.startsWith(folder) ? key.slice(folder.length).split('/')[0] : '';
+  return SAFE_NAME.test(version) && !version.includes('..') && key === artifactKey(prefix, variant, version, file);
+}
+
+/** With trusted keys: the release signature the verified pointer pins, verified (lib/signature.mjs). */
+async function signedContent(s3, { bucket, prefix, variant }, pointer, trustedPems) {
+  if (!pointer.signature_key) {
+    throw new SignatureError('unsigned', `${variant} ${pointer.version} is not signed (its pointer names no release.sig), and trusted keys are given. Refusing it.`);
+  }
+  if (pointer.signature_key !== signatureKey(prefix, variant, pointer.version)) {
+    throw new SignatureError('bad-signature', `the pointer names the signature ${pointer.signature_key}, not ${signatureKey(prefix, variant, pointer.version)}. Refusing it.`);
+  }
+  const bundle = await getBytes(s3, bucket, pointer.signature_key);
+  const sha = await sha256Hex(bundle);
+  if (sha !== pointer.signature_sha256) {
+    throw new SignatureError('bad-signature', `${pointer.signature_key}: sha256 ${sha}, but the signed pointer pins ${pointer.signature_sha256}: replaced in the store. Refusing it.`);
+  }
+  return verifyReleaseSignature(bundle, trustedPems);
+}
+
+/** Pointer -> manifest (pinned by sha256) -> artifact bytes (pinned by size and sha256); with
+ * trusted keys, the signed pointer and the release signature over all of them. */
+async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }, trustedPems) {
   const pinKey = pointerKey(prefix, variant);
-  const pointer = parseJson(await getBytes(s3, bucket, pinKey), pinKey);
+  const pointerBytes = await getBytes(s3, bucket, pinKey);
+  // Signed: only the fields the signature covers are used; an unsigned or expired one is refused.
+  const pointer = trustedPems.length ? await verifyPointer(pointerBytes, trustedPems) : parseJson(pointerBytes, pinKey);
   if (pointer.schema !== POINTER_SCHEMA_ID) throw new ReleaseError(`${pinKey}: schema ${JSON.stringify(pointer.schema)}, expected ${POINTER_SCHEMA_ID}`);
   if (pointer.variant !== variant || !SAFE_NAME.test(pointer.version ?? '')) throw new ReleaseError(`${pinKey}: bad variant/version ${pointer.variant}/${pointer.version}`);
   if (pointer.manifest_key !== manifestKey(prefix, variant, pointer.version)) throw new ReleaseError(`${pinKey}: unexpected manifest_key ${pointer.manifest_key}`);
@@ -94,6 +134,8 @@ async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }) {
   if (manifestSha !== pointer.manifest_sha256) {
     throw new ReleaseError(`${pointer.manifest_key}: sha256 ${manifestSha}, but ${pinKey} pins ${pointer.manifest_sha256}`);
   }
+  const signed = trustedPems.length ? await signedContent(s3, { bucket, prefix, variant }, pointer, trustedPems) : null;
+  if (signed) checkFile(signed, MANIFEST_NAME, manifestSha);
   const manifest = parseJson(manifestBytes, pointer.manifest_key);
   if (manifest.schema !== MANIFEST_SCHEMA_ID) throw new ReleaseError(`manifest schema ${JSON.stringify(manifest.schema)}, expected ${MANIFEST_SCHEMA_ID}`);
   if (manifest.variant !== variant || manifest.version !== pointer.version || manifest.manifest_version !== pointer.manifest_version) {
@@ -102,14 +144,16 @@ async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }) {
 
   const entry = (manifest.artifacts ?? []).find((a) => a.name === wanted);
   if (!entry) throw new ReleaseError(`release ${manifest.version} has no artifact ${JSON.stringify(wanted)} (has: ${(manifest.artifacts ?? []).map((a) => a.name).join(', ')})`);
-  if (!SAFE_NAME.test(entry.file ?? '') || entry.s3_key !== artifactKey(prefix, variant, manifest.version, entry.file)) {
+  if (!SAFE_NAME.test(entry.file ?? '') || !isArtifactKey(entry.s3_key, prefix, variant, entry.file)) {
     throw new ReleaseError(`artifact ${wanted}: unsafe file ${JSON.stringify(entry.file)} or key ${JSON.stringify(entry.s3_key)}`);
   }
+  if (signed) checkFile(signed, entry.file, entry.sha256); // before downloading: only what was signed
   const bytes = await getBytes(s3, bucket, entry.s3_key);
   if (bytes.length !== entry.size) throw new ReleaseError(`${entry.s3_key}: ${bytes.length} bytes, the manifest says ${entry.size}`);
   const sha = await sha256Hex(bytes);
+  if (signed) checkFile(signed, entry.file, sha); // and what actually came
   if (sha !== entry.sha256) throw new ReleaseError(`${entry.s3_key}: sha256 ${sha}, the manifest says ${entry.sha256}`);
-  return { pointer, manifest, manifestSha, entry, bytes };
+  return { pointer, manifest, manifestSha, entry, bytes, signedBy: signed ? signed.keyId : null };
 }
 
 /** A small deterministic table: 16 support rows, 4 query rows, 3 features. */
@@ -164,6 +208,7 @@ function parseOptions(argv) {
         variant: { type: 'string', default: 'mitra-classifier' },
         artifact: { type: 'string', default: 'fp32' },
         save: { type: 'string' },
+        'trusted-key': { type: 'string', multiple: true, default: [] },
         help: { type: 'boolean', short: 'h', default: false },
       },
       strict: true,
@@ -182,6 +227,14 @@ async function main() {
     return;
   }
   if (!args.bucket) throw new UsageError('--bucket is required');
+  const trustedPems = [];
+  for (const path of args['trusted-key']) {
+    try {
+      trustedPems.push(await readFile(path));
+    } catch (error) {
+      throw new UsageError(`cannot read --trusted-key ${path}: ${error.code ?? error.message}`);
+    }
+  }
   const s3 = new S3Client({
     endpoint: args.endpoint, // undefined: AWS S3
     region: args.region,
@@ -189,7 +242,7 @@ async function main() {
     maxAttempts: 3,
   }); // credentials: the SDK's default chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles...)
   try {
-    const release = await pullVerified(s3, { ...args, prefix: args.prefix.replace(/^\/+|\/+$/g, '') });
+    const release = await pullVerified(s3, { ...args, prefix: args.prefix.replace(/^\/+|\/+$/g, '') }, trustedPems);
     process.stderr.write(`verified ${args.variant} ${release.manifest.version} (manifest_version ${release.manifest.manifest_version}): `
       + `${release.entry.file} ${release.entry.size} bytes, sha256 ${release.entry.sha256}\n`);
     const synthetic = release.manifest.source?.synthetic === true;
@@ -209,6 +262,7 @@ async function main() {
       version: release.manifest.version,
       manifest_version: release.manifest.manifest_version,
       manifest_sha256: release.manifestSha,
+      signed_by: release.signedBy,
       artifact: { name: release.entry.name, file: release.entry.file, size: release.entry.size, sha256: release.entry.sha256 },
       runtime: { name: 'onnxruntime-node', version: ort.env.versions.node },
       prediction,
@@ -219,6 +273,12 @@ async function main() {
 }
 
 main().catch((error) => {
+  if (error instanceof SignatureError) {
+    // A refusal, not a bug: one line, no stack trace (the message names what was refused and why).
+    process.stderr.write(`error: refused: ${error.message.replace(/\s+/g, ' ')}\n`);
+    process.exitCode = 2;
+    return;
+  }
   if (error instanceof UsageError) {
     process.stderr.write(`error: ${error.message}\n\n${USAGE}`);
     process.exitCode = 2;

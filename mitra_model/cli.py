@@ -31,6 +31,7 @@ COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
     "verify": ("build",),
     "run": ("build", "flow"),
     "local-s3": ("flow",),
+    "revert": ("signing",),  # signs the new release's folder with model_signing
 }
 TOOLCHAIN = ("torch", "onnx", "onnxruntime", "prefect", "boto3")  # what `--version` reports
 _EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
@@ -187,7 +188,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          seed=config.verification.seed, on_cell=show)
     if args.report:
         write_report(report, args.report, args.markdown)
-    print(report.to_markdown())
+    # --json: stdout is exactly one JSON document (the progress lines above went to stderr).
+    sys.stdout.write(report.to_json() if args.json else report.to_markdown() + "\n")
+    sys.stdout.flush()
     require_passed(report)
     return 0
 
@@ -357,11 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", parents=[common], help="run the verification matrix (exit 1 if any cell fails)",
                             **_examples("mitra-build verify --snapshot snap --onnx model.onnx",
-                                        "mitra-build verify --snapshot snap --onnx model-int8.onnx --report r.json --markdown r.md"))
+                                        "mitra-build verify --snapshot snap --onnx model-int8.onnx --report r.json --markdown r.md",
+                                        "mitra-build verify --snapshot snap --onnx model.onnx --json"))
     verify.add_argument("--snapshot", type=Path, required=True, help="the snapshot the file was exported from (the reference)")
     verify.add_argument("--onnx", type=Path, required=True, help="ONNX file to verify")
     verify.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     verify.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
+    verify.add_argument("--json", action="store_true",
+                        help="print the JSON report (as --report writes it) on stdout instead of the Markdown "
+                             "table: one document, nothing else; progress stays on stderr")
     verify.add_argument("--precision", default=None,
                         help="tolerance set from the configuration (default: the precision the file's metadata names)")
     verify.set_defaults(func=cmd_verify)

@@ -3,6 +3,10 @@
     from mitra_model.client import pull_artifact
     path = pull_artifact("s3://mitra-build/releases/mitra-classifier@latest", "int8")
 
+    # Signed releases only, by this publisher's key (see mitra_model.pull for what is checked):
+    keys = load_trusted_keys([Path("release-signing.pub")])   # from mitra_model.signing
+    path = pull_artifact("s3://mitra-build/releases/mitra-classifier", "int8", trusted_keys=keys)
+
 A release URL is `s3://BUCKET/PREFIX/VARIANT[@VERSION|@latest]` (the prefix may be empty or hold
 several segments; no version means latest). Credentials and, unless `endpoint_url` is given, the
 endpoint come from boto3's standard chain (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, profiles ...).
@@ -297,6 +301,7 @@ def pull_release_url(
     refuse_synthetic: bool = False,
     progress: bool = False,
     client: Any = None,
+    trusted_keys: Sequence[bytes] = (),
 ) -> PullResult:
     """Pull the release a URL names into `dest` (see `mitra_model.pull.pull_release`).
 
@@ -308,20 +313,23 @@ def pull_release_url(
         refuse_synthetic: raise PullError, before downloading anything, for a SYNTHETIC release.
         progress: one tqdm progress bar on stderr.
         client: a boto3 S3 client to reuse (default: a new one).
+        trusted_keys: PEM public keys (`signing.load_trusted_keys`); with any, only releases
+            signed by one of them are accepted, and every file is checked against the signature.
 
     Returns:
         The PullResult; `synthetic` is True for a release with random weights, which also emits
         a SyntheticReleaseWarning.
 
     Raises:
-        PullError, ChecksumMismatchError, OutputError, StoreAuthError, StoreUnreachableError: as
-            `pull_release`.
+        PullError, ChecksumMismatchError, OutputError, StoreAuthError, StoreUnreachableError,
+            SignatureError (its subclasses), SigningKeyError: as `pull_release`.
     """
     parsed = parse_release_url(url)
     store = parsed.store(endpoint_url)
     result = pull_release(
         parsed.variant or "", version=parsed.version, dest=Path(dest), client=client or _client(store),
         store=store, progress=progress, artifacts=artifacts, refuse_synthetic=refuse_synthetic,
+        trusted_keys=trusted_keys,
     )
     if result.synthetic:
         warnings.warn(
@@ -365,6 +373,7 @@ def pull_artifact(
     refuse_synthetic: bool = False,
     progress: bool = False,
     client: Any = None,
+    trusted_keys: Sequence[bytes] = (),
 ) -> Path:
     """The local path of one verified artifact of a release, downloading it only when needed.
 
@@ -379,6 +388,8 @@ def pull_artifact(
         refuse_synthetic: raise PullError for a SYNTHETIC release (otherwise: a warning).
         progress: one tqdm progress bar on stderr.
         client: a boto3 S3 client to reuse.
+        trusted_keys: PEM public keys; with any, the release must be signed by one of them (see
+            `pull_release_url`).
 
     Returns:
         The artifact's path under the cache (through the release symlink, so it stays valid
@@ -386,9 +397,11 @@ def pull_artifact(
 
     Raises:
         PullError: an unknown artifact name (the message lists the release's), or as `pull_release`.
-        ChecksumMismatchError, OutputError, StoreAuthError, StoreUnreachableError: as `pull_release`.
+        ChecksumMismatchError, OutputError, StoreAuthError, StoreUnreachableError, SignatureError,
+            SigningKeyError: as `pull_release`.
     """
     dest = cache_dest(url, cache_dir=cache_dir, endpoint_url=endpoint_url)
     result = pull_release_url(url, dest, artifacts=[artifact], endpoint_url=endpoint_url,
-                              refuse_synthetic=refuse_synthetic, progress=progress, client=client)
+                              refuse_synthetic=refuse_synthetic, progress=progress, client=client,
+                              trusted_keys=trusted_keys)
     return result.files[artifact]

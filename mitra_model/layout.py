@@ -4,13 +4,17 @@ Layout under `s3://BUCKET/PREFIX/`:
 
     <variant>/<version>/<file>             artifacts, immutable
     <variant>/<version>/manifest.json      the manifest; immutable once released
+    <variant>/<version>/release.sig        the release signature (signed releases only)
     <variant>/_releases/<NNNNNNNN>.json    release record of manifest_version N (the commit point)
     <variant>/latest.json                  pointer to the newest release
     _prefect-results/                      Prefect task results (no variant can be named like
                                            this: variant names start with a letter or digit)
 
-A build folder holds the artifact files, `manifest.json` and `verification-<name>.json/.md`; a
-pull destination holds the artifact files, `manifest.json` and `.mitra-pull.json`.
+A build folder holds the artifact files, `manifest.json` and `verification-<name>.json/.md`. A
+pull destination DEST is a symlink to a release folder holding exactly the release: the pulled
+artifact files, `manifest.json` and, for a verified signed release, `release.sig`. The puller's
+bookkeeping lives beside it, in `.<DEST name>.mitra/` (`state.json`, `lock`, the release folders),
+so the folder consumers read (and a folder signature covers) holds nothing else.
 
 Only names here: no I/O, no boto3. `consumers/lib/layout.mjs` mirrors the key functions for the
 JS consumers, and tests/test_layout.py checks that both give the same keys. Changing anything
@@ -24,14 +28,21 @@ from typing import Literal
 
 MANIFEST_SCHEMA_ID = "mitra-build/manifest/v1"
 POINTER_SCHEMA_ID = "mitra-build/pointer/v1"  # latest.json and the release records
-PULL_STATE_SCHEMA_ID = "mitra-build/pull-state/v1"
+PULL_STATE_SCHEMA_ID = "mitra-build/pull-state/v2"  # .<DEST>.mitra/state.json
 
 MANIFEST_NAME = "manifest.json"
 POINTER_NAME = "latest.json"
 RELEASES_DIR = "_releases"
 RESULTS_DIR = "_prefect-results"
+SIGNATURE_NAME = "release.sig"  # the release signature: in the store's version folder and in DEST
+# A pull's bookkeeping: `.<DEST name><SIDE_SUFFIX>/` beside DEST, holding these and the release folders.
+SIDE_SUFFIX = ".mitra"
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+# Where older pulls (pull-state v1) kept their state: inside DEST. Only looked for, so that refusing
+# to replace such a folder can say where it came from; release signatures list it as not signed, so
+# an old pulled folder still verifies.
 PULL_STATE_NAME = ".mitra-pull.json"
-PULL_TEMP_PREFIX = ".mitra-pull-"  # hidden, so no artifact (never hidden) can collide with one
 
 # Artifact files, as the recipes (mitra_model/recipes.py) publish them. "-ort": the optimized flavour.
 FLAVOUR_FILES: dict[str, str] = {"portable": "model.onnx", "optimized": "model-ort.onnx"}
@@ -89,6 +100,16 @@ def artifact_key(prefix: str, variant: str, version: str, file: str) -> str:
 def manifest_key(prefix: str, variant: str, version: str) -> str:
     """`<prefix>/<variant>/<version>/manifest.json`."""
     return artifact_key(prefix, variant, version, MANIFEST_NAME)
+
+
+def signature_key(prefix: str, variant: str, version: str) -> str:
+    """`<prefix>/<variant>/<version>/release.sig`: the release signature of a signed release."""
+    return artifact_key(prefix, variant, version, SIGNATURE_NAME)
+
+
+def side_folder_name(dest_name: str) -> str:
+    """The name of DEST's bookkeeping folder beside it: `.<dest_name>.mitra` (e.g. ".mitra.mitra")."""
+    return f".{dest_name}{SIDE_SUFFIX}"
 
 
 def pointer_key(prefix: str, variant: str) -> str:

@@ -6,6 +6,25 @@ SHA-256. Names from the store are only used as plain file names. A pointer older
 release record is refused (a rolled-back or frozen pointer), and so is a release older than the
 one already in DEST.
 
+With trusted keys (`trusted_keys`: PEM public keys) the store itself is not trusted either; in this
+order (TUF's attack list, see signing.py):
+  1. the pointer's signature and expiry (`signing.verify_pointer`: unsigned, tampered, foreign-key
+     and expired pointers are refused), then rollback: the newest release record and DEST's
+     release must not be newer than the signed pointer;
+  2. the manifest's SHA-256 against the signed pointer;
+  3. the release signature (`release.sig`, pinned by the signed pointer) by a trusted key; an
+     unsigned release is refused;
+  4. before any download, manifest.json and every selected artifact's (file, SHA-256) must be what
+     the release signature signs (arbitrary artifact, mix-and-match); after each download the
+     actual SHA-256 again; then the whole set (every signed file, unless `artifacts` selects some);
+  5. `release.sig` is written into the release folder, so that a complete pull verifies with the
+     standard tool. DEST is a symlink, which the tool refuses as the folder unless told:
+       model_signing verify key --public_key KEY.pub --signature DEST/release.sig --allow_symlinks DEST
+     (or pass the folder it points to: "$(realpath DEST)").
+An explicit version (`version=...`) is a choice, not a pointer to follow: its release record (which
+pins the manifest and release.sig) replaces steps 1's pointer, so neither expiry nor rollback
+applies; the release signature is still required and checked as above.
+
 DEST is switched in one step, so it is always exactly one complete release (or the previous one):
 
     DEST -> .DEST.mitra/<version>-<n>        a symlink, replaced atomically (os.replace)
@@ -36,20 +55,45 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.subscribers import BaseSubscriber
 from tqdm import tqdm
 
 from . import layout
-from .errors import ChecksumMismatchError, MitraBuildError, OutputError, PullError
+from .errors import (
+    BadSignatureError,
+    ChecksumMismatchError,
+    MitraBuildError,
+    OutputError,
+    PublishError,
+    PullError,
+    UnsignedReleaseError,
+)
 from .fileutil import normal_permissions, sha256_file
-from .layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, POINTER_SCHEMA_ID, PULL_STATE_NAME
+from .layout import (
+    LOCK_FILE,
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_ID,
+    POINTER_SCHEMA_ID,
+    PULL_STATE_NAME,
+    PULL_STATE_SCHEMA_ID,
+    SIGNATURE_NAME,
+    STATE_FILE,
+)
 from .release import (
     LATEST,
     Pointer,
@@ -61,6 +105,12 @@ from .release import (
     segment_problem,
     sha256_bytes,
 )
+from .signing import (
+    SignedContent,
+    check_not_rolled_back,
+    verify_pointer,
+    verify_release_signature,
+)
 from .store import (
     StoreConfig,
     describe_client_error,
@@ -71,10 +121,6 @@ from .store import (
     store_errors,
 )
 
-PULL_STATE_SCHEMA_ID = "mitra-build/pull-state/v2"  # v1 lived inside DEST; v2 beside it
-SIDE_SUFFIX = ".mitra"  # DEST's bookkeeping folder: .<DEST name>.mitra beside DEST
-STATE_FILE = "state.json"
-LOCK_FILE = "lock"
 _STAGING_PREFIX = ".staging-"
 _LINK_PREFIX = ".link-"
 
@@ -95,6 +141,8 @@ class PullResult:
         manifest_path: DEST/manifest.json, byte-identical to the published manifest.
         manifest_sha256: SHA-256 of that manifest (what the pointer pins).
         synthetic: the manifest says the weights are SYNTHETIC (random, not a real checkpoint).
+        signed_by: id of the trusted key whose release signature every file was checked against
+            (`signing.public_key_id`); None when the pull was not asked to verify signatures.
         downloaded_bytes: bytes fetched for artifacts by this call (0: nothing changed).
     """
 
@@ -104,6 +152,7 @@ class PullResult:
     manifest_path: Path
     manifest_sha256: str
     synthetic: bool = False
+    signed_by: str | None = None
     downloaded_bytes: int = field(default=0, compare=False)
 
 
@@ -133,9 +182,16 @@ class PullState(BaseModel):
     """`.DEST.mitra/state.json`: the variant DEST is for, and a record per release folder."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-    schema_: Literal["mitra-build/pull-state/v2"] = Field(alias="schema")
+    schema_: str = Field(alias="schema", default=PULL_STATE_SCHEMA_ID)
     variant: str
     releases: dict[str, ReleaseRecord]
+
+    @field_validator("schema_")
+    @classmethod
+    def _known_schema(cls, value: str) -> str:
+        if value != PULL_STATE_SCHEMA_ID:
+            raise ValueError(f"schema is {value!r}, expected {PULL_STATE_SCHEMA_ID!r}")
+        return value
 
     def dump(self) -> bytes:
         return canonical_json(self.model_dump(by_alias=True))
@@ -154,7 +210,7 @@ class _Dest:
         absolute = Path(os.path.abspath(dest))
         if absolute.name in ("", ".", ".."):
             raise OutputError(f"cannot pull into {dest}: name a folder, e.g. ./mitra")
-        return cls(path=dest, side=absolute.with_name(f".{absolute.name}{SIDE_SUFFIX}"))
+        return cls(path=dest, side=absolute.with_name(layout.side_folder_name(absolute.name)))
 
     def link_target(self, folder: str) -> str:
         return f"{self.side.name}/{folder}"  # relative: DEST's parent can move
@@ -302,6 +358,7 @@ def pull_release(
     progress: bool = True,
     artifacts: Sequence[str] | None = None,
     refuse_synthetic: bool = False,
+    trusted_keys: Sequence[bytes] = (),
 ) -> PullResult:
     """Download and verify one release of `variant` into `dest`, switching DEST in one step.
 
@@ -315,6 +372,10 @@ def pull_release(
         artifacts: names of the artifacts to pull (e.g. ["int8"]); None pulls them all. The
             manifest is always pulled and checked.
         refuse_synthetic: raise before downloading anything when the release is SYNTHETIC.
+        trusted_keys: PEM public keys (`signing.load_trusted_keys`). Empty: signatures are not
+            checked. Otherwise the pointer and the release must be signed by one of them, and
+            every file must be what the release signature signs (see the module docstring);
+            `release.sig` is then written into DEST too.
 
     Returns:
         PullResult naming the verified files under `dest`. Pulling what `dest` already holds
@@ -325,6 +386,11 @@ def pull_release(
             key, wrong size, unknown artifact name, a pointer older than the release log, a
             release older than the one in `dest`, or a refused SYNTHETIC release.
         ChecksumMismatchError: the manifest or an artifact does not have the pinned SHA-256.
+        UnsignedReleaseError / UntrustedKeyError / BadSignatureError / NotSignedContentError /
+            ExpiredPointerError / RollbackError: with `trusted_keys`, the pointer or the release
+            is unsigned, signed by another key, tampered, names a file it does not sign, has
+            expired, or is older than the release log or DEST (`signing` explains each).
+        SigningKeyError: a trusted key is not a P-256 PEM public key.
         OutputError: `dest` cannot hold a release (a file, a foreign folder, read-only, full).
         StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
     """
@@ -332,15 +398,19 @@ def pull_release(
         raise PullError(f"Cannot pull: {problem}")
     if version != LATEST and (problem := segment_problem(version, "version")):
         raise PullError(f"Cannot pull: {problem}")
+    trusted = tuple(trusted_keys)
     target = _Dest.of(dest)
     local, _ = _local(target, variant)
 
-    raw, pin = _fetch_pinned_manifest(client, store, variant, version)
+    raw, pin = _fetch_pinned_manifest(client, store, variant, version, trusted=trusted, local=local)
     manifest = _checked_manifest(raw, pin, store)
     manifest_sha = sha256_bytes(raw)
-    if version == LATEST:
+    if version == LATEST and not trusted:  # with keys, checked against the signed pointer already
         _refuse_stale_pointer(client, store, variant, pin)
     _refuse_older_than_dest(target, local, manifest, manifest_sha)
+    signature = _verified_signature(client, store, pin, trusted) if trusted else None
+    if signature is not None:
+        signature.content.check_file(MANIFEST_NAME, manifest_sha)
     synthetic = is_synthetic(manifest)
     if synthetic and refuse_synthetic:
         raise PullError(
@@ -354,6 +424,9 @@ def pull_release(
     if same:  # keep what DEST already holds of this release: repeated single-artifact pulls add up
         wanted += [a for a in manifest["artifacts"]
                    if a not in wanted and local.trusted(target, a["file"], a["sha256"]) is not None]
+    if signature is not None:  # before any byte is downloaded: only what the publisher signed
+        for artifact in wanted:
+            signature.content.check_file(artifact["file"], artifact["sha256"])
     result = PullResult(
         version=manifest["version"],
         manifest_version=manifest["manifest_version"],
@@ -361,12 +434,18 @@ def pull_release(
         manifest_path=target.path / MANIFEST_NAME,
         manifest_sha256=manifest_sha,
         synthetic=synthetic,
+        signed_by=signature.content.key_id if signature is not None else None,
     )
-    if same and all(local.trusted(target, a["file"], a["sha256"]) for a in wanted):
+    complete = artifacts is None
+    if (same and all(local.trusted(target, a["file"], a["sha256"]) for a in wanted)
+            and (signature is None or local.trusted(target, SIGNATURE_NAME, signature.sha256))):
+        if signature is not None:
+            signature.content.check_files(_taken(wanted, manifest_sha), complete=complete)
         _tidy_if_needed(target, local.folder)
         return result
     try:
-        downloaded = _install(target, variant, raw, manifest, manifest_sha, wanted, client, store, progress)
+        downloaded = _install(target, variant, raw, manifest, manifest_sha, wanted, client, store, progress,
+                              signature=signature, complete=complete)
     except MitraBuildError:
         raise
     except OSError as exc:  # full disk, read-only folder, a file in the way
@@ -383,6 +462,75 @@ def _cannot_pull(dest: _Dest, exc: OSError) -> OutputError:
         f"cannot pull into {dest.path}: {reason}{where}. {hint.capitalize()}; {dest.path} was left "
         "exactly as it was and no partial files were kept."
     )
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """A verified release signature: its bytes (written into DEST) and what it signs."""
+
+    bundle: bytes
+    sha256: str
+    content: SignedContent
+
+
+def _taken(wanted: list[dict[str, Any]], manifest_sha: str) -> dict[str, str]:
+    """file name -> SHA-256 of what a pull puts into DEST's release folder (the manifest included)."""
+    return {MANIFEST_NAME: manifest_sha, **{a["file"]: a["sha256"] for a in wanted}}
+
+
+def _verified_pointer(
+    client: Any, store: StoreConfig, variant: str, raw: bytes, trusted: tuple[bytes, ...], local: _Local
+) -> dict[str, Any]:
+    """The signed pointer's fields, after its signature, its expiry and rollback were checked."""
+    pointer = verify_pointer(raw, trusted, datetime.now(UTC))
+    # Imported here: the slim pull path does not load the publisher unless it verifies (publish
+    # itself is light: boto3, pydantic and cryptography, which pull already needs).
+    from .publish import newest_release_record
+
+    try:
+        newest = newest_release_record(client, store, variant, after=pointer.manifest_version)
+    except PublishError as exc:  # e.g. the signed pointer names a record that does not exist
+        raise PullError(f"{exc} Nothing was pulled.") from None
+    check_not_rolled_back(
+        pointer, newest, known_manifest_version=local.record.manifest_version if local.record else None
+    )
+    return pointer.model_dump(by_alias=True, exclude={"expires", "dsse", "key_id"})
+
+
+def _verified_signature(client: Any, store: StoreConfig, pin: dict[str, Any], trusted: tuple[bytes, ...]) -> _Signature:
+    """Read the release signature the (verified) pointer or release record pins, and verify it."""
+    variant, version = pin["variant"], pin["version"]
+    what = f"{variant} {version} (manifest_version {pin['manifest_version']})"
+    key, pinned = pin.get("signature_key"), pin.get("signature_sha256")
+    if key is None or pinned is None:
+        raise UnsignedReleaseError(
+            f"{what} is not signed (its release record names no {SIGNATURE_NAME}), and trusted keys "
+            "are configured. Refusing it; nothing was pulled. The publisher must sign it (publish "
+            "with a signing key, or `mitra-build revert` to a signed release); or pull without "
+            "trusted keys to accept unsigned releases."
+        )
+    expected = layout.signature_key(store.prefix, variant, version)
+    if key != expected:
+        raise BadSignatureError(
+            f"The release record of {what} names the signature {store.url(key)}, not "
+            f"{store.url(expected)}: it was tampered with. Refusing it; nothing was pulled."
+        )
+    bundle = _read(client, store, key)
+    if bundle is None:
+        raise BadSignatureError(
+            f"{store.url(key)}, the signature of {what}, does not exist: it was deleted from the "
+            "store. Refusing the release; nothing was pulled. The publisher must restore it."
+        )
+    actual = sha256_bytes(bundle)
+    if actual != pinned:
+        raise BadSignatureError(
+            f"{store.url(key)} has sha256 {actual}, but its release record pins {pinned}: the "
+            "signature was replaced in the store. Refusing the release; nothing was pulled."
+        )
+    return _Signature(bundle=bundle, sha256=actual, content=verify_release_signature(bundle, trusted))
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -503,15 +651,19 @@ def _checked_pointer(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _fetch_pinned_manifest(
-    client: Any, store: StoreConfig, variant: str, version: str
+    client: Any, store: StoreConfig, variant: str, version: str, *, trusted: tuple[bytes, ...], local: _Local
 ) -> tuple[bytes, dict[str, Any]]:
-    """The manifest's bytes and the pointer / release record that pins their SHA-256."""
+    """The manifest's bytes and the pointer / release record that pins their SHA-256 (with trusted
+    keys, the pointer's fields are those it signs)."""
     if version == LATEST:
         pin_key = layout.pointer_key(store.prefix, variant)
         pin_raw = _read(client, store, pin_key)
         if pin_raw is None:
             raise PullError(f"No release of {variant!r} in {store.url(pin_key)}: nothing was published yet")
-        pin = _checked_pointer(pin_raw, f"Pointer {store.url(pin_key)}")
+        if trusted:
+            pin = _verified_pointer(client, store, variant, pin_raw, trusted, local)
+        else:
+            pin = _checked_pointer(pin_raw, f"Pointer {store.url(pin_key)}")
         manifest_key = layout.manifest_key(store.prefix, variant, pin["version"])
     else:
         manifest_key = layout.manifest_key(store.prefix, variant, version)
@@ -562,6 +714,23 @@ def _key_problem(key: Any) -> str | None:
     return None
 
 
+def _artifact_key_problem(key: str, store: StoreConfig, variant: str, file: str) -> str | None:
+    """Why `key` is not `<prefix>/<variant>/<V>/<file>` for a safe version V.
+
+    Any version, not only the manifest's own: a revert (`publish.revert_release`) is a new version
+    whose manifest names the artifacts where the reverted-to version stored them. The SHA-256 the
+    manifest pins (and, with trusted keys, the release signature) decide what the bytes must be.
+    """
+    folder = layout.variant_folder(store.prefix, variant) + "/"
+    held_version = key[len(folder):].split("/")[0] if key.startswith(folder) else ""
+    if segment_problem(held_version, "version") is None and key == layout.artifact_key(
+        store.prefix, variant, held_version, file
+    ):
+        return None
+    example = layout.artifact_key(store.prefix, variant, "VERSION", file)
+    return f"s3_key {key!r} is not {example!r} (another variant, prefix or file name)"
+
+
 def _checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> dict[str, Any]:
     what = f"Manifest {store.url(pin['manifest_key'])}"
     doc = _json(raw, what)
@@ -584,9 +753,8 @@ def _checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> di
         if problem := _key_problem(artifact.get("s3_key")):
             problems.append(f"artifacts[{index}]: {problem}")
             continue
-        expected = layout.artifact_key(store.prefix, pin["variant"], pin["version"], file)
-        if artifact["s3_key"] != expected:
-            problems.append(f"artifacts[{index}]: s3_key {artifact['s3_key']!r} is not {expected!r}")
+        if problem := _artifact_key_problem(artifact["s3_key"], store, pin["variant"], file):
+            problems.append(f"artifacts[{index}]: {problem}")
     if problems:
         raise PullError(f"{what} names unsafe files; nothing was pulled:\n  - " + "\n  - ".join(problems))
     if errors := manifest_schema_errors(doc):
@@ -607,9 +775,10 @@ def _checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> di
 def _install(
     dest: _Dest, variant: str, raw: bytes, manifest: dict[str, Any], manifest_sha: str,
     wanted: list[dict[str, Any]], client: Any, store: StoreConfig, progress: bool,
+    *, signature: _Signature | None, complete: bool,
 ) -> int:
-    """Stage `wanted` + the manifest beside DEST, verify, then switch DEST to it. Returns the bytes
-    downloaded. On any failure DEST is unchanged and the staging work is removed."""
+    """Stage `wanted` + the manifest (+ release.sig) beside DEST, verify, then switch DEST to it.
+    Returns the bytes downloaded. On any failure DEST is unchanged and the staging work is removed."""
     created_side = not dest.side.exists()
     if dest.path.parent.exists() and not dest.path.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(dest.path.parent))
@@ -623,12 +792,20 @@ def _install(
             folder: Path | None = None
             flipped = False
             try:
-                records, downloaded = _stage(dest, local, staging, wanted, client, store, progress)
+                content = signature.content if signature is not None else None
+                records, downloaded = _stage(dest, local, staging, wanted, client, store, progress, content)
                 (staging / MANIFEST_NAME).write_bytes(raw)
+                if signature is not None:
+                    content_files = {**{n: r.sha256 for n, r in records.items()}, MANIFEST_NAME: manifest_sha}
+                    signature.content.check_files(content_files, complete=complete)
+                    # Beside what it signs, so the folder verifies with the standard tool.
+                    (staging / SIGNATURE_NAME).write_bytes(signature.bundle)
                 for entry in staging.iterdir():
                     normal_permissions(entry)  # mkdtemp/mkstemp are owner-only; releases are served to others
                 normal_permissions(staging)
                 records[MANIFEST_NAME] = _record(staging / MANIFEST_NAME, manifest_sha)
+                if signature is not None:
+                    records[SIGNATURE_NAME] = _record(staging / SIGNATURE_NAME, signature.sha256)
                 folder = dest.side / _next_folder_name(dest, manifest["version"])
                 os.rename(staging, folder)
                 releases = {folder.name: ReleaseRecord(
@@ -636,7 +813,7 @@ def _install(
                     manifest_sha256=manifest_sha, files=records)}
                 if local.folder is not None and local.record is not None:
                     releases[local.folder] = local.record  # until the flip, DEST still shows it
-                _write_state(dest, PullState(schema="mitra-build/pull-state/v2", variant=variant, releases=releases))
+                _write_state(dest, PullState(variant=variant, releases=releases))
                 _flip(dest, folder.name)
                 flipped = True
             finally:
@@ -646,8 +823,7 @@ def _install(
                         shutil.rmtree(folder, ignore_errors=True)
             # The pull is done; what follows only tidies up and is retried by the next pull.
             with contextlib.suppress(OSError):
-                _write_state(dest, PullState(schema="mitra-build/pull-state/v2", variant=variant,
-                                             releases={folder.name: releases[folder.name]}))
+                _write_state(dest, PullState(variant=variant, releases={folder.name: releases[folder.name]}))
             with contextlib.suppress(OSError):
                 _tidy(dest, keep=folder.name)
     except BaseException:
@@ -712,10 +888,11 @@ def _tidy_if_needed(dest: _Dest, keep: str | None) -> None:
 
 def _stage(
     dest: _Dest, local: _Local, staging: Path, wanted: list[dict[str, Any]],
-    client: Any, store: StoreConfig, progress: bool,
+    client: Any, store: StoreConfig, progress: bool, content: SignedContent | None,
 ) -> tuple[dict[str, FileRecord], int]:
     """Fill `staging` with the wanted artifacts: hard links of trusted local files, downloads of
-    the rest. Returns each file's record and the bytes downloaded."""
+    the rest (each checked against `content`, the verified release signature, when given). Returns
+    each file's record and the bytes downloaded."""
     records: dict[str, FileRecord] = {}
     to_fetch: list[dict[str, Any]] = []
     for artifact in wanted:
@@ -732,7 +909,7 @@ def _stage(
     for artifact in to_fetch:  # sizes first: a replaced object is refused before any byte is fetched
         _check_stored_size(client, store, artifact)
     if to_fetch:
-        _download_all(client, store, to_fetch, staging, progress=progress)
+        _download_all(client, store, to_fetch, staging, progress=progress, content=content)
         for artifact in to_fetch:
             records[artifact["file"]] = _record(staging / artifact["file"], artifact["sha256"])
     return records, sum(a["size"] for a in to_fetch)
@@ -775,10 +952,12 @@ class _Subscriber(BaseSubscriber):
 
 
 def _download_all(
-    client: Any, store: StoreConfig, artifacts: list[dict[str, Any]], staging: Path, *, progress: bool
+    client: Any, store: StoreConfig, artifacts: list[dict[str, Any]], staging: Path, *, progress: bool,
+    content: SignedContent | None = None,
 ) -> None:
     """Download `artifacts` into `staging` with one transfer manager, then check each file's size
-    and SHA-256 (hashing overlaps the downloads still running)."""
+    and SHA-256 (hashing overlaps the downloads still running): against the release signature's
+    `content` when given, and against the manifest."""
     total = sum(a["size"] for a in artifacts)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pull", leave=False) if progress else None
     lock = threading.Lock()
@@ -814,6 +993,8 @@ def _download_all(
             if written != artifact["size"]:
                 raise PullError(f"{store.url(key)} gave {written} bytes, the manifest says {artifact['size']}")
             actual = hashes[artifact["file"]].result().result()
+            if content is not None:
+                content.check_file(artifact["file"], actual)
             if actual != artifact["sha256"]:
                 raise ChecksumMismatchError(
                     f"{store.url(key)} has sha256 {actual}, the manifest pins {artifact['sha256']}: the "

@@ -3,6 +3,8 @@
 A pointer (`latest.json`) and a release record (`_releases/<N>.json`) have the same body:
     {"schema": "mitra-build/pointer/v1", "variant", "version", "manifest_key",
      "manifest_sha256", "manifest_version"}
+plus, for a signed release, "signature_key" and "signature_sha256" (its `release.sig`), and, in a
+signed pointer only, "expires" and "dsse" (the envelope `signing.verify_pointer` checks).
 The manifest follows config/manifest.schema.json. Where they live is `layout.py`'s business;
 how they are written and read is publish.py's and pull.py's. No boto3 here, so that both sides
 (and tools that only inspect a release) can use these rules without a store.
@@ -17,9 +19,9 @@ from importlib.resources import files
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from .layout import MANIFEST_NAME, POINTER_SCHEMA_ID
+from .layout import MANIFEST_NAME, POINTER_SCHEMA_ID, SIGNATURE_NAME
 
 MANIFEST_SCHEMA_PATH = files(__package__) / "data" / "manifest.schema.json"  # package data (config/ in a checkout)
 LATEST = "latest"  # `pull_release(version="latest")` follows the pointer, so no version may be named so
@@ -151,6 +153,11 @@ class Pointer(BaseModel):
         manifest_key: the key of the manifest this release names.
         manifest_sha256: SHA-256 of that manifest's bytes, 64 lowercase hex digits.
         manifest_version: the release's sequence number, >= 1.
+        signature_key / signature_sha256: a signed release's `release.sig` and its SHA-256 (both
+            or neither; None for an unsigned release).
+        expires / dsse: a signed pointer's expiry (ISO 8601) and DSSE envelope, as stored. Read
+            here only so that a reader that does not verify accepts a signed pointer; they are
+            trusted only after `signing.verify_pointer`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
@@ -161,6 +168,10 @@ class Pointer(BaseModel):
     manifest_key: str = Field(min_length=1)
     manifest_sha256: str
     manifest_version: StrictInt = Field(ge=1)
+    signature_key: str | None = None
+    signature_sha256: str | None = None
+    expires: str | None = None
+    dsse: dict[str, Any] | None = None
 
     @field_validator("schema_")
     @classmethod
@@ -176,12 +187,25 @@ class Pointer(BaseModel):
             raise ValueError(problem)
         return value
 
-    @field_validator("manifest_sha256")
+    @field_validator("manifest_sha256", "signature_sha256")
     @classmethod
-    def _hex(cls, value: str) -> str:
-        if not is_sha256_hex(value):
-            raise ValueError("manifest_sha256 must be 64 lowercase hex digits")
+    def _hex(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not is_sha256_hex(value):
+            raise ValueError(f"{info.field_name} must be 64 lowercase hex digits")
         return value
+
+    @field_validator("signature_key")
+    @classmethod
+    def _signature_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith("/" + SIGNATURE_NAME):
+            raise ValueError(f"signature_key must be the key of a {SIGNATURE_NAME}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _signature_pair(self) -> Pointer:
+        if (self.signature_key is None) != (self.signature_sha256 is None):
+            raise ValueError("signature_key and signature_sha256 go together")
+        return self
 
 
 def pointer_problems(doc: Any) -> list[str]:

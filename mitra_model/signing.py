@@ -7,9 +7,10 @@ ECDSA-SHA256, signature DER-encoded and base64'd):
    `model_signing` tool writes it (`model_signing sign key`): its DSSE payload is an in-toto
    statement whose predicate lists every file of the complete release folder (the artifacts and
    `manifest.json`) with its SHA-256. The statement also records `release.sig` and `.mitra-pull.json`
-   as ignored paths, so a pulled folder verifies unchanged with the standard tool:
+   as ignored paths, so a pulled folder verifies unchanged with the standard tool (DEST is a
+   symlink to the release folder, which the tool follows only when told to):
 
-       model_signing verify key --public_key KEY.pub --signature DEST/release.sig DEST
+       model_signing verify key --public_key KEY.pub --signature DEST/release.sig --allow_symlinks DEST
 
 2. The *pointer signature* makes `latest.json` TUF's timestamp role: the pointer carries `expires`
    and a DSSE envelope (`"dsse"`) whose payload is the canonical JSON of every other field of the
@@ -61,7 +62,7 @@ from .errors import (
     UntrustedKeyError,
 )
 from .fileutil import sha256_file
-from .layout import MANIFEST_NAME, PULL_STATE_NAME
+from .layout import MANIFEST_NAME, PULL_STATE_NAME, SIGNATURE_NAME
 from .release import (
     Pointer,
     canonical_json,
@@ -70,10 +71,9 @@ from .release import (
     pointer_problems,
 )
 
-# The release folder's signature file (also its name in the store, under the version folder).
-SIGNATURE_NAME = "release.sig"
-# Not signed, so that the signature file and pull's bookkeeping can sit in the signed folder. The
-# standard verifier reads this list from the signed statement itself.
+# Not signed, so that the signature file (layout.SIGNATURE_NAME, re-exported here) and older pulls'
+# bookkeeping can sit in the signed folder. The standard verifier reads this list from the signed
+# statement itself.
 UNSIGNED_NAMES: tuple[str, ...] = (SIGNATURE_NAME, PULL_STATE_NAME)
 
 SIGNING_KEY_ENV = "MITRA_SIGNING_KEY"  # the PEM itself, for CI secrets
@@ -334,6 +334,23 @@ def signer_from_environment(key_file: Path | None = None, *, environ: Mapping[st
     if env.get(SIGNING_KEY_ENV, "").strip():
         return Signer.from_env(environ=env)
     return None
+
+
+TRUSTED_KEYS_ENV = "MITRA_TRUSTED_KEYS"  # a consumer's public key files, separated by os.pathsep
+
+
+def trusted_key_paths_from_env(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The public key files named by $MITRA_TRUSTED_KEYS (separated by `os.pathsep`; empty parts skipped).
+
+    Args:
+        environ: where to read it (default: `os.environ`).
+
+    Returns:
+        The paths, in order (empty when the variable is unset or blank); read them with
+        `load_trusted_keys`.
+    """
+    env = os.environ if environ is None else environ
+    return tuple(Path(part).expanduser() for part in env.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if part.strip())
 
 
 def load_trusted_keys(paths: Sequence[Path]) -> tuple[bytes, ...]:

@@ -47,6 +47,24 @@ def test_verify_exits_non_zero_on_a_corrupted_model(tiny_exports, tiny_snapshots
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
 
 
+def test_verify_json_is_one_document_on_stdout(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
+    """`verify --json`: stdout is exactly the report `--report` writes (a script parses it); the
+    progress lines stay on stderr; a failed verification still prints its report, and exits 1."""
+    snapshot, exported = tiny_snapshots["classification"].path, tiny_exports["classification"].path
+    done = run_cli("verify", "--snapshot", str(snapshot), "--onnx", str(exported), "--json",
+                   "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads((tmp_path / "r.json").read_text())
+    assert json.loads(done.stdout)["passed"] is True and "[1/" in done.stderr and "**PASSED**" not in done.stdout
+
+    proto = onnx.load(str(exported))
+    init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) * 1.5).astype(np.float32), init.name))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    done = run_cli("verify", "--snapshot", str(snapshot), "--onnx", str(tmp_path / "bad.onnx"), "--json")
+    assert done.returncode == 1 and json.loads(done.stdout)["passed"] is False and "failed" in done.stderr
+
+
 def test_bad_snapshot_is_one_paragraph_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "snap").mkdir()
     (tmp_path / "snap" / "config.json").write_text("{not json")

@@ -374,6 +374,31 @@ def test_pointer_older_than_the_release_log_is_refused(s3_store: StoreConfig, s3
     assert not (tmp_path / "fresh").exists() and not (tmp_path / ".fresh.mitra").exists()
 
 
+def test_a_verifying_pull_by_url_stays_light(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
+    """The whole verifying pull, in a fresh interpreter: no torch, ONNX, numpy, Prefect, and not the
+    signing toolchain (model_signing) either: a consumer needs only the base install to verify."""
+    from mitra_model.signing import Signer, generate_keypair
+
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    build = make_build(tmp_path, seed=1)
+    publish_build(build, client=s3_client, store=s3_store, signer=Signer.from_file(tmp_path / "k.pem"))
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mitra_model.client import pull_release_url\n"
+        "from mitra_model.signing import load_trusted_keys\n"
+        f"result = pull_release_url({_url(s3_store)!r}, {str(tmp_path / 'dest')!r}, endpoint_url={s3_store.endpoint_url!r},"
+        f" trusted_keys=load_trusted_keys([Path({str(tmp_path / 'k.pub')!r})]))\n"
+        "assert result.signed_by, result\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'prefect', 'model_signing') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "dest" / "release.sig").is_file()
+
+
 # -- hostile destinations and documents ---------------------------------------------------------
 
 
@@ -537,3 +562,58 @@ def test_node_example_says_synthetic_without_deprecation_warnings(
     # deprecation, and is left visible on purpose: it is true.
     assert "SYNTHETIC release" in done.stderr and "DeprecationWarning" not in done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["synthetic"] is True
+
+
+@needs_node
+def test_node_example_verifies_signed_releases_with_trusted_keys(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path
+) -> None:
+    from mitra_model.publish import revert_release
+    from mitra_model.signing import Signer, generate_keypair
+
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub")
+    signer = Signer.from_file(tmp_path / "k.pem")
+    versions = []
+    for seed in (1, 2):
+        build = make_build(tmp_path, seed=seed, artifacts=(("fp32", "model.onnx", 16, "fp32"),))
+        _tiny_onnx(build / "model.onnx")
+        import onnx
+
+        model = onnx.load(str(build / "model.onnx"))
+        model.doc_string = f"release {seed}"  # the same model, another digest
+        onnx.save(model, str(build / "model.onnx"))
+        manifest = json.loads((build / "manifest.json").read_text())
+        data = (build / "model.onnx").read_bytes()
+        manifest["artifacts"][0].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (build / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        versions.append(publish_build(build, client=s3_client, store=s3_store, signer=signer).version)
+
+    def example(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["node", str(EXAMPLE), "--endpoint", s3_store.endpoint_url or "", "--bucket", s3_store.bucket,
+             "--prefix", s3_store.prefix, "--variant", VARIANT, *extra],
+            capture_output=True, text=True, timeout=60, cwd=EXAMPLE.parent, check=False,
+        )
+
+    done = example("--trusted-key", str(tmp_path / "other.pub"), "--trusted-key", str(tmp_path / "k.pub"))
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (line["version"], line["signed_by"]) == (versions[1], signer.key_id)
+
+    done = example("--trusted-key", str(tmp_path / "other.pub"))
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "not trusted" in errors[0] and "    at " not in done.stderr
+
+    # A revert names release 1's objects: accepted (signed as a release of its own) ...
+    revert_release(s3_client, s3_store, VARIANT, versions[0], signer)
+    done = example("--trusted-key", str(tmp_path / "k.pub"))
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["version"] == f"{versions[0]}.revert-2"
+    # ... and an object the signature does not cover is refused after download.
+    key = layout.artifact_key(s3_store.prefix, VARIANT, versions[0], "model.onnx")
+    stored = s3_client.get_object(Bucket=s3_store.bucket, Key=key)["Body"].read()
+    put_raw(s3_client, s3_store, key, stored[:-1] + b"!")
+    done = example("--trusted-key", str(tmp_path / "k.pub"))
+    assert done.returncode == 2 and "release signature signs" in done.stderr and "    at " not in done.stderr
+    assert example().returncode == 1  # without keys: the manifest's sha256 still refuses it (exit 1, as before)

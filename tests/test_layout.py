@@ -33,12 +33,16 @@ _CASES: list[tuple[str, str, tuple[Any, ...]]] = (
     [("artifact_key", "artifactKey", (p, v, ver, f)) for p in PREFIXES for v in VARIANTS for ver in VERSIONS for f in FILES]
     + [("manifest_key", "manifestKey", (p, v, ver)) for p in PREFIXES for v in VARIANTS for ver in VERSIONS]
     + [("version_folder", "versionFolder", (p, v, ver)) for p in PREFIXES for v in VARIANTS for ver in VERSIONS]
+    + [("signature_key", "signatureKey", (p, v, ver)) for p in PREFIXES for v in VARIANTS for ver in VERSIONS]
+    + [("side_folder_name", "sideFolderName", (d,)) for d in ("mitra", "dest", "model.v2")]
     + [("variant_folder", "variantFolder", (p, v)) for p in PREFIXES for v in VARIANTS]
     + [("pointer_key", "pointerKey", (p, v)) for p in PREFIXES for v in VARIANTS]
     + [("release_record_key", "releaseRecordKey", (p, v, n)) for p in PREFIXES for v in VARIANTS for n in MANIFEST_VERSIONS]
     + [("results_folder", "resultsFolder", (p,)) for p in PREFIXES]
 )
-_CONSTANTS = ("MANIFEST_SCHEMA_ID", "POINTER_SCHEMA_ID", "MANIFEST_NAME", "POINTER_NAME", "RELEASES_DIR", "RESULTS_DIR")
+_CONSTANTS = ("MANIFEST_SCHEMA_ID", "POINTER_SCHEMA_ID", "PULL_STATE_SCHEMA_ID", "MANIFEST_NAME", "POINTER_NAME",
+              "RELEASES_DIR", "RESULTS_DIR", "SIGNATURE_NAME", "SIDE_SUFFIX", "STATE_FILE", "LOCK_FILE",
+              "PULL_STATE_NAME")
 
 # Reads [[jsName, args], ...] on stdin, prints {"keys": [...], "constants": {...}}. No npm package.
 _NODE_SCRIPT = """
@@ -80,6 +84,8 @@ def test_keys_of_a_release() -> None:
     assert layout.manifest_key("p", "v", "r-1") == "p/v/r-1/manifest.json"
     assert layout.pointer_key("p", "v") == "p/v/latest.json"
     assert layout.release_record_key("p", "v", 3) == "p/v/_releases/00000003.json"
+    assert layout.signature_key("p", "v", "r-1") == "p/v/r-1/release.sig"
+    assert layout.side_folder_name("mitra") == ".mitra.mitra"
     assert layout.results_folder("") == "_prefect-results"
     assert layout.verification_report_name("fp32") == "verification-fp32.json"
     assert layout.verification_report_name("int8", "md") == "verification-int8.md"

@@ -1,9 +1,10 @@
 """Signed releases against a real SeaweedFS: publish with a key, verify the way a puller does.
 
 One test per attack of TUF's list that signing answers (arbitrary artifact, rollback, freeze,
-mix-and-match, wrong key), plus: the standard `model_signing verify key` CLI accepts a release
-folder assembled from the bucket unchanged, the Node/WebCrypto verifier agrees with Python, and
-keys never show up in output.
+mix-and-match, wrong key), first with the library's functions, then through the real verifying
+pull (`pull_release(trusted_keys=...)`, the CLI's `--trusted-key`), plus: the standard
+`model_signing verify key` CLI accepts a release folder assembled from the bucket, and a pulled
+DEST, unchanged; the Node/WebCrypto verifier agrees with Python; keys never show up in output.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,9 +36,11 @@ from s3_fixtures import (
     time_limit,
 )
 
-from mitra_model import layout
+from mitra_model import layout, pull
+from mitra_model.cli import main
 from mitra_model.errors import (
     BadSignatureError,
+    ChecksumMismatchError,
     ExpiredPointerError,
     NotSignedContentError,
     PublishError,
@@ -458,3 +463,324 @@ def test_node_webcrypto_verifier_agrees(s3_store: StoreConfig, s3_client: Any, t
     assert out["pointer"] == result.manifest_version
     assert (out["wrongKey"], out["tampered"], out["expired"], out["notSigned"]) == (
         "untrusted-key", "bad-signature", "expired", "not-signed")
+
+
+# -- the verifying pull (pull_release with trusted keys) -----------------------------------------
+
+
+def _pull(client: Any, store: StoreConfig, dest: Path, trusted: list[bytes], **kw: Any) -> pull.PullResult:
+    return pull.pull_release(VARIANT, dest=dest, client=client, store=store, progress=False,
+                             trusted_keys=trusted, **kw)
+
+
+def _dest_files(dest: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(dest.iterdir())} if dest.exists() else {}
+
+
+def _same_size_other_bytes(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in data)  # same size: the size check passes, only the digest can tell
+
+
+def test_verified_pull_writes_release_sig_and_the_standard_cli_verifies_dest(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=20)
+    dest = tmp_path / "dest"
+    pulled = _pull(s3_client, s3_store, dest, [keys["other_pub"], keys["pub"]])  # any trusted key will do
+    assert pulled.signed_by == keys["signer"].key_id and pulled.version == result.version
+    assert sorted(_dest_files(dest)) == ["manifest.json", "model-int8.onnx", "model.onnx", SIGNATURE_NAME]
+    assert (dest / SIGNATURE_NAME).read_bytes() == _get(s3_client, s3_store, result.signature_key)
+    # The documented commands, exactly. DEST is a symlink, which the tool refuses as the model path
+    # unless told (`--allow_symlinks`) or given the folder it points to (`"$(realpath DEST)"`).
+    assert dest.is_symlink()
+    pub = keys["dir"] / "good.pub"
+    for form in ('--allow_symlinks "$DEST"', '"$(realpath "$DEST")"'):
+        line = f'{MODEL_SIGNING_CLI} verify key --public_key "$PUB" --signature "$DEST/release.sig" {form}'
+        done = subprocess.run(["bash", "-c", line], env={**os.environ, "DEST": str(dest), "PUB": str(pub)},
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "Verification succeeded" in done.stdout, (form, done.stdout + done.stderr)
+    plain = [str(MODEL_SIGNING_CLI), "verify", "key", "--public_key", str(pub),
+             "--signature", str(dest / SIGNATURE_NAME), str(dest)]
+    done = subprocess.run(plain, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "symlink" in done.stdout + done.stderr  # why the README names the forms above
+
+    again = _pull(s3_client, s3_store, dest, [keys["pub"]])  # verified again, nothing downloaded
+    assert again.downloaded_bytes == 0 and again.signed_by == keys["signer"].key_id
+
+
+def test_dest_pulled_without_keys_gets_release_sig_when_pulled_with_keys(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=21)
+    dest = tmp_path / "dest"
+    unverified = _pull(s3_client, s3_store, dest, [])  # no keys: as before, signed pointer accepted
+    assert unverified.signed_by is None and SIGNATURE_NAME not in _dest_files(dest)
+    verified = _pull(s3_client, s3_store, dest, [keys["pub"]])
+    assert verified.signed_by == keys["signer"].key_id and verified.downloaded_bytes == 0  # artifacts hard-linked
+    assert SIGNATURE_NAME in _dest_files(dest)
+
+
+def test_pull_refuses_an_arbitrary_artifact_and_leaves_dest(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=22)
+    dest = tmp_path / "dest"
+    _pull(s3_client, s3_store, dest, [keys["pub"]])
+    before = _dest_files(dest)
+    second = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=23)
+    key = layout.artifact_key(s3_store.prefix, VARIANT, second.version, "model.onnx")
+    put_raw(s3_client, s3_store, key, _same_size_other_bytes(_get(s3_client, s3_store, key)))
+    with pytest.raises(NotSignedContentError, match="model.onnx has sha256 .* release signature signs"):
+        _pull(s3_client, s3_store, dest, [keys["pub"]])
+    assert _dest_files(dest) == before
+    assert sorted(p.name for p in (tmp_path / ".dest.mitra").iterdir()) == sorted(
+        [os.readlink(dest).split("/")[-1], layout.STATE_FILE, layout.LOCK_FILE])  # no staging left
+
+
+def test_pull_refuses_a_replayed_old_pointer(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=24)
+    pointer_key = layout.pointer_key(s3_store.prefix, VARIANT)
+    old_pointer = _get(s3_client, s3_store, pointer_key)
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=25)
+    dest = tmp_path / "dest"
+    _pull(s3_client, s3_store, dest, [keys["pub"]])
+    put_raw(s3_client, s3_store, pointer_key, old_pointer)  # validly signed, unexpired, older
+    with pytest.raises(RollbackError, match="release record 2 exists"):
+        _pull(s3_client, s3_store, tmp_path / "fresh", [keys["pub"]])
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / ".fresh.mitra").exists()
+    # The attacker also hides the newer record: DEST's own release still tells.
+    s3_client.delete_object(Bucket=s3_store.bucket, Key=layout.release_record_key(s3_store.prefix, VARIANT, 2))
+    with pytest.raises(RollbackError, match="already pulled"):
+        _pull(s3_client, s3_store, dest, [keys["pub"]])
+    assert json.loads((dest / "manifest.json").read_bytes())["manifest_version"] == 2
+
+
+def test_pull_refuses_an_expired_pointer_until_refreshed(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=26, pointer_ttl=timedelta(seconds=1))
+    time.sleep(1.5)
+    with pytest.raises(ExpiredPointerError, match="expired at"):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+    assert not (tmp_path / "dest").exists()
+    assert _pull(s3_client, s3_store, tmp_path / "unchecked", []).signed_by is None  # no keys: no expiry
+    refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"])
+    assert _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]]).signed_by == keys["signer"].key_id
+
+
+def test_pull_refuses_mix_and_match_before_downloading(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    """Release 1's model.onnx under release 2's key, release 2's manifest and record re-pinned to it:
+    the manifest is no longer the one release 2's signature signs, so nothing is downloaded."""
+    first = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=27)
+    second = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=28)
+    old_key = layout.artifact_key(s3_store.prefix, VARIANT, first.version, "model.onnx")
+    new_key = layout.artifact_key(s3_store.prefix, VARIANT, second.version, "model.onnx")
+    old = _get(s3_client, s3_store, old_key)
+    put_raw(s3_client, s3_store, new_key, old)
+    manifest = json.loads(_get(s3_client, s3_store, second.manifest_key))
+    manifest["artifacts"][0].update(size=len(old), sha256=sha256_bytes(old))
+    forged = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+    put_raw(s3_client, s3_store, second.manifest_key, forged)
+    record_key = layout.release_record_key(s3_store.prefix, VARIANT, 2)
+    record = json.loads(_get(s3_client, s3_store, record_key))
+    put_raw(s3_client, s3_store, record_key, json.dumps(dict(record, manifest_sha256=sha256_bytes(forged))).encode())
+
+    counting = CrashingClient(s3_client)
+    with pytest.raises(NotSignedContentError, match="manifest.json has sha256"):
+        _pull(counting, s3_store, tmp_path / "dest", [keys["pub"]], version=second.version)
+    assert not any(key and key.endswith(".onnx") for _, key in counting.calls)  # refused before any download
+    assert not (tmp_path / "dest").exists()
+    # Following latest, the signed pointer still pins the real manifest: refused as well.
+    with pytest.raises(ChecksumMismatchError):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+
+
+def test_pull_refuses_a_foreign_key_and_unsigned_releases(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["other_signer"], seed=29)
+    with pytest.raises(UntrustedKeyError, match="not trusted"):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+
+    unsigned = _publish(tmp_path, s3_client, s3_store, None, seed=30)
+    with pytest.raises(UnsignedReleaseError, match="pointer .* is not signed"):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+    # A signed pointer naming an unsigned release (refresh_pointer re-signs whatever is latest).
+    refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"])
+    with pytest.raises(UnsignedReleaseError, match="names no release.sig"):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+    with pytest.raises(UnsignedReleaseError, match="names no release.sig"):  # explicit version: its record
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]], version=unsigned.version)
+    assert not (tmp_path / "dest").exists()
+    assert _pull(s3_client, s3_store, tmp_path / "dest", []).version == unsigned.version  # no keys: as before
+
+
+def test_partial_pull_verifies_what_it_takes(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=31)
+    fp32_key = layout.artifact_key(s3_store.prefix, VARIANT, result.version, "model.onnx")
+    int8_key = layout.artifact_key(s3_store.prefix, VARIANT, result.version, "model-int8.onnx")
+    put_raw(s3_client, s3_store, fp32_key, _same_size_other_bytes(_get(s3_client, s3_store, fp32_key)))
+    dest = tmp_path / "dest"
+    partial = _pull(s3_client, s3_store, dest, [keys["pub"]], artifacts=["int8"])  # the bad fp32 is not taken
+    assert set(partial.files) == {"int8"} and partial.signed_by == keys["signer"].key_id
+    assert sorted(_dest_files(dest)) == ["manifest.json", "model-int8.onnx", SIGNATURE_NAME]
+    put_raw(s3_client, s3_store, int8_key, _same_size_other_bytes(_get(s3_client, s3_store, int8_key)))
+    with pytest.raises(NotSignedContentError, match="model-int8.onnx"):
+        _pull(s3_client, s3_store, tmp_path / "other", [keys["pub"]], artifacts=["int8"])
+    with pytest.raises(NotSignedContentError, match="model.onnx"):
+        _pull(s3_client, s3_store, tmp_path / "full", [keys["pub"]])
+
+
+def test_full_pull_refuses_a_signature_that_signs_more_than_the_manifest_names(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    """The manifest and the signature must agree on the release's files: a full pull that would not
+    get a signed file is refused (a partial pull checks only what it takes)."""
+    from mitra_model.signing import sign_pointer, sign_release_files
+
+    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=34)
+    signed = dict(verify_release_signature(_get(s3_client, s3_store, result.signature_key), [keys["pub"]]).files)
+    bundle = sign_release_files({**signed, "extra.onnx": "0" * 64}, keys["signer"], name=result.version)
+    put_raw(s3_client, s3_store, result.signature_key, bundle)
+    record_key = layout.release_record_key(s3_store.prefix, VARIANT, 1)
+    record = dict(json.loads(_get(s3_client, s3_store, record_key)), signature_sha256=sha256_bytes(bundle))
+    put_raw(s3_client, s3_store, record_key, json.dumps(record).encode())
+    pointer = sign_pointer(record, keys["signer"], expires=_now() + timedelta(days=1))  # the publisher signs it all
+    put_raw(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT), pointer)
+    with pytest.raises(NotSignedContentError, match="also signs extra.onnx"):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+    assert not (tmp_path / "dest").exists()
+    assert _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]], artifacts=["int8", "fp32"]).signed_by
+    with pytest.raises(NotSignedContentError, match="also signs extra.onnx"):  # no-op re-pull: still checked
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+
+
+def test_a_signed_revert_pulls_with_and_without_keys(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    first = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=32)
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=33)
+    dest = tmp_path / "dest"
+    _pull(s3_client, s3_store, dest, [keys["pub"]])
+    reverted = revert_release(s3_client, s3_store, VARIANT, first.version, keys["signer"])
+    pulled = _pull(s3_client, s3_store, dest, [keys["pub"]])  # forward to manifest_version 3
+    assert (pulled.version, pulled.manifest_version) == (reverted.version, 3)
+    old_model = _get(s3_client, s3_store, layout.artifact_key(s3_store.prefix, VARIANT, first.version, "model.onnx"))
+    assert (dest / "model.onnx").read_bytes() == old_model
+    assert _pull(s3_client, s3_store, tmp_path / "plain", []).version == reverted.version
+    explicit = _pull(s3_client, s3_store, tmp_path / "explicit", [keys["pub"]], version=reverted.version)
+    assert explicit.signed_by == keys["signer"].key_id
+
+
+# -- the CLI: where trusted keys come from, revert, refresh-pointer -------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_trusted_keys_from_flag_env_or_config(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from configs import write_config
+
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=40)
+    good, other = keys["dir"] / "good.pub", keys["dir"] / "other.pub"
+    url = f"s3://{s3_store.bucket}/{s3_store.prefix}/{VARIANT}"
+    base = ["pull", url, "--endpoint-url", s3_store.endpoint_url or "", "--quiet"]
+    monkeypatch.chdir(tmp_path)  # no ./config here
+    monkeypatch.delenv("MITRA_BUILD_CONFIG", raising=False)
+    monkeypatch.delenv("MITRA_TRUSTED_KEYS", raising=False)
+
+    code, out, err = _cli(capsys, *base, "--dest", str(tmp_path / "d1"), "--trusted-key", str(other))
+    assert code == 2 and out == "" and "Traceback" not in err and "not trusted" in err
+    assert err.startswith("mitra-build pull: error: ") and not (tmp_path / "d1").exists()
+    code, out, err = _cli(capsys, *base, "--dest", str(tmp_path / "d1"), "--trusted-key", str(other),
+                          "--trusted-key", str(good), "--json")
+    assert code == 0 and json.loads(out)["signed_by"] == keys["signer"].key_id
+
+    monkeypatch.setenv("MITRA_TRUSTED_KEYS", f"{other}{os.pathsep}")  # env: used when no flag is given
+    code, _, err = _cli(capsys, *base, "--dest", str(tmp_path / "d2"))
+    assert code == 2 and "not trusted" in err
+    code, out, _ = _cli(capsys, *base, "--dest", str(tmp_path / "d2"), "--trusted-key", str(good))  # the flag wins
+    assert code == 0 and "verified, key id" in out
+    monkeypatch.setenv("MITRA_TRUSTED_KEYS", str(good))
+    code, out, _ = _cli(capsys, *base, "--dest", str(tmp_path / "d3"))
+    assert code == 0 and "verified, key id" in out
+    monkeypatch.delenv("MITRA_TRUSTED_KEYS")
+
+    # The configuration in use (--config, $MITRA_BUILD_CONFIG or ./config/mitra-build.toml) ...
+    config = write_config(tmp_path / "trusting.toml")
+    assert "[signing]" not in config.read_text()
+    config.write_text(config.read_text() + f'\n[signing]\ntrusted_keys = ["{other}"]\n')
+    code, _, err = _cli(capsys, *base, "--dest", str(tmp_path / "d4"), "--config", str(config))
+    assert code == 2 and "not trusted" in err
+    monkeypatch.setenv("MITRA_BUILD_CONFIG", str(config))
+    code, _, err = _cli(capsys, *base, "--dest", str(tmp_path / "d4"))
+    assert code == 2 and "not trusted" in err
+    monkeypatch.delenv("MITRA_BUILD_CONFIG")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "mitra-build.toml").write_text(config.read_text())
+    code, _, err = _cli(capsys, *base, "--dest", str(tmp_path / "d4"))
+    assert code == 2 and "not trusted" in err
+    # ... but never the packaged default, and no keys at all: unchecked, as before.
+    (tmp_path / "config" / "mitra-build.toml").unlink()
+    code, out, _ = _cli(capsys, *base, "--dest", str(tmp_path / "d4"))
+    assert code == 0 and "key id" not in out
+
+    (tmp_path / "not-a-key.pub").write_text("hello")
+    code, out, err = _cli(capsys, *base, "--dest", str(tmp_path / "d5"), "--trusted-key", str(tmp_path / "not-a-key.pub"))
+    assert code == 2 and "not a PEM public key" in err and "Traceback" not in err
+
+
+def test_cli_keygen_revert_and_refresh_pointer(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from configs import write_config
+
+    code, out, err = _cli(capsys, "keygen", str(tmp_path / "k.pem"), str(tmp_path / "k.pub"))
+    private = (tmp_path / "k.pem").read_text()
+    key_id = Signer.from_file(tmp_path / "k.pem").key_id
+    assert code == 0 and f"k.pub (key id {key_id})" in out
+    assert not any(line in out + err for line in private.splitlines()[1:-1])
+    assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
+    code, _, err = _cli(capsys, "keygen", str(tmp_path / "k.pem"), str(tmp_path / "k2.pub"))
+    assert code == 2 and "refusing to overwrite" in err
+
+    config = write_config(tmp_path / "c.toml", store={"bucket": s3_store.bucket, "prefix": s3_store.prefix,
+                                                      "endpoint_url": s3_store.endpoint_url})
+    signer = Signer.from_file(tmp_path / "k.pem")
+    first = _publish(tmp_path, s3_client, s3_store, signer, seed=41)
+    _publish(tmp_path, s3_client, s3_store, signer, seed=42)
+    monkeypatch.delenv("MITRA_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("MITRA_SIGNING_KEY_FILE", raising=False)
+    code, _, err = _cli(capsys, "refresh-pointer", "--config", str(config), "--variant", VARIANT)
+    assert code == 2 and "--signing-key" in err and "MITRA_SIGNING_KEY_FILE" in err
+
+    monkeypatch.setenv("MITRA_SIGNING_KEY_FILE", str(tmp_path / "k.pem"))
+    code, out, err = _cli(capsys, "revert", "--config", str(config), "--variant", VARIANT, "--to", first.version)
+    assert code == 0 and f"{first.version}.revert-2" in out and "manifest_version 3" in out, err
+    pulled = _pull(s3_client, s3_store, tmp_path / "dest", [(tmp_path / "k.pub").read_bytes()])
+    assert (pulled.version, pulled.signed_by) == (f"{first.version}.revert-2", key_id)
+    code, out, _ = _cli(capsys, "revert", "--config", str(config), "--variant", VARIANT, "--to", first.version)
+    assert code == 0 and "nothing new was published" in out
+
+    monkeypatch.delenv("MITRA_SIGNING_KEY_FILE")
+    code, out, err = _cli(capsys, "refresh-pointer", "--config", str(config), "--variant", VARIANT,
+                          "--signing-key", str(tmp_path / "k.pem"))
+    assert code == 0 and "manifest_version 3" in out, err
+    expires = datetime.fromisoformat(json.loads(_get(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT)))["expires"])
+    assert timedelta(days=29) < expires - _now() <= timedelta(days=30)  # [signing] pointer_ttl_days = 30
+    code, _, err = _cli(capsys, "refresh-pointer", "--config", str(config), "--variant", VARIANT,
+                        "--signing-key", str(tmp_path / "missing.pem"))
+    assert code == 2 and "Cannot read the signing key file" in err and "Traceback" not in err

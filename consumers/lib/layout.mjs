@@ -3,6 +3,7 @@
 //
 //   <prefix>/<variant>/<version>/<file>            artifacts
 //   <prefix>/<variant>/<version>/manifest.json     the manifest
+//   <prefix>/<variant>/<version>/release.sig       the release signature (signed releases)
 //   <prefix>/<variant>/_releases/<NNNNNNNN>.json   release record of manifest_version N
 //   <prefix>/<variant>/latest.json                 pointer to the newest release
 //
@@ -14,6 +15,13 @@ export const MANIFEST_NAME = 'manifest.json';
 export const POINTER_NAME = 'latest.json';
 export const RELEASES_DIR = '_releases';
 export const RESULTS_DIR = '_prefect-results';
+export const PULL_STATE_SCHEMA_ID = 'mitra-build/pull-state/v2';
+export const SIGNATURE_NAME = 'release.sig';
+// A pull's bookkeeping beside DEST: .<DEST name>.mitra/ with state.json, lock and the release folders.
+export const SIDE_SUFFIX = '.mitra';
+export const STATE_FILE = 'state.json';
+export const LOCK_FILE = 'lock';
+export const PULL_STATE_NAME = '.mitra-pull.json'; // older pulls' state inside DEST: only recognised
 
 const RELEASE_DIGITS = 8; // zero-padded, so that listing _releases/ sorts by manifest_version
 
@@ -37,6 +45,16 @@ export function artifactKey(prefix, variant, version, file) {
 
 export function manifestKey(prefix, variant, version) {
   return artifactKey(prefix, variant, version, MANIFEST_NAME);
+}
+
+/** `<prefix>/<variant>/<version>/release.sig`: the release signature of a signed release. */
+export function signatureKey(prefix, variant, version) {
+  return artifactKey(prefix, variant, version, SIGNATURE_NAME);
+}
+
+/** DEST's bookkeeping folder beside it: `.<destName>.mitra`. */
+export function sideFolderName(destName) {
+  return `.${destName}${SIDE_SUFFIX}`;
 }
 
 export function pointerKey(prefix, variant) {
