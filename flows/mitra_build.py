@@ -5,7 +5,8 @@
     -> per planned recipe (mitra_model/recipes.py), each after the one it derives from:
        make (export | quantize | export the pair) -> check -> verification matrix vs the reference
        -> consumer check (onnxruntime-node, optionally the browser)
-    -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, pointer)
+    -> assemble the build folder (manifest.json) -> publish to S3 (artifacts, manifest, signature, pointer)
+       (up to date: re-sign the pointer with a fresh expiry)
 
 Every task wraps one library function. Tasks keep no Prefect cache: whether to rebuild is decided
 from content (the version is a digest of source digests, config, toolchain and code), and a build
@@ -15,11 +16,10 @@ only counts as done while its folder holds every file with its recorded sha256.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import logging
 
 from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import (
@@ -36,19 +36,19 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from mitra_model import build as builds
-from mitra_model import consumers
+from mitra_model import consumers, signing
 from mitra_model import reference as references
 from mitra_model import source as sources
 from mitra_model import verify as verification
 from mitra_model.check import check_onnx
 from mitra_model.config import BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
 from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
-from mitra_model import signing
 from mitra_model.publish import PublishResult, latest_release, publish_build, refresh_pointer
 from mitra_model.recipes import BuildContext, Made, Recipe
 from mitra_model.snapshot import Snapshot
 from mitra_model.store import StoreConfig, make_s3_client
 from mitra_model.verify import CellResult
+
 
 def _show_in_prefect() -> None:
     """Make the library's log records (hub fallback, retries, the synthetic banner) part of the run's

@@ -64,7 +64,7 @@ for variant in $(.venv/bin/python -c 'from mitra_model.config import load_config
     --endpoint-url http://127.0.0.1:8333 --trusted-key artifacts/keys/release.pub --quiet
   # the standard OpenSSF tool accepts the pulled folder as it is
   .venv/bin/model_signing verify key --public_key artifacts/keys/release.pub \
-    --signature "$pulled/$variant/release.sig" "$pulled/$variant/"
+    --signature "$pulled/$variant/release.sig" --allow_symlinks "$pulled/$variant"
   .venv/bin/python - "$pulled/$variant/manifest.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
