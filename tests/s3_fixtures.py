@@ -169,6 +169,23 @@ def s3_store(s3_server: LocalS3Server) -> Iterator[StoreConfig]:
     _bucket_clients[store.bucket] = client
     yield store
     _bucket_clients.pop(store.bucket, None)
+    _delete_bucket(client, store.bucket)
+
+
+def _delete_bucket(client: Any, bucket: str) -> None:
+    """Empty and remove a test's bucket. SeaweedFS gives every bucket volumes of its own and runs out
+    of them after ~70 buckets on one server (PUTs then fail with InternalError); the session server
+    serves hundreds of tests."""
+    try:
+        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+            for entry in (*page.get("Versions", []), *page.get("DeleteMarkers", [])):
+                client.delete_object(Bucket=bucket, Key=entry["Key"], VersionId=entry["VersionId"])
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for entry in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=entry["Key"])
+        client.delete_bucket(Bucket=bucket)
+    except Exception:  # noqa: BLE001 - a test that broke its bucket (or the server) on purpose
+        pass
 
 
 @pytest.fixture

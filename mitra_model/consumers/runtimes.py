@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from importlib import metadata
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -35,7 +34,6 @@ from pathlib import Path
 from ..config import ConsumerRuntime
 from ..errors import ConfigError, OutputError
 
-DISTRIBUTION = "mitra-build"
 PACKAGED_JS: Traversable = files("mitra_model") / "data" / "consumers"
 NODE_MODULES = "node_modules"
 
@@ -52,12 +50,11 @@ def _packaged_files(folder: Traversable = PACKAGED_JS, prefix: str = "") -> Iter
 
 
 def _runs_from_checkout() -> bool:
-    """True for an editable install or an uninstalled source tree; False for an installed wheel."""
-    try:
-        direct_url = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
-    except metadata.PackageNotFoundError:
-        return True  # imported from a source tree (PYTHONPATH, `python -m` in the checkout)
-    return bool(direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"))
+    """True in a source tree (an editable install, PYTHONPATH, `python -m` in the checkout), where
+    data/consumers is the symlink to the checkout's consumers/; False for an installed wheel, which
+    holds the files themselves. (Install metadata cannot tell: a checkout's own mitra_build.egg-info
+    shadows the editable install's dist-info when Python runs from the checkout's root.)"""
+    return Path(str(PACKAGED_JS)).is_symlink()
 
 
 def _cache_dir() -> Path:
