@@ -44,7 +44,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 VARIANT = "mitra-regressor"
-TARGET_RATIO = 0.60  # after <= 60% of before
+TARGET_RATIO = 0.60  # after <= 60% of before (issue 14, judged against 5968621)
+TARGET_IDLE_S = 5.0  # the flow's wall time may exceed the sum of its task runs by at most this (issue 19)
 CONFIG_FILE = "config/mitra-build.toml"
 # The tests' tiny snapshots use seed 7; with seed 0 the tiny regressor's nearly flat outputs miss the fp16
 # correlation bound (0.999) in two cells, which fails the build before it is complete.
@@ -319,6 +320,7 @@ def compare(before: dict, after: dict) -> dict:
     rows = {stage: (before["stages"][stage], after["stages"][stage]) for stage in STAGES}
     rows["sum of task runs"] = (before["task_s"], after["task_s"])
     rows["mitra-build flow run"] = (before["flow_s"], after["flow_s"])
+    rows["idle: flow run - task runs"] = (before["flow_s"] - before["task_s"], after["flow_s"] - after["task_s"])
     rows["child process wall"] = (before["child_wall_s"], after["child_wall_s"])
     artifacts = sorted(set(before["verification_by_artifact"]) | set(after["verification_by_artifact"]),
                        key=lambda name: (name == UNNAMED_REPORTS, name))
@@ -331,6 +333,9 @@ def compare(before: dict, after: dict) -> dict:
                                      for name, (b, a) in per_artifact.items()},
         "target": {"measure": "mitra-build flow run", "max_ratio": TARGET_RATIO, "ratio": flow_ratio,
                    "met": flow_ratio is not None and flow_ratio <= TARGET_RATIO},
+        "idle_target": {"measure": "mitra-build flow run - sum of task runs (after)", "max_s": TARGET_IDLE_S,
+                        "before_s": rows["idle: flow run - task runs"][0], "after_s": rows["idle: flow run - task runs"][1],
+                        "met": rows["idle: flow run - task runs"][1] <= TARGET_IDLE_S},
     }
 
 
@@ -341,7 +346,7 @@ def render(r: dict, machine_text: str) -> str:
     def x(value: float | None) -> str:
         return "–" if value is None else f"{value:.2f}"
 
-    target = r["comparison"]["target"]
+    target, idle = r["comparison"]["target"], r["comparison"]["idle_target"]
     before, after = r["builds"]["before"], r["builds"]["after"]
     lines = [
         f"# Build benchmark: before vs after, paired ({r['size']} synthetic regressor)", "",
@@ -351,8 +356,10 @@ def render(r: dict, machine_text: str) -> str:
         f"- order: {' then '.join(r['order'])}; one build each of `{VARIANT}`, every artifact of each checkout's "
         f"config/mitra-build.toml, `--no-publish --force`, fresh artifacts folder and PREFECT_HOME per build",
         f"- command: `{r['command']}`", "",
-        f"**Target after ≤ {target['max_ratio']:.0%} of before ({target['measure']}): "
-        f"{x(target['ratio'])} → {'met' if target['met'] else 'missed'}.**", "",
+        f"**Idle between task runs (flow run − sum of task runs): before {x(idle['before_s'])} s, after "
+        f"{x(idle['after_s'])} s; target after ≤ {idle['max_s']:.0f} s → {'met' if idle['met'] else 'missed'}.**", "",
+        f"Flow after/before: {x(target['ratio'])} (issue 14's target ≤ {target['max_ratio']:.0%} is judged against "
+        "5968621).", "",
         "| stage | before s | after s | after/before |", "|---|---|---|---|",
     ]
     for name, row in r["comparison"]["stages"].items():

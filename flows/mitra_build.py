@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, tags, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -42,12 +42,15 @@ from mitra_model import source as sources
 from mitra_model import verify as verification
 from mitra_model.check import check_onnx
 from mitra_model.config import BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
+from mitra_model.config import artifacts_root as artifacts_root_from
 from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
 from mitra_model.publish import PublishResult, latest_release, publish_build, refresh_pointer
 from mitra_model.recipes import BuildContext, Made, Recipe
 from mitra_model.snapshot import Snapshot
 from mitra_model.store import StoreConfig, make_s3_client
 from mitra_model.verify import CellResult
+
+from flows.plumbing import tag_this_flow_run
 
 
 def _show_in_prefect() -> None:
@@ -252,6 +255,7 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
                   snapshot: str | None, hub_endpoint: str | None, synthetic_fallback: bool,
                   publish_to_store: bool, signing_key: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
+    tag_this_flow_run(f"variant:{variant_name}")
     variant = config.variant(variant_name).model_copy(update={"revision": revision})
     source, pinned, local = resolve_revision(variant, config, artifacts, snapshot, hub_endpoint, synthetic_fallback)
     toolchain = builds.toolchain_versions()
@@ -408,7 +412,7 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
             of failing (the demo's default; marked synthetic everywhere).
         hub_endpoint: a hub mirror (default: huggingface_hub's, i.e. HF_ENDPOINT or the public hub).
         config_path: configuration file (default config/mitra-build.toml or $MITRA_BUILD_CONFIG).
-        artifacts_root: where builds and caches go (default ./artifacts).
+        artifacts_root: where builds and caches go (default $MITRA_BUILD_ARTIFACTS, else ./artifacts).
         publish: publish to the configured [store] (default); False keeps builds local.
         precisions: reduced precisions to build (e.g. ["int8"]; [] for fp32 only); default from
             [artifacts] in the configuration.
@@ -421,13 +425,13 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
     config = load_config(Path(config_path) if config_path else None)
     config = config.with_artifacts(flavours=flavours, precisions=precisions)
     selected = config.select_variants(variants, snapshot=snapshot)
-    artifacts = Path(artifacts_root) if artifacts_root else Path.cwd() / "artifacts"
+    artifacts = artifacts_root_from(artifacts_root)
     build = build_variant.with_options(task_runner=task_runner(config.execution))
     results = []
     for v in selected:
-        # one build of a variant at a time across every deployment and worker; the tag finds its runs
-        with tags(f"variant:{v.name}"), concurrency(variant_lock(v.name), occupy=1, strict=True,
-                                                   timeout_seconds=config.execution.variant_lock_timeout_s):
+        # one build of a variant at a time across every deployment and worker
+        with concurrency(variant_lock(v.name), occupy=1, strict=True,
+                         timeout_seconds=config.execution.variant_lock_timeout_s):
             results.append(build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
                                  synthetic_fallback, publish, signing_key))
     get_run_logger().info("summary: %s", "; ".join(f"{r['variant']} {r['status']} {r['version']}" for r in results))

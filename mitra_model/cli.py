@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--synthetic-fallback", action="store_true",
                      help="if the hub is unreachable, build a SYNTHETIC full-size snapshot instead of failing")
     run.add_argument("--hub-endpoint", default=None, help="hub mirror URL (default: HF_ENDPOINT or the public hub)")
-    run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default ./artifacts)")
+    run.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default $MITRA_BUILD_ARTIFACTS, else ./artifacts)")
     precision = run.add_mutually_exclusive_group()
     precision.add_argument("--precision", action="append", choices=precisions,
                            help="reduced precision to build (repeatable; default: [artifacts] in the configuration)")

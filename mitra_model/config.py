@@ -29,6 +29,9 @@ from .store import StoreConfig
 DEFAULT_CONFIG_PATH: Traversable = files(__package__) / "data" / "mitra-build.toml"
 CONFIG_ENV_VAR = "MITRA_BUILD_CONFIG"
 WORKDIR_CONFIG_PATH = Path("config") / "mitra-build.toml"  # relative to the working directory
+# Where builds and caches go when a run names no folder: a worker's scheduled runs take no
+# parameters, so an operator points them at a big disk (or a test at its temp folder) with this.
+ARTIFACTS_ENV_VAR = "MITRA_BUILD_ARTIFACTS"
 
 TaskName = Literal["classification", "regression"]
 SizeName = Literal["tiny", "full"]
@@ -350,6 +353,15 @@ def config_path() -> Path | Traversable:
     if os.path.lexists(local):  # lexists: a dangling symlink is reported as missing, not skipped
         return local
     return DEFAULT_CONFIG_PATH
+
+
+def artifacts_root(named: str | Path | None = None) -> Path:
+    """The artifacts folder: `named`, else $MITRA_BUILD_ARTIFACTS, else ./artifacts (working directory)."""
+    if named:
+        return Path(named)
+    if from_env := os.environ.get(ARTIFACTS_ENV_VAR):
+        return Path(from_env)
+    return Path.cwd() / "artifacts"
 
 
 def load_config(path: Path | None = None) -> BuildConfig:

@@ -53,7 +53,10 @@ start prefect-worker .venv/bin/prefect worker start --pool mitra-build-pool
 
 echo "==> running mitra-build/build (hub first; SYNTHETIC full-size fallback if the hub is unreachable)"
 .venv/bin/prefect deployment run 'mitra-build/build' -p synthetic_fallback=true --watch --watch-timeout 3600
-echo "==> running it again: nothing changed, so it must finish in seconds as up to date"
+echo "==> the server's scheduler has queued the nightly rebuild (cron from config/mitra-build.toml):"
+.venv/bin/python -m flows.plumbing upcoming mitra-build/scheduled
+echo "==> running mitra-build/scheduled now instead of waiting: nothing changed, so it finishes in seconds as up to"
+echo "    date and re-signs each variant's latest.json with a fresh expiry"
 .venv/bin/prefect deployment run 'mitra-build/scheduled' -p synthetic_fallback=true --watch --watch-timeout 600
 
 echo "==> pulling latest of every variant into a fresh folder: signature, expiry, rollback, size + sha256 checked"
@@ -77,4 +80,15 @@ for a in m["artifacts"]:
           f"verified {v['cells']} cells, max abs err {v['max_abs_err']:.1e}" + (f"; ran in {ran}" if ran else ""))
 PY
 done
+echo "==> the orchestrator's own logs: a green run over a broken Prefect server or worker is not green"
+broken=0
+for log in artifacts/logs/prefect-server.log artifacts/logs/prefect-worker.log; do
+  if grep -q 'Traceback (most recent call last)' "$log"; then
+    echo "!! $log has $(grep -c 'Traceback (most recent call last)' "$log") traceback(s); the first:" >&2
+    grep -m1 -A40 'Traceback (most recent call last)' "$log" | grep -m1 -E '^[A-Za-z_.]+(Error|Exception)' >&2 || true
+    broken=1
+  fi
+done
+[ "$broken" = 0 ] || exit 1
+echo "    no traceback in artifacts/logs/prefect-server.log or prefect-worker.log"
 echo "==> done: releases in s3://mitra-build/releases (SeaweedFS data: artifacts/s3), pulled copies in $pulled"

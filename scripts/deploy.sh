@@ -12,3 +12,5 @@ export MITRA_BUILD_CRON MITRA_BUILD_CRON_TZ
   || .venv/bin/prefect work-pool create mitra-build-pool --type process
 .venv/bin/prefect --no-prompt deploy --all
 echo "==> deployments: mitra-build/build (manual), mitra-build/scheduled (cron '$MITRA_BUILD_CRON' $MITRA_BUILD_CRON_TZ)"
+# A deployment whose schedule never fires is a broken orchestrator: fail here, not weeks later.
+.venv/bin/python -m flows.plumbing upcoming mitra-build/scheduled

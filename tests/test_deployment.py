@@ -5,52 +5,13 @@ scheduled deployment finding it up to date, and the README's `-p revision=123456
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from configs import write_config
 from mitra_model.snapshot import write_synthetic_snapshot
-
-REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} not healthy after {seconds:.0f} s")
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=REPO_ROOT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+from prefect_servers import BIN, REPO_ROOT, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
 
 
 def test_deployment_runs_end_to_end(tmp_path: Path, build_config) -> None:
@@ -58,22 +19,15 @@ def test_deployment_runs_end_to_end(tmp_path: Path, build_config) -> None:
     write_synthetic_snapshot(snapshot, task="regression", size_name="tiny", size=build_config.sizes["tiny"], seed=5)
     # portable only, two cells, no store: the point here is the Prefect plumbing
     config = write_config(tmp_path / "config.toml", artifacts={"flavours": ["portable"], "precisions": []})
-    port = _free_port()
-    env = {
-        **os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MITRA_BUILD_CONFIG": str(config),
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-    }
-    server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
-                    tmp_path / "server.log")
+    env = prefect_env(tmp_path / "prefect", free_port(), MITRA_BUILD_CONFIG=str(config))
+    server = start_server(env, tmp_path / "server.log")
     worker = None
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}/api/health", 240)
-        deployed = subprocess.run([str(REPO_ROOT / "scripts" / "deploy.sh")], env=env, cwd=REPO_ROOT, capture_output=True,
-                                  text=True, timeout=300)
+        deployed = deploy(env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert "cron '17 3 * * *'" in deployed.stdout
-        worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "mitra-build-pool"], env, tmp_path / "worker.log")
+        assert "mitra-build/scheduled: next runs " in deployed.stdout  # the server's scheduler works
+        worker = start_worker(env, tmp_path / "worker.log")
         artifacts = tmp_path / "artifacts"
         params = {"snapshot": str(snapshot), "variants": ["mitra-regressor"], "publish": False,
                   "artifacts_root": str(artifacts)}
@@ -108,5 +62,6 @@ def test_deployment_runs_end_to_end(tmp_path: Path, build_config) -> None:
         assert trap.returncode != 0 and "revision" in trap.stdout + trap.stderr, trap.stdout + trap.stderr
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(server)
+            stop(worker)
+        stop(server)
+    assert not tracebacks(tmp_path / "server.log") and not tracebacks(tmp_path / "worker.log")
