@@ -8,7 +8,7 @@ per stage, in one run, so machine drift cannot pick the winner. Writes bench/res
   tree this script lives in, or `--after REF` checked out the same way.
 - Both builds run `mitra-build run --snapshot SNAP --variant mitra-regressor --no-publish --force` in a
   child process of their own, with this interpreter, PYTHONPATH and cwd at their checkout (each child
-  prints where `mitra_model` and `flows` came from; the script asserts it is that checkout), each
+  prints where `mitra_model` came from; the script asserts it is that checkout), each
   checkout's own config/mitra-build.toml, a fresh artifacts folder and a PREFECT_HOME of its own.
 - One SYNTHETIC regression snapshot (`mitra-build synth`, written by the "after" code) serves both.
 - Stage seconds: the task runs that the child's ephemeral Prefect API stored in its SQLite database,
@@ -53,12 +53,12 @@ TINY_SEED = 7
 
 # The build child: say where the code came from, then run the CLI exactly as `mitra-build` would.
 CHILD_MAIN = (
-    "import sys, flows, mitra_model\n"
-    "print('bench-imports', mitra_model.__file__, flows.__file__, flush=True)\n"
+    "import sys, mitra_model\n"
+    "print('bench-imports', mitra_model.__file__, flush=True)\n"
     "from mitra_model.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
-IMPORTS_MARKER = re.compile(r"^bench-imports (\S+) (\S+)$", re.MULTILINE)
+IMPORTS_MARKER = re.compile(r"^bench-imports (\S+)$", re.MULTILINE)
 
 STAGES = ("resolve+checksum", "export", "quantize", "check", "reference", "verification", "consumer check",
           "assemble", "publish")
@@ -207,11 +207,11 @@ def build(checkout: Checkout, snapshot: Path, work: Path) -> dict:
 
 
 def require_own_code(checkout: Checkout, log: Path) -> dict[str, str]:
-    """The build child's `mitra_model` and `flows` must come from its checkout, not the editable install."""
+    """The build child's `mitra_model` (the flow included) must come from its checkout, not the editable install."""
     found = IMPORTS_MARKER.search(log.read_text())
     if found is None:
         raise SystemExit(f"{log} does not say where mitra_model came from (no 'bench-imports' line)")
-    modules = {"mitra_model": found[1], "flows": found[2]}
+    modules = {"mitra_model": found[1]}
     for name, path in modules.items():
         print(f"{checkout.label}: {name} from {path}", flush=True)
         if not Path(path).resolve().is_relative_to(checkout.root.resolve()):

@@ -80,7 +80,7 @@ def profile_ort(path: Path, feed: dict) -> dict:
     """Where one forward of a profiled session (ORT's default options otherwise) spends its time."""
     import onnxruntime as ort
 
-    from mitra_model.export import INPUT_NAMES
+    from mitra_model.build.export import INPUT_NAMES
 
     feed = {name: feed[name] for name in INPUT_NAMES}
     options = ort.SessionOptions()
@@ -138,7 +138,8 @@ def profile_torch(run, feed: dict) -> dict:  # noqa: ANN001
 def worker(engine: str, folder: Path) -> None:
     """Serve one engine (warmed up on every shape first): "time I", "profile I", "gemm-rate", "quit"."""
     from bench_precision import FILES, SHAPES, load_engine, serve, timed
-    from mitra_model.inputs import make_inputs
+
+    from mitra_model.model.inputs import make_inputs
 
     config, run = load_engine(engine, folder)
     inputs = [make_inputs(shape, config=config, seed=0, salt="bench-precision") for shape in SHAPES]

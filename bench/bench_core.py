@@ -22,11 +22,11 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from mitra_model.config import load_config
-from mitra_model.export import INPUT_NAMES, numpy_inputs
-from mitra_model.inputs import make_inputs
-from mitra_model.snapshot import load_model, write_synthetic_snapshot
-from mitra_model.verify import onnx_session
+from mitra_model.build.config import load_config
+from mitra_model.build.export import INPUT_NAMES, numpy_inputs
+from mitra_model.build.verify import onnx_session
+from mitra_model.model.inputs import make_inputs
+from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 

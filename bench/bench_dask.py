@@ -3,7 +3,7 @@ vs prefect-dask on a 2-worker LocalCluster. Writes bench/results-dask.{json,md}.
 
     .venv/bin/python bench/bench_dask.py [--flavour optimized]
 
-Both runs go through the same Prefect task (`flows.mitra_build.verify_cell`), which loads the snapshot
+Both runs go through the same Prefect task (`mitra_model.pipeline.flow.verify_cell`), which loads the snapshot
 and the ONNX file by path in whichever process runs it.
 """
 
@@ -22,11 +22,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from prefect import flow, unmapped  # noqa: E402
 
-import flows.mitra_build as pipeline  # noqa: E402
-from mitra_model.config import ExecutionConfig, load_config  # noqa: E402
-from mitra_model.export import export_onnx  # noqa: E402
-from mitra_model.layout import FLAVOUR_FILES  # noqa: E402
-from mitra_model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
+import mitra_model.pipeline.flow as pipeline  # noqa: E402
+from mitra_model.build.config import ExecutionConfig, load_config  # noqa: E402
+from mitra_model.build.export import export_onnx  # noqa: E402
+from mitra_model.model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
+from mitra_model.release.layout import FLAVOUR_FILES  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from mitra_model.config import load_config
+from mitra_model.build.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
@@ -54,9 +54,9 @@ def prepare(size: str) -> Path:
     """Snapshot and the four exports of one model size (built once, reused)."""
     from unittest import mock
 
-    from mitra_model import model as model_module
-    from mitra_model.export import export_onnx
-    from mitra_model.snapshot import load_model, write_synthetic_snapshot
+    from mitra_model.build.export import export_onnx
+    from mitra_model.model import tab2d as model_module
+    from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 
     config = load_config()
     folder = WORK / size
@@ -75,10 +75,10 @@ def prepare(size: str) -> Path:
 
 
 def child(path: Path, shape: tuple[int, ...]) -> None:
-    from mitra_model.export import INPUT_NAMES
-    from mitra_model.inputs import make_inputs
-    from mitra_model.model import MitraConfig, Task
-    from mitra_model.verify import onnx_session
+    from mitra_model.build.export import INPUT_NAMES
+    from mitra_model.build.verify import onnx_session
+    from mitra_model.model.inputs import make_inputs
+    from mitra_model.model.tab2d import MitraConfig, Task
 
     session = onnx_session(path)
     config = MitraConfig(dim=8, dim_output=10, n_layers=1, n_heads=1, task=Task.CLASSIFICATION)  # inputs only

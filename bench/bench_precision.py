@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mitra_model import recipes
-from mitra_model.config import load_config
-from mitra_model.layout import FLAVOUR_FILES, precision_file
+from mitra_model.build import recipes
+from mitra_model.build.config import load_config
+from mitra_model.release.layout import FLAVOUR_FILES, precision_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
@@ -43,9 +43,9 @@ FILES = {**FLAVOUR_FILES, **{precision: precision_file(precision) for precision 
 
 def prepare(task: str) -> Path:
     """Snapshot and the ONNX files (built once, reused)."""
-    from mitra_model.export import export_onnx
-    from mitra_model.quantize import quantize_onnx
-    from mitra_model.snapshot import load_model, write_synthetic_snapshot
+    from mitra_model.build.export import export_onnx
+    from mitra_model.build.quantize import quantize_onnx
+    from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 
     config = load_config()
     folder = WORK / f"precision-{task}"
@@ -68,9 +68,9 @@ def load_engine(engine: str, folder: Path):  # noqa: ANN201
     """(config, run): `run(inputs) -> np.ndarray` for one engine, loaded in this process."""
     import torch
 
-    from mitra_model.export import INPUT_NAMES, numpy_inputs
-    from mitra_model.snapshot import load_model
-    from mitra_model.verify import onnx_session
+    from mitra_model.build.export import INPUT_NAMES, numpy_inputs
+    from mitra_model.build.verify import onnx_session
+    from mitra_model.model.snapshot import load_model
 
     model, _ = load_model(folder / "snapshot")
     if engine == "upstream":
@@ -116,7 +116,7 @@ def serve(engine: str, handlers: dict) -> None:  # noqa: ANN001
 
 def worker(engine: str, folder: Path) -> None:
     """Serve one engine: "warm-up I" (saves the outputs for the errors), "time I", "composition", "quit"."""
-    from mitra_model.inputs import make_inputs
+    from mitra_model.model.inputs import make_inputs
 
     config, run = load_engine(engine, folder)
     inputs = [make_inputs(shape, config=config, seed=0, salt="bench-precision") for shape in SHAPES]
@@ -155,7 +155,7 @@ class Engine:
 def composition_dependence(run, config) -> dict[str, float]:
     """How much one table's (or query row's) output moves with what else is in the call: dynamic int8
     computes activation scales over the whole call, so its outputs depend on the batch; fp32 should not."""
-    from mitra_model.inputs import make_inputs
+    from mitra_model.model.inputs import make_inputs
 
     inputs = make_inputs(COMPOSITION_SHAPE, config=config, seed=1, salt="bench-composition")
     together = run(inputs)

@@ -37,11 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mitra_model.client import SyntheticReleaseWarning, pull_release_url  # noqa: E402
-from mitra_model.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, verification_report_name  # noqa: E402
-from mitra_model.local_s3 import LocalS3Server  # noqa: E402
-from mitra_model.publish import publish_build  # noqa: E402
-from mitra_model.store import StoreConfig, ensure_bucket, make_s3_client  # noqa: E402
+from mitra_model.cli.local_s3 import LocalS3Server  # noqa: E402
+from mitra_model.release.client import SyntheticReleaseWarning, pull_release_url  # noqa: E402
+from mitra_model.release.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, verification_report_name  # noqa: E402
+from mitra_model.release.publish import publish_build
+from mitra_model.release.store import StoreConfig, ensure_bucket, make_s3_client  # noqa: E402
 
 ACCESS, SECRET = "bench-access", "bench-secret-9f3k2"
 BUCKET, PREFIX, VARIANT = "mitra-build", "releases", "mitra-classifier"

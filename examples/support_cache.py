@@ -19,9 +19,9 @@ import onnxruntime as ort
 
 def export_pair(snapshot: Path | None, out_dir: Path) -> tuple[Path, Path]:
     """encode-support.onnx and predict-query.onnx for a snapshot (the build step, done once)."""
-    from mitra_model.config import load_config
-    from mitra_model.snapshot import load_model, write_synthetic_snapshot
-    from mitra_model.support_cache import export_support_cache
+    from mitra_model.build.config import load_config
+    from mitra_model.build.support_cache import export_support_cache
+    from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 
     config = load_config()
     if snapshot is None:

@@ -89,6 +89,11 @@ class StoreUnreachableError(StoreError, ConnectionError):
     """The S3 endpoint could not be reached."""
 
 
+class StoreDocumentError(MitraBuildError, ValueError):
+    """An object in the store is not the document mitra-build wrote there: too large, not JSON,
+    nested too deeply, or not a valid pointer, release record or manifest."""
+
+
 class ToolMissingError(MitraBuildError, FileNotFoundError):
     """A program the pipeline runs (the SeaweedFS `weed` binary) is not installed."""
 

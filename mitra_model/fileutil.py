@@ -10,9 +10,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from mitra_model.errors import OutputError
 
 _CHUNK = 1 << 20
+PACKAGE_DIR = Path(__file__).resolve().parent  # the mitra_model package's folder (its code; data/ is package data)
 
 
 def current_umask() -> int:

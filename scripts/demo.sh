@@ -54,7 +54,7 @@ start prefect-worker .venv/bin/prefect worker start --pool mitra-build-pool
 echo "==> running mitra-build/build (hub first; SYNTHETIC full-size fallback if the hub is unreachable)"
 .venv/bin/prefect deployment run 'mitra-build/build' -p synthetic_fallback=true --watch --watch-timeout 3600
 echo "==> the server's scheduler has queued the nightly rebuild (cron from config/mitra-build.toml):"
-.venv/bin/python -m flows.plumbing upcoming mitra-build/scheduled
+.venv/bin/python -m mitra_model.pipeline.plumbing upcoming mitra-build/scheduled
 echo "==> running mitra-build/scheduled now instead of waiting: nothing changed, so it finishes in seconds as up to"
 echo "    date and re-signs each variant's latest.json with a fresh expiry"
 .venv/bin/prefect deployment run 'mitra-build/scheduled' -p synthetic_fallback=true --watch --watch-timeout 600
@@ -62,7 +62,7 @@ echo "    date and re-signs each variant's latest.json with a fresh expiry"
 echo "==> pulling latest of every variant into a fresh folder: signature, expiry, rollback, size + sha256 checked"
 pulled=$(mktemp -d artifacts/pulled.XXXXXX)
 .venv/bin/mitra-build ls s3://mitra-build/releases --endpoint-url http://127.0.0.1:8333
-for variant in $(.venv/bin/python -c 'from mitra_model.config import load_config; print(" ".join(v.name for v in load_config().variants))'); do
+for variant in $(.venv/bin/python -c 'from mitra_model.build.config import load_config; print(" ".join(v.name for v in load_config().variants))'); do
   .venv/bin/mitra-build pull "s3://mitra-build/releases/$variant@latest" --dest "$pulled/$variant" \
     --endpoint-url http://127.0.0.1:8333 --trusted-key artifacts/keys/release.pub --quiet
   # the standard OpenSSF tool accepts the pulled folder as it is

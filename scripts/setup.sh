@@ -25,7 +25,7 @@ fi
 .venv/bin/python - <<'PY'
 import sys
 
-from mitra_model.consumers import ensure_node_modules
+from mitra_model.build.consumers import ensure_node_modules
 from mitra_model.errors import MitraBuildError
 
 try:

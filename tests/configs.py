@@ -8,7 +8,7 @@ from typing import Any
 
 import toml
 
-from mitra_model.config import DEFAULT_CONFIG_PATH, load_config
+from mitra_model.build.config import DEFAULT_CONFIG_PATH, load_config
 
 SMALL_CELLS = [
     {"name": "small", "batch": 1, "n_support": 20, "n_query": 4, "n_features": 3},

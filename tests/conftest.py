@@ -12,9 +12,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from mitra_model.config import BuildConfig, load_config  # noqa: E402
-from mitra_model.export import ExportResult, export_onnx  # noqa: E402
-from mitra_model.snapshot import Snapshot, load_model, write_synthetic_snapshot  # noqa: E402
+from mitra_model.build.config import BuildConfig, load_config  # noqa: E402
+from mitra_model.build.export import ExportResult, export_onnx  # noqa: E402
+from mitra_model.model.snapshot import Snapshot, load_model, write_synthetic_snapshot  # noqa: E402
 
 TASKS = ("classification", "regression")
 

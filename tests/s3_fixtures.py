@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from mitra_model.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, verification_report_name
-from mitra_model.local_s3 import LocalS3Server
-from mitra_model.store import StoreConfig, ensure_bucket, make_s3_client
+from mitra_model.cli.local_s3 import LocalS3Server
+from mitra_model.release.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, verification_report_name
+from mitra_model.release.store import StoreConfig, ensure_bucket, make_s3_client
 
 TEST_ACCESS_KEY = "mitra-test-access"
 TEST_SECRET_KEY = "mitra-test-secret-Zq83vLx0"  # tests assert it never shows up in messages

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 from onnx import numpy_helper
 
-from mitra_model.cli import main
+from mitra_model.cli.main import main
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -84,7 +84,7 @@ def test_missing_snapshot_folder_is_named(tmp_path: Path, capsys) -> None:
 
 
 def test_bad_config_file_names_the_field(tmp_path: Path, capsys) -> None:
-    from mitra_model.config import DEFAULT_CONFIG_PATH
+    from mitra_model.build.config import DEFAULT_CONFIG_PATH
 
     bad = tmp_path / "bad.toml"
     bad.write_text(DEFAULT_CONFIG_PATH.read_text().replace("opset = 17", "opset = 9"))
@@ -97,7 +97,7 @@ def test_bad_config_file_names_the_field(tmp_path: Path, capsys) -> None:
 
 def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_path: Path) -> None:
     """`mitra-build run` fails inside the Prefect flow; the user still gets our message, no stack."""
-    from mitra_model.config import DEFAULT_CONFIG_PATH
+    from mitra_model.build.config import DEFAULT_CONFIG_PATH
 
     config = tmp_path / "two-variants.toml"
     config.write_text(DEFAULT_CONFIG_PATH.read_text())
@@ -111,9 +111,9 @@ def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_pa
 
 def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tmp_path: Path) -> None:
     """An int8 file is judged by the int8 tolerances without --precision (fp32's would fail it)."""
-    from mitra_model.export import export_onnx
-    from mitra_model.quantize import quantize_onnx
-    from mitra_model.snapshot import load_model
+    from mitra_model.build.export import export_onnx
+    from mitra_model.build.quantize import quantize_onnx
+    from mitra_model.model.snapshot import load_model
 
     snapshot = tiny_snapshots["classification"]
     model, _ = load_model(snapshot.path)
@@ -126,7 +126,7 @@ def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tmp_path: Path
 
 
 def _trace_shape():
-    from mitra_model.config import load_config
+    from mitra_model.build.config import load_config
 
     return load_config().export.trace_shape
 
@@ -152,7 +152,7 @@ def test_verify_on_a_file_that_is_not_onnx_is_exit_2(tiny_exports, tiny_snapshot
 def test_version_lists_the_toolchain_and_what_is_missing(capsys, monkeypatch) -> None:
     from importlib import metadata
 
-    from mitra_model import cli
+    from mitra_model.cli import main as cli
 
     real = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name))
@@ -169,7 +169,7 @@ def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path: Path, capsys
     """The check reads the extras from mitra-build's installed metadata; torch is made to look absent."""
     from importlib import metadata
 
-    from mitra_model import cli
+    from mitra_model.cli import main as cli
 
     real = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name))
@@ -183,7 +183,7 @@ def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path: Path, capsys
 
 
 def test_config_lookup_env_then_working_directory_then_packaged(tmp_path: Path, capsys, monkeypatch) -> None:
-    from mitra_model.config import DEFAULT_CONFIG_PATH, config_path
+    from mitra_model.build.config import DEFAULT_CONFIG_PATH, config_path
 
     monkeypatch.delenv("MITRA_BUILD_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -206,7 +206,7 @@ def test_config_lookup_env_then_working_directory_then_packaged(tmp_path: Path, 
 def test_local_s3_names_the_busy_port(tmp_path: Path, capsys, busy: str) -> None:
     import socket
 
-    from mitra_model.local_s3 import GRPC_OFFSET, free_port_pairs
+    from mitra_model.cli.local_s3 import GRPC_OFFSET, free_port_pairs
 
     port = free_port_pairs(1)[0]
     with socket.socket() as holder:

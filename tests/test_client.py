@@ -20,6 +20,23 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+
+from mitra_model.cli.main import main
+from mitra_model.errors import OutputError, PullError
+from mitra_model.release import layout, pull, transfer
+from mitra_model.release.client import (
+    SyntheticReleaseWarning,
+    cache_dest,
+    list_releases,
+    list_variants,
+    parse_release_url,
+    pull_artifact,
+    pull_release_url,
+)
+from mitra_model.release.publish import PublishResult, publish_build
+from mitra_model.release.rules import canonical_json
+from mitra_model.release.store import StoreConfig, describe_client_error, redact_secrets
+
 from s3_fixtures import (
     TEST_SECRET_KEY,
     CrashingClient,
@@ -32,25 +49,9 @@ from s3_fixtures import (
     time_limit,
 )
 
-from mitra_model import layout, pull
-from mitra_model.cli import main
-from mitra_model.client import (
-    SyntheticReleaseWarning,
-    cache_dest,
-    list_releases,
-    list_variants,
-    parse_release_url,
-    pull_artifact,
-    pull_release_url,
-)
-from mitra_model.errors import OutputError, PullError
-from mitra_model.publish import PublishResult, publish_build
-from mitra_model.release import canonical_json
-from mitra_model.store import StoreConfig, describe_client_error, redact_secrets
-
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = [pytest.mark.usefixtures("time_limit"),
-              pytest.mark.filterwarnings("ignore::mitra_model.client.SyntheticReleaseWarning")]
+              pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")]
 
 VARIANT = "mitra-classifier"
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def test_repull_is_a_no_op_without_hashing(s3_store: StoreConfig, s3_client: Any
     def no_hashing(path: Any) -> str:
         raise AssertionError(f"hashed {path} again")
 
-    monkeypatch.setattr(pull, "sha256_file", no_hashing)
+    monkeypatch.setattr(transfer, "sha256_file", no_hashing)  # where a pull hashes what it downloads
     counting = CrashingClient(s3_client)
     start = time.perf_counter()
     again = pull_release_url(_url(s3_store), dest, client=counting, endpoint_url=s3_store.endpoint_url)
@@ -328,7 +329,7 @@ def test_killed_pulls_leave_a_complete_release_and_the_next_pull_converges(
     big = tuple((f"a{i}", f"model-{i}.onnx", 3 << 20, "fp32") for i in range(4))
     builds = [_publish(s3_client, s3_store, tmp_path, seed=s, artifacts=big)[0] for s in (1, 2)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = ("import sys; from mitra_model.client import pull_release_url; "
+    script = ("import sys; from mitra_model.release.client import pull_release_url; "
               "pull_release_url(sys.argv[1], sys.argv[2], endpoint_url=sys.argv[3])")
     dest = tmp_path / "dest"
     rng = random.Random(7)
@@ -377,7 +378,7 @@ def test_pointer_older_than_the_release_log_is_refused(s3_store: StoreConfig, s3
 def test_a_verifying_pull_by_url_stays_light(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     """The whole verifying pull, in a fresh interpreter: no torch, ONNX, numpy, Prefect, and not the
     signing toolchain (model_signing) either: a consumer needs only the base install to verify."""
-    from mitra_model.signing import Signer, generate_keypair
+    from mitra_model.release.keys import Signer, generate_keypair
 
     generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
     build = make_build(tmp_path, seed=1)
@@ -385,8 +386,8 @@ def test_a_verifying_pull_by_url_stays_light(s3_store: StoreConfig, s3_client: A
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from mitra_model.client import pull_release_url\n"
-        "from mitra_model.signing import load_trusted_keys\n"
+        "from mitra_model.release.client import pull_release_url\n"
+        "from mitra_model.release.keys import load_trusted_keys\n"
         f"result = pull_release_url({_url(s3_store)!r}, {str(tmp_path / 'dest')!r}, endpoint_url={s3_store.endpoint_url!r},"
         f" trusted_keys=load_trusted_keys([Path({str(tmp_path / 'k.pub')!r})]))\n"
         "assert result.signed_by, result\n"
@@ -568,8 +569,8 @@ def test_node_example_says_synthetic_without_deprecation_warnings(
 def test_node_example_verifies_signed_releases_with_trusted_keys(
     s3_store: StoreConfig, s3_client: Any, tmp_path: Path
 ) -> None:
-    from mitra_model.publish import revert_release
-    from mitra_model.signing import Signer, generate_keypair
+    from mitra_model.release.keys import Signer, generate_keypair
+    from mitra_model.release.publish import revert_release
 
     generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
     generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub")

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from s3_fixtures import make_build, put_raw, s3_client, s3_server, s3_store, time_limit
 
-from mitra_model.config import load_config
-from mitra_model.consumers import (
+from mitra_model.build.config import load_config
+from mitra_model.build.consumers import (
     CHROMIUM_INSTALL_COMMAND,
     CONSUMERS_DIR,
     DEFAULT_CASES,
@@ -44,13 +43,15 @@ from mitra_model.consumers import (
     read_fixture,
     write_fixture,
 )
+from mitra_model.build.export import INPUT_NAMES, OUTPUT_NAME, export_onnx, io_contract
+from mitra_model.build.recipes import BuildContext, recipe
+from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, export_support_cache
 from mitra_model.errors import ConfigError, VerificationError
-from mitra_model.export import INPUT_NAMES, OUTPUT_NAME, export_onnx, io_contract
-from mitra_model.inputs import PADDED_CLASS_LABEL, make_inputs
-from mitra_model.publish import publish_build
-from mitra_model.recipes import BuildContext, recipe
-from mitra_model.snapshot import load_model, write_synthetic_snapshot
-from mitra_model.support_cache import ENCODE_INPUT_NAMES, export_support_cache
+from mitra_model.model.inputs import PADDED_CLASS_LABEL, make_inputs
+from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
+from mitra_model.release.publish import publish_build
+
+from s3_fixtures import make_build, put_raw, s3_client, s3_server, s3_store, time_limit
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 
@@ -179,7 +180,7 @@ def test_importing_the_consumer_checks_needs_no_build_toolchain() -> None:
     # scripts/setup.sh imports the package to install the npm packages; a consumer that only checks
     # must not pay for torch or onnxruntime
     done = subprocess.run(
-        [sys.executable, "-c", "import sys, mitra_model.consumers; print([m for m in ('torch', 'onnxruntime') if m in sys.modules])"],
+        [sys.executable, "-c", "import sys, mitra_model.build.consumers; print([m for m in ('torch', 'onnxruntime') if m in sys.modules])"],
         capture_output=True, text=True, timeout=120, check=True,
     )
     assert done.stdout.strip() == "[]"

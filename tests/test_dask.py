@@ -12,12 +12,13 @@ import pytest
 from prefect import flow, task, unmapped
 from prefect.testing.utilities import prefect_test_harness
 
-import flows.mitra_build as flow_module
+import mitra_model.pipeline.flow as flow_module
+from mitra_model.build.config import ExecutionConfig, load_config
+from mitra_model.build.verify import make_report, verify_onnx
+from mitra_model.model.snapshot import load_model
+
 from configs import write_config
 from s3_fixtures import list_keys, s3_client, s3_server, s3_store  # noqa: F401 - fixtures
-from mitra_model.config import ExecutionConfig, load_config
-from mitra_model.snapshot import load_model
-from mitra_model.verify import make_report, verify_onnx
 
 
 @task

@@ -9,8 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from mitra_model.model.snapshot import write_synthetic_snapshot
+
 from configs import write_config
-from mitra_model.snapshot import write_synthetic_snapshot
 from prefect_servers import BIN, REPO_ROOT, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
 
 

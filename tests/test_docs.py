@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mitra_model.cli import build_parser
+from mitra_model.cli.main import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (the library itself assumes none)
 README = (REPO_ROOT / "README.md").read_text()

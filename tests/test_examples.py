@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mitra_model.consumers import ensure_node_modules, find_node
-from mitra_model.snapshot import load_model
-from mitra_model.support_cache import export_support_cache
+from mitra_model.build.consumers import ensure_node_modules, find_node
+from mitra_model.build.support_cache import export_support_cache
+from mitra_model.model.snapshot import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 

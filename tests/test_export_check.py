@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from mitra_model.check import check_onnx
+from mitra_model.build.check import check_onnx
+from mitra_model.build.export import export_onnx
 from mitra_model.errors import ExportError, OnnxCheckError
-from mitra_model.export import export_onnx
-from mitra_model.snapshot import load_model
+from mitra_model.model.snapshot import load_model
 
 
 def test_io_contract(tiny_exports, tiny_snapshots, task: str) -> None:
@@ -49,7 +49,7 @@ def test_reexport_is_byte_identical_across_processes(tiny_snapshots, tmp_path: P
 
 
 def test_metadata_carries_the_synthetic_flag(tiny_snapshots, tmp_path: Path) -> None:
-    from mitra_model.cli import main
+    from mitra_model.cli.main import main
 
     assert main(["export", "--snapshot", str(tiny_snapshots["regression"].path), "--output", str(tmp_path / "m.onnx")]) == 0
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
@@ -116,7 +116,7 @@ def test_check_refuses_a_renamed_input(tiny_exports, tiny_snapshots, tmp_path: P
 
 
 def test_export_output_shape_follows_inputs(tiny_exports) -> None:
-    from mitra_model.verify import onnx_session
+    from mitra_model.build.verify import onnx_session
 
     session = onnx_session(tiny_exports["regression"].path)
     feed = {

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from mitra_model.config import Shape
-from mitra_model.export import INPUT_NAMES, export_onnx, numpy_inputs
-from mitra_model.inputs import make_inputs
-from mitra_model.model import MitraConfig, Tab2D, Task
-from mitra_model.support_cache import ENCODE_INPUT_NAMES, QueryPredictor, SupportEncoder, export_support_cache
-from mitra_model.verify import onnx_session
+from mitra_model.build.export import INPUT_NAMES, export_onnx, numpy_inputs
+from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, QueryPredictor, SupportEncoder, export_support_cache
+from mitra_model.build.verify import onnx_session
+from mitra_model.model.inputs import make_inputs
+from mitra_model.model.kinds import Shape
+from mitra_model.model.tab2d import MitraConfig, Tab2D, Task
+
 from upstream import build_upstream, run_upstream
 
 DIM, LAYERS, HEADS = 64, 2, 4
@@ -131,7 +132,7 @@ def test_support_cache_pair_runs_model_py(pair, monkeypatch: pytest.MonkeyPatch,
                                           fused: bool) -> None:
     """support_cache.py holds no embedding, attention or layer code of its own: change a piece of
     model.py and the pair changes exactly as the full model does (so a fidelity fix reaches both)."""
-    import mitra_model.model as model_module
+    import mitra_model.model.tab2d as model_module
 
     _, ours, _ = pair["classification"]
     inputs = make_inputs((2, 30, 6, 4), config=ours.config, data="integer_ties", padded_support_rows=5, seed=5,
@@ -149,7 +150,7 @@ def test_support_cache_pair_runs_model_py(pair, monkeypatch: pytest.MonkeyPatch,
 
 def test_support_cache_spells_out_no_model_code() -> None:
     """The other half of the check above: no attention Function, and none of the model's pieces by name."""
-    import mitra_model.support_cache as support_cache
+    import mitra_model.build.support_cache as support_cache
 
     classes = [value for value in vars(support_cache).values()
                if isinstance(value, type) and value.__module__ == support_cache.__name__]
@@ -166,7 +167,7 @@ def test_support_cache_spells_out_no_model_code() -> None:
 def test_the_tie_case_has_teeth(pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bucketize that counts boundaries <= the value (the known port's bug) must fail the comparison:
     proof that the tied-data cases above can catch it."""
-    import mitra_model.model as model_module
+    import mitra_model.model.tab2d as model_module
 
     upstream, ours, _ = pair["classification"]
     inputs = make_inputs((1, 80, 16, 6), config=ours.config, data="integer_ties", seed=5, salt="teeth")
@@ -187,7 +188,7 @@ def test_upstream_loads_our_synthetic_snapshot(tiny_snapshots) -> None:
 
     snapshot = tiny_snapshots["regression"]
     upstream = upstream_tab2d_module().Tab2D.from_pretrained(str(snapshot.path), device="cpu").eval()
-    from mitra_model.snapshot import load_model
+    from mitra_model.model.snapshot import load_model
 
     ours, _ = load_model(snapshot.path)
     inputs = make_inputs((1, 30, 4, 3), config=ours.config, seed=1)
@@ -198,7 +199,7 @@ def test_upstream_loads_our_synthetic_snapshot(tiny_snapshots) -> None:
 
 def test_our_loader_reads_upstream_save_pretrained(tmp_path: Path) -> None:
     """A fine-tuned checkpoint saved by upstream's Tab2D.save_pretrained builds like an official one."""
-    from mitra_model.snapshot import load_model
+    from mitra_model.model.snapshot import load_model
 
     upstream = build_upstream(DIM, 10, LAYERS, HEADS, "CLASSIFICATION", seed=3)
     upstream.save_pretrained(str(tmp_path / "finetuned"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mitra_model.fileutil import atomic_directory, atomic_file, write_bytes_atomic
-from mitra_model.snapshot import write_synthetic_snapshot
+from mitra_model.model.snapshot import write_synthetic_snapshot
 
 
 @pytest.fixture()

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-import flows.mitra_build as flow_module
+import mitra_model.pipeline.flow as flow_module
+from mitra_model.build.config import load_config
+from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
+from mitra_model.model.snapshot import write_synthetic_snapshot
+from mitra_model.release.store import StoreConfig
+
+from configs import write_config
 from local_hub import local_hub  # noqa: F401 - fixture
 from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
-from configs import write_config
-from mitra_model.config import load_config
-from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
-from mitra_model.snapshot import write_synthetic_snapshot
-from mitra_model.store import StoreConfig
 
 REPO = "acme/mitra-finetuned"
 
@@ -61,10 +62,10 @@ def _record_calls(monkeypatch: pytest.MonkeyPatch, owner, name: str, record) -> 
 @pytest.fixture()
 def exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Records every export the flow performs."""
-    import mitra_model.export
+    import mitra_model.build.export
 
     # recipes import the exporter when they run, so the module's function is the one to record
-    return _record_calls(monkeypatch, mitra_model.export, "export_onnx", lambda model, output: Path(output))
+    return _record_calls(monkeypatch, mitra_model.build.export, "export_onnx", lambda model, output: Path(output))
 
 
 @pytest.fixture()
@@ -143,8 +144,8 @@ def test_unknown_revision_fails_with_a_clear_error(local_hub, tmp_path: Path, bu
 
 def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
                                                        exports) -> None:
-    from mitra_model.publish import latest_release
-    from mitra_model.pull import pull_release
+    from mitra_model.release.log import latest_release
+    from mitra_model.release.pull import pull_release
 
     config, artifacts = small_config(tmp_path, store=s3_store), tmp_path / "artifacts"
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
@@ -188,7 +189,7 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
 def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from mitra_model.errors import VerificationError
-    from mitra_model.publish import latest_release
+    from mitra_model.release.log import latest_release
 
     monkeypatch.setattr(flow_module.verification, "verify_cell", _failing_verify(flow_module.verification.verify_cell))
     config = small_config(tmp_path, store=s3_store)
@@ -203,7 +204,7 @@ def test_a_failed_reduced_precision_fails_the_run_naming_it(local_hub, s3_store,
                                                              build_config, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 passes, int8 does not: the run fails naming int8 and the cell, and nothing is published."""
     from mitra_model.errors import VerificationError
-    from mitra_model.publish import latest_release
+    from mitra_model.release.log import latest_release
 
     monkeypatch.setattr(flow_module.verification, "verify_cell",
                         _failing_verify(flow_module.verification.verify_cell, only="model-int8.onnx"))
@@ -218,7 +219,7 @@ def test_a_failed_reduced_precision_fails_the_run_naming_it(local_hub, s3_store,
 def _failing_verify(real, only: str | None = None):
     """verify_cell with a tolerance nothing meets (for every file, or only the one named): the stage
     must fail, never warn."""
-    from mitra_model.config import Tolerance
+    from mitra_model.build.config import Tolerance
 
     def verify(snapshot_dir, paths, cell, **kwargs):
         if only is None or any(Path(path).name == only for path in paths):
@@ -271,8 +272,13 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter,
-        LogFilterFlowRunId, TaskRunFilter,
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+        TaskRunFilter,
     )
 
     config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
@@ -321,8 +327,10 @@ def test_signed_release_and_the_scheduled_run_renews_the_pointer(local_hub, s3_s
     import time
     from datetime import datetime, timezone
 
-    from mitra_model import layout
-    from mitra_model.signing import generate_keypair, verify_pointer, verify_release_signature
+    from mitra_model.release import layout
+    from mitra_model.release.keys import generate_keypair
+    from mitra_model.release.pointer import verify_pointer
+    from mitra_model.release.signature import verify_release_signature
 
     generate_keypair(tmp_path / "release.pem", tmp_path / "release.pub")
     trusted = [(tmp_path / "release.pub").read_bytes()]

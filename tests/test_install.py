@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_fixtures import make_build, s3_client, s3_server, s3_store
 
-from mitra_model.publish import publish_build
+from mitra_model.release.publish import publish_build
+
+from s3_fixtures import make_build, s3_client, s3_server, s3_store
 
 __all__ = ["s3_client", "s3_server", "s3_store"]  # fixtures used by name
 pytestmark = pytest.mark.install
@@ -167,7 +168,7 @@ def _assert_clean(events: list[dict[str, Any]], venv: Path) -> None:
 
 def test_installed_cli_synth_export_verify_pull(installed: Installed, s3_store, s3_client, tmp_path: Path) -> None:
     assert not (installed.workdir / "config").exists()
-    where = installed.python("import mitra_model, mitra_model.config as c; print(mitra_model.__file__); print(c.config_path())")
+    where = installed.python("import mitra_model, mitra_model.build.config as c; print(mitra_model.__file__); print(c.config_path())")
     assert where.returncode == 0, where.stderr
     package_file, config_file = where.stdout.split()
     assert _under(package_file, installed.venv) and _under(config_file, installed.venv), where.stdout  # the packaged default
@@ -198,7 +199,7 @@ def test_installed_consumer_scripts_run_from_a_cache_copy(installed: Installed, 
     """From a wheel, the JS side is copied to $XDG_CACHE_HOME/mitra-build/consumers-<digest> (never
     site-packages), where `npm ci` would install node_modules; a checkout keeps consumers/."""
     done = installed.python(
-        "from mitra_model.consumers import runtimes as r\n"
+        "from mitra_model.build.consumers import runtimes as r\n"
         "r._materialize_js()\n"
         "print(r.CONSUMERS_DIR)\n"
         "print(r.NPM_CI_COMMAND)\n"
@@ -239,7 +240,7 @@ def test_a_missing_extra_is_named(installed: Installed) -> None:
 
 @pytest.mark.skipif(shutil.which("npm") is None or shutil.which("node") is None, reason="Node.js with npm not installed")
 def test_installed_wheel_runs_npm_ci_in_the_cache_copy(installed: Installed) -> None:
-    done = installed.python("from mitra_model.consumers import ensure_node_modules\nprint(ensure_node_modules())")
+    done = installed.python("from mitra_model.build.consumers import ensure_node_modules\nprint(ensure_node_modules())")
     assert done.returncode == 0, done.stderr
     node_modules = Path(done.stdout.strip())
     assert node_modules.parent.parent == installed.workdir / "cache" / "mitra-build"
@@ -299,7 +300,7 @@ def test_the_base_install_pulls_without_the_toolchain(slim_venv: Path, tmp_path:
     says what is missing, and a build command names the extra instead of failing with a traceback."""
     run = functools.partial(subprocess.run, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MITRA_BUILD_CONFIG")})
-    code = ("import sys, mitra_model.pull, mitra_model.cli_release, mitra_model.cli\n"
+    code = ("import sys, mitra_model.release.pull, mitra_model.cli.release_commands, mitra_model.cli.main\n"
             "print(sorted(m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'prefect') if m in sys.modules))")
     done = run([str(slim_venv / "bin" / "python"), "-c", code])
     assert done.returncode == 0, done.stderr
@@ -312,6 +313,6 @@ def test_the_base_install_pulls_without_the_toolchain(slim_venv: Path, tmp_path:
 
 
 def test_the_base_install_loads_the_packaged_config(slim_venv: Path, tmp_path: Path) -> None:
-    done = subprocess.run([str(slim_venv / "bin" / "python"), "-c", "import mitra_model.config as c; c.load_config()"],
+    done = subprocess.run([str(slim_venv / "bin" / "python"), "-c", "import mitra_model.build.config as c; c.load_config()"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from mitra_model import layout
-from mitra_model.release import MANIFEST_SCHEMA_PATH
-from mitra_model.store import StoreConfig
+from mitra_model.release import layout
+from mitra_model.release.rules import MANIFEST_SCHEMA_PATH
+from mitra_model.release.store import StoreConfig
 
 LAYOUT_MJS = Path(__file__).resolve().parents[1] / "consumers" / "lib" / "layout.mjs"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
@@ -106,11 +106,11 @@ def test_layers_stay_light() -> None:
     """layout and release load without boto3 or torch; pull does not need the publisher."""
     probe = (
         "import sys\n"
-        "import mitra_model.layout, mitra_model.release\n"
+        "import mitra_model.release.layout, mitra_model.release.rules\n"
         "heavy = sorted(m for m in ('boto3', 'botocore', 'torch') if m in sys.modules)\n"
         "assert not heavy, f'layout/release imported {heavy}'\n"
-        "import mitra_model.pull\n"
-        "assert 'mitra_model.publish' not in sys.modules, 'pull imported publish'\n"
+        "import mitra_model.release.pull\n"
+        "assert 'mitra_model.release.publish' not in sys.modules, 'pull imported publish'\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr

@@ -14,6 +14,22 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+
+from mitra_model.cli.local_s3 import LocalS3Server, free_ports
+from mitra_model.errors import (
+    PublishError,
+    PullError,
+    StoreAuthError,
+    StoreError,
+    StoreUnreachableError,
+    VersionConflictError,
+)
+from mitra_model.release import layout
+from mitra_model.release.layout import POINTER_SCHEMA_ID
+from mitra_model.release.publish import PublishResult, publish_build
+from mitra_model.release.pull import pull_release
+from mitra_model.release.store import StoreConfig, ensure_bucket, make_s3_client
+
 from s3_fixtures import (
     TEST_SECRET_KEY,
     CrashingClient,
@@ -28,20 +44,6 @@ from s3_fixtures import (
     store_for,
     time_limit,
 )
-
-from mitra_model.errors import (
-    PublishError,
-    PullError,
-    StoreAuthError,
-    StoreUnreachableError,
-    VersionConflictError,
-)
-from mitra_model import layout
-from mitra_model.layout import POINTER_SCHEMA_ID
-from mitra_model.local_s3 import LocalS3Server, free_ports
-from mitra_model.publish import PublishResult, publish_build
-from mitra_model.pull import pull_release
-from mitra_model.store import StoreConfig, ensure_bucket, make_s3_client
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -516,7 +518,8 @@ def test_missing_bucket_is_a_clear_error(s3_server: LocalS3Server, tmp_path: Pat
     client = make_s3_client(store)
     with pytest.raises(PublishError, match=f"bucket '{store.bucket}' does not exist"):
         publish_build(make_build(tmp_path, seed=1), client=client, store=store)
-    with pytest.raises(PullError, match=f"bucket '{store.bucket}' does not exist"):
+    # the pull's first read goes through the one reader of the store's documents: StoreError
+    with pytest.raises(StoreError, match=f"bucket '{store.bucket}' does not exist"):
         pull_release(VARIANT, dest=tmp_path / "dest", client=client, store=store)
     assert not (tmp_path / "dest").exists()
 

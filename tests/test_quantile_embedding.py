@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mitra_model.model import N_QUANTILES, bucketize_strict, support_quantiles
+from mitra_model.model.tab2d import N_QUANTILES, bucketize_strict, support_quantiles
 
 
 def _reference_bucketize(values: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,22 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from mitra_model.check import check_onnx
-from mitra_model.config import Cell, Tolerance
+from mitra_model.build.check import check_onnx
+from mitra_model.build.config import Cell, Tolerance
+from mitra_model.build.export import INPUT_NAMES, export_onnx
+from mitra_model.build.quantize import (
+    METHODS,
+    MIN_WEIGHT_DIM,
+    Int8Options,
+    QuantizeResult,
+    quantize_onnx,
+    quantize_options,
+)
+from mitra_model.build.quantize import PRECISIONS as ALL_PRECISIONS
+from mitra_model.build.verify import onnx_session, verify_onnx
 from mitra_model.errors import ConfigError, ExportError, MitraBuildError, OnnxCheckError
-from mitra_model.export import INPUT_NAMES, export_onnx
-from mitra_model.inputs import make_inputs
-from mitra_model.quantize import METHODS, MIN_WEIGHT_DIM, PRECISIONS as ALL_PRECISIONS, Int8Options, QuantizeResult, quantize_onnx, quantize_options
-from mitra_model.snapshot import load_model
-from mitra_model.verify import onnx_session, verify_onnx
+from mitra_model.model.inputs import make_inputs
+from mitra_model.model.snapshot import load_model
 
 PRECISIONS = ("int8", "fp16")  # held to the fp32 export's outputs; int4 has its own tests below
 # (shape (B, S, Q, F), data, padded support rows): mixed columns, ties, a padded batch, a wider table
@@ -141,7 +149,7 @@ def test_output_is_byte_identical_across_processes(sources, tmp_path: Path) -> N
     """Same source, two fresh interpreters with different hash seeds: same bytes, per precision."""
     source = sources["classification", "optimized"]
     script = (
-        "import sys; from pathlib import Path; from mitra_model.quantize import quantize_onnx; "
+        "import sys; from pathlib import Path; from mitra_model.build.quantize import quantize_onnx; "
         "print(quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), precision=sys.argv[3]).sha256)"
     )
     for precision in ALL_PRECISIONS:
@@ -340,7 +348,7 @@ def test_int4_keeps_the_process_logging_alone(sources, tmp_path: Path) -> None:
     """The nbits quantizer module calls logging.basicConfig(level=INFO) at import; in a fresh process
     (pytest's own handlers would hide it) the root logger is untouched afterwards and nothing is logged."""
     script = (
-        "import logging, sys; from pathlib import Path; from mitra_model.quantize import quantize_onnx; "
+        "import logging, sys; from pathlib import Path; from mitra_model.build.quantize import quantize_onnx; "
         "quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), precision='int4'); "
         "root = logging.getLogger(); print(len(root.handlers), logging.getLevelName(root.level))"
     )

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from configs import edited_config
-
-from mitra_model import recipes
-from mitra_model.build import decide_build
-from mitra_model.cli import build_parser
-from mitra_model.config import DEFAULT_CONFIG_PATH, load_config
+from mitra_model.build import recipes
+from mitra_model.build.config import DEFAULT_CONFIG_PATH, load_config
+from mitra_model.build.record import decide_build
+from mitra_model.cli.main import build_parser
 from mitra_model.errors import ConfigError
 
+from configs import edited_config
 
 # The default configuration's line that plans the reduced precisions, whatever it lists.
 PRECISIONS_LINE = re.search(r"^precisions = .*$", DEFAULT_CONFIG_PATH.read_text(), re.M).group(0)
@@ -125,7 +124,7 @@ def test_the_up_to_date_decision_is_typed_and_says_why(tmp_path: Path) -> None:
     assert decide_build(variant="m", version="v-2", artifacts_root=tmp_path, latest=None, force=False).action == "build"
 
 
-@pytest.mark.parametrize("module", ["mitra_model.source", "mitra_model.recipes", "mitra_model.config"])
+@pytest.mark.parametrize("module", ["mitra_model.build.source", "mitra_model.build.recipes", "mitra_model.build.config"])
 def test_pinning_code_does_not_import_the_model_toolchain(module: str) -> None:
     """Deciding what to build (pin a revision, read the config) must stay light: no torch, no ONNX Runtime."""
     code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules); "

@@ -17,11 +17,10 @@ import torch
 from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
-import mitra_model.reference as reference_module
-from mitra_model.config import Cell, Tolerance
-from mitra_model.errors import MitraBuildError
-from mitra_model.export import INPUT_NAMES, numpy_inputs
-from mitra_model.reference import (
+import mitra_model.build.reference as reference_module
+from mitra_model.build.config import Cell, Tolerance
+from mitra_model.build.export import INPUT_NAMES, numpy_inputs
+from mitra_model.build.reference import (
     ReferenceCacheError,
     compute_reference,
     load_reference,
@@ -29,10 +28,15 @@ from mitra_model.reference import (
     reference_key,
     reference_path,
 )
-from mitra_model.snapshot import WEIGHTS_FILE, load_model
-from mitra_model.support_cache import ENCODE_INPUT_NAMES, cache_names
-from mitra_model.upstream import INSTALL_COMMAND, UpstreamMissingError, load_upstream, run_upstream, upstream_version
-from mitra_model.verify import (
+from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, cache_names
+from mitra_model.build.upstream import (
+    INSTALL_COMMAND,
+    UpstreamMissingError,
+    load_upstream,
+    run_upstream,
+    upstream_version,
+)
+from mitra_model.build.verify import (
     CellResult,
     Metrics,
     VerificationReport,
@@ -43,6 +47,8 @@ from mitra_model.verify import (
     verify_artifact,
     verify_cell,
 )
+from mitra_model.errors import MitraBuildError
+from mitra_model.model.snapshot import WEIGHTS_FILE, load_model
 
 CELLS = [
     Cell(name="base", batch=1, n_support=40, n_query=7, n_features=5),
@@ -152,7 +158,7 @@ def test_reference_is_upstream_and_a_broken_rewrite_fails_by_name(
 ) -> None:
     """The known port bug (bucketize counting ties `<=`) in the rewrite only: the ONNX file still
     matches upstream, and the cell fails on the rewrite-vs-upstream check, which names it."""
-    import mitra_model.model as model_module
+    import mitra_model.model.tab2d as model_module
 
     snapshot, graph = tiny_snapshots["classification"].path, tiny_exports["classification"].path
     verify = functools.partial(verify_cell, snapshot, (graph,), TIES, kind="graph", tolerance=FP32, seed=5)
@@ -167,7 +173,7 @@ def test_reference_is_upstream_and_a_broken_rewrite_fails_by_name(
     assert broken.metrics == good.metrics  # the artifact is compared with upstream, not with the rewrite
     assert broken.rewrite_vs_upstream_max_abs > 1e-3
     [failure] = broken.failures
-    assert "rewrite (mitra_model.model) differs from upstream Tab2D" in failure and upstream_version() in failure
+    assert "rewrite (mitra_model.model.tab2d) differs from upstream Tab2D" in failure and upstream_version() in failure
 
 
 def test_a_perturbed_rewrite_weight_fails_the_rewrite_check(tiny_snapshots, tiny_exports) -> None:
@@ -269,7 +275,7 @@ def test_cached_file_round_trips_and_a_corrupt_one_is_named(tiny_snapshots, tmp_
 def test_missing_upstream_names_the_pip_command(monkeypatch: pytest.MonkeyPatch, tiny_snapshots) -> None:
     import importlib.util
 
-    import mitra_model.upstream as upstream_module
+    import mitra_model.build.upstream as upstream_module
 
     monkeypatch.delitem(sys.modules, upstream_module._ALIAS, raising=False)
     real_find_spec = importlib.util.find_spec

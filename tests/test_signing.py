@@ -23,6 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from mitra_model.cli.main import main
+from mitra_model.errors import (
+    BadSignatureError,
+    ChecksumMismatchError,
+    ExpiredPointerError,
+    NotSignedContentError,
+    PublishError,
+    RollbackError,
+    SigningKeyError,
+    StoreDocumentError,
+    UnsignedReleaseError,
+    UntrustedKeyError,
+)
+from mitra_model.release import layout, pull
+from mitra_model.release.keys import Signer, generate_keypair
+from mitra_model.release.layout import SIGNATURE_NAME
+from mitra_model.release.pointer import SignedPointer, check_not_rolled_back, verify_pointer
+from mitra_model.release.log import newest_release_record
+from mitra_model.release.publish import publish_build, refresh_pointer, revert_release
+from mitra_model.release.rules import sha256_bytes
+from mitra_model.release.signature import SignedContent, sign_release_folder, verify_release_signature
+from mitra_model.release.store import StoreConfig
+
 from s3_fixtures import (
     CrashingClient,
     SimulatedCrash,
@@ -35,39 +59,6 @@ from s3_fixtures import (
     s3_store,
     time_limit,
 )
-
-from mitra_model import layout, pull
-from mitra_model.cli import main
-from mitra_model.errors import (
-    BadSignatureError,
-    ChecksumMismatchError,
-    ExpiredPointerError,
-    NotSignedContentError,
-    PublishError,
-    RollbackError,
-    SigningKeyError,
-    UnsignedReleaseError,
-    UntrustedKeyError,
-)
-from mitra_model.publish import (
-    newest_release_record,
-    publish_build,
-    refresh_pointer,
-    revert_release,
-)
-from mitra_model.release import sha256_bytes
-from mitra_model.signing import (
-    SIGNATURE_NAME,
-    SignedContent,
-    SignedPointer,
-    Signer,
-    check_not_rolled_back,
-    generate_keypair,
-    sign_release_folder,
-    verify_pointer,
-    verify_release_signature,
-)
-from mitra_model.store import StoreConfig
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")
@@ -272,7 +263,7 @@ def test_newest_release_record_gallops_over_many_releases(
         _publish(tmp_path, s3_client, s3_store, None, seed=100 + seed)
     for after in (0, 1, 3, 6):
         assert newest_release_record(s3_client, s3_store, VARIANT, after=after)["manifest_version"] == 6
-    with pytest.raises(PublishError, match="never recorded"):
+    with pytest.raises(StoreDocumentError, match="never recorded"):
         newest_release_record(s3_client, s3_store, VARIANT, after=9)
 
 
@@ -642,7 +633,8 @@ def test_full_pull_refuses_a_signature_that_signs_more_than_the_manifest_names(
 ) -> None:
     """The manifest and the signature must agree on the release's files: a full pull that would not
     get a signed file is refused (a partial pull checks only what it takes)."""
-    from mitra_model.signing import sign_pointer, sign_release_files
+    from mitra_model.release.pointer import sign_pointer
+    from mitra_model.release.signature import sign_release_files
 
     result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=34)
     signed = dict(verify_release_signature(_get(s3_client, s3_store, result.signature_key), [keys["pub"]]).files)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mitra_model.errors import SnapshotError
-from mitra_model.snapshot import SYNTHETIC_KEY, load_model, read_snapshot, write_synthetic_snapshot
+from mitra_model.model.snapshot import SYNTHETIC_KEY, load_model, read_snapshot, write_synthetic_snapshot
 
 
 def _edit_config(folder: Path, **changes) -> None:
@@ -45,7 +45,7 @@ def test_synthetic_snapshot_is_reproducible(tmp_path: Path, build_config) -> Non
 
 
 def test_full_size_architecture_matches_official_checkpoints(build_config) -> None:
-    from mitra_model.model import MitraConfig, Task, count_parameters, expected_parameter_shapes
+    from mitra_model.model.tab2d import MitraConfig, Task, count_parameters, expected_parameter_shapes
 
     full = build_config.sizes["full"]
     config = MitraConfig(full.dim, 10, full.n_layers, full.n_heads, Task.CLASSIFICATION)

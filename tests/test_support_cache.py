@@ -10,13 +10,9 @@ import onnx
 import pytest
 import torch
 
-from mitra_model.errors import ExportError, MitraBuildError
-from mitra_model.export import numpy_inputs
-from mitra_model.fileutil import sha256_file
-from mitra_model.inputs import make_inputs
-from mitra_model.quantize import quantize_onnx
-from mitra_model.snapshot import load_model, write_synthetic_snapshot
-from mitra_model.support_cache import (
+from mitra_model.build.export import numpy_inputs
+from mitra_model.build.quantize import quantize_onnx
+from mitra_model.build.support_cache import (
     ENCODE_INPUT_NAMES,
     SUPPORT_CACHE_FILES,
     QueryPredictor,
@@ -28,7 +24,11 @@ from mitra_model.support_cache import (
     export_support_cache,
     support_cache_contract,
 )
-from mitra_model.verify import onnx_session, require_passed, verify_support_cache
+from mitra_model.build.verify import onnx_session, require_passed, verify_support_cache
+from mitra_model.errors import ExportError, MitraBuildError
+from mitra_model.fileutil import sha256_file
+from mitra_model.model.inputs import make_inputs
+from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 
 FLAVOURS = ("portable", "optimized")
 # (id, (B, S, Q, F), data, padded support rows)

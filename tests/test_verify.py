@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from mitra_model.config import Cell, Tolerance
+from mitra_model.build.config import Cell, Tolerance
+from mitra_model.build.upstream import upstream_version
+from mitra_model.build.verify import require_passed, verify_onnx, write_report
 from mitra_model.errors import VerificationError
-from mitra_model.snapshot import load_model
-from mitra_model.upstream import upstream_version
-from mitra_model.verify import require_passed, verify_onnx, write_report
+from mitra_model.model.snapshot import load_model
 
 
 def test_matrix_passes_for_both_tasks(tiny_exports, tiny_snapshots, build_config, task: str, tmp_path: Path) -> None:

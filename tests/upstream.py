@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mitra_model.upstream import load_upstream, run_upstream, upstream_tab2d_module, upstream_version
+from mitra_model.build.upstream import load_upstream, run_upstream, upstream_tab2d_module, upstream_version
 
 __all__ = ["build_upstream", "load_upstream", "run_upstream", "upstream_tab2d_module", "upstream_version"]
 

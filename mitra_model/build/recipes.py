@@ -1,0 +1,249 @@
+"""The artifact recipes: one declaration per published artifact, read by every stage.
+
+In the spirit of Optimum's per-model `OnnxConfig`, each `Recipe` says what the artifact is (its files
+and their I/O contracts), where it comes from (the snapshot, or the files of another recipe), how it
+is made, how it is judged (its tolerance key; one graph or an encode/predict pair), and what it is
+for (purpose and runtimes, copied into the manifest). The flow is a loop over `planned(...)`; CLI
+choices, config validation and the manifest's text come from `RECIPES`. A new artifact is one entry
+here plus its tolerances in the configuration.
+
+This module imports nothing heavy: the `make` functions import the exporter or the quantizer when
+they run, so the configuration and the CLI can read the registry without torch or onnx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from mitra_model.release.layout import FLAVOUR_FILES, SUPPORT_CACHE_FILES, precision_file
+
+if TYPE_CHECKING:
+    from mitra_model.build.config import ArtifactsConfig
+    from mitra_model.model.kinds import Shape
+    from mitra_model.build.export import TensorSpec
+    from mitra_model.model.tab2d import MitraConfig
+
+    Contract = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
+
+VerifyAs = Literal["graph", "pair"]
+# The [artifacts] option that plans a recipe: a value in `flavours` or `precisions`, or `support_cache = true`.
+SelectField = Literal["flavours", "precisions", "support_cache"]
+
+# Where each kind of graph runs (the manifest's `runtimes`).
+PORTABLE_RUNTIMES = ("any ONNX runtime with opset 17 (standard ops only)", "onnxruntime", "onnxruntime-node",
+                     "onnxruntime-web")
+CONTRIB_RUNTIMES = ("onnxruntime>=1.17 with com.microsoft contrib ops (Python, C++, onnxruntime-node, "
+                    "onnxruntime-web WASM)",)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a recipe's `make` gets: the snapshot, the export settings, a scratch folder, and the
+    files of the recipe it derives from (empty when it derives from the snapshot)."""
+
+    snapshot_dir: Path
+    work: Path
+    opset: int
+    trace_shape: Shape
+    parent_files: tuple[Path, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)  # [artifacts.options.<recipe>], checked at load
+
+
+@dataclass(frozen=True)
+class Made:
+    """The files a recipe wrote (in `Recipe.files` order) and how they were made."""
+
+    files: tuple[Path, ...]
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One published file of a recipe: its manifest entry name, file name and I/O contract."""
+
+    name: str
+    file: str
+    contract: Callable[[MitraConfig], Contract]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    files: tuple[ArtifactFile, ...]
+    derives_from: str | None  # None: exported from the snapshot; else the recipe whose files it transforms
+    make: Callable[[BuildContext], Made]
+    precision: str  # what the weights are stored as: fp32 | int8 | fp16 | int4
+    flavour: Literal["portable", "optimized"]  # optimized: ONNX Runtime contrib ops inside
+    tolerance: str  # [verification.tolerances.<key>] (consumer checks use [consumers.tolerances.<precision>])
+    purpose: str
+    runtimes: tuple[str, ...]
+    verify_as: VerifyAs
+    select: tuple[SelectField, str | bool]  # how [artifacts] plans it
+    # Checks [artifacts.options.<name>] (raises ConfigError naming a bad key); None: takes no options
+    check_options: Callable[[Mapping[str, Any]], None] | None = None
+
+    def selected(self, artifacts: ArtifactsConfig) -> bool:
+        key, value = self.select
+        chosen = getattr(artifacts, key)
+        return chosen is value if isinstance(value, bool) else value in chosen
+
+    @property
+    def verb(self) -> str:
+        """What making it is called in task names: "export-fp32-ort", "quantize-int8"."""
+        return "export" if self.derives_from is None else "quantize"
+
+    @property
+    def how_to_plan(self) -> str:
+        key, value = self.select
+        return f"set support_cache = true" if key == "support_cache" else f"add {value!r} to [artifacts] {key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# How each kind is made (imports deferred: see the module docstring)
+
+
+def _full_contract(config: MitraConfig) -> Contract:
+    from mitra_model.build.export import io_contract
+
+    return io_contract(config)
+
+
+def _pair_contract(role: str) -> Callable[[MitraConfig], Contract]:
+    def contract(config: MitraConfig) -> Contract:
+        from mitra_model.build.support_cache import support_cache_contract
+
+        return support_cache_contract(config)[role]
+
+    return contract
+
+
+def _export(flavour: Literal["portable", "optimized"], file: str) -> Callable[[BuildContext], Made]:
+    def make(ctx: BuildContext) -> Made:
+        from mitra_model.build.export import export_onnx
+        from mitra_model.model.snapshot import load_model
+
+        model, snapshot = load_model(ctx.snapshot_dir)
+        result = export_onnx(model, ctx.work / file, opset=ctx.opset, trace_shape=ctx.trace_shape,
+                             metadata=snapshot.onnx_metadata(), flavour=flavour)
+        return Made(files=(result.path,), details={})
+
+    return make
+
+
+def _quantize_options(precision: str) -> Callable[[Mapping[str, Any]], None]:
+    def check(options: Mapping[str, Any]) -> None:
+        from mitra_model.build.options import quantize_options
+
+        quantize_options(precision, options)
+
+    return check
+
+
+def _quantize(precision: str, file: str) -> Callable[[BuildContext], Made]:
+    def make(ctx: BuildContext) -> Made:
+        from mitra_model.build.quantize import quantize_onnx
+
+        result = quantize_onnx(ctx.parent_files[0], ctx.work / file, precision=precision, options=ctx.options)
+        return Made(files=(result.path,), details=result.details)
+
+    return make
+
+
+def _export_pair(ctx: BuildContext) -> Made:
+    from mitra_model.model.snapshot import load_model
+    from mitra_model.build.support_cache import export_support_cache
+
+    model, snapshot = load_model(ctx.snapshot_dir)
+    pair = export_support_cache(model, ctx.work, opset=ctx.opset, trace_shape=ctx.trace_shape,
+                                metadata=snapshot.onnx_metadata(), flavour="portable")
+    return Made(files=(pair.encode.path, pair.predict.path), details={"pair": "support-cache"})
+
+
+def _graph(name: str, file: str) -> tuple[ArtifactFile, ...]:
+    return (ArtifactFile(name, file, _full_contract),)
+
+
+def _reduced(precision: str, purpose: str) -> Recipe:
+    """A reduced-precision copy of the optimized fp32 file, judged by its own tolerance; its options
+    are the quantizer's ([artifacts.options.<precision>])."""
+    file = precision_file(precision)
+    return Recipe(
+        name=precision, files=_graph(precision, file), derives_from="fp32-ort", make=_quantize(precision, file),
+        precision=precision, flavour="optimized", tolerance=precision, verify_as="graph",
+        select=("precisions", precision), runtimes=CONTRIB_RUNTIMES, purpose=purpose,
+        check_options=_quantize_options(precision),
+    )
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        name="fp32", files=_graph("fp32", FLAVOUR_FILES["portable"]), derives_from=None,
+        make=_export("portable", FLAVOUR_FILES["portable"]), precision="fp32", flavour="portable", tolerance="fp32",
+        verify_as="graph", select=("flavours", "portable"), runtimes=PORTABLE_RUNTIMES,
+        purpose="reference precision; what upstream computes",
+    ),
+    Recipe(
+        name="fp32-ort", files=_graph("fp32-ort", FLAVOUR_FILES["optimized"]), derives_from=None,
+        make=_export("optimized", FLAVOUR_FILES["optimized"]), precision="fp32", flavour="optimized", tolerance="fp32",
+        verify_as="graph", select=("flavours", "optimized"), runtimes=CONTRIB_RUNTIMES,
+        purpose="reference precision with attention as ONNX Runtime's memory-efficient contrib MultiHeadAttention "
+                "(never materializes the attention scores)",
+    ),
+    _reduced("int8", "CPU inference: dynamic int8 MatMul weights, about 4x smaller than fp32 and faster on CPU"),
+    _reduced("fp16", "GPU / WebGPU execution providers (fp16 weights and transformer compute); runs on CPU but is "
+                     "no faster there than fp32 (see `cpu`)"),
+    _reduced("int4", "smallest download: 4-bit block-quantized MatMul weights (ONNX Runtime MatMulNBits), about 6x "
+                     "smaller than fp32; a little faster than fp32 on CPU (see `cpu`)"),
+    Recipe(
+        name="support-cache",
+        files=(ArtifactFile("encode-support", SUPPORT_CACHE_FILES["portable"][0], _pair_contract("encode_support")),
+               ArtifactFile("predict-query", SUPPORT_CACHE_FILES["portable"][1], _pair_contract("predict_query"))),
+        derives_from=None, make=_export_pair, precision="fp32", flavour="portable", tolerance="support-cache",
+        verify_as="pair", select=("support_cache", True), runtimes=PORTABLE_RUNTIMES,
+        purpose="fit once, predict many: encode_support runs once per support set, predict_query per call",
+    ),
+)
+
+BY_NAME: dict[str, Recipe] = {recipe.name: recipe for recipe in RECIPES}
+
+
+def choices(key: SelectField) -> tuple[str, ...]:
+    """The values [artifacts] `flavours` or `precisions` accept (CLI choices too)."""
+    return tuple(str(r.select[1]) for r in RECIPES if r.select[0] == key)
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe called `name`; KeyError names the known ones."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no artifact recipe {name!r} (known: {', '.join(BY_NAME)})") from None
+
+
+def planned(artifacts: ArtifactsConfig) -> list[Recipe]:
+    """The recipes [artifacts] selects, each after the recipe it derives from (declaration order
+    otherwise). Raises ValueError when a selected recipe derives from one that is not selected."""
+    chosen = {r.name: r for r in RECIPES if r.selected(artifacts)}
+    for r in chosen.values():
+        if r.derives_from is not None and r.derives_from not in chosen:
+            parent = BY_NAME[r.derives_from]
+            raise ValueError(f"{r.name} is built from {parent.name} ({parent.flavour} {parent.precision}), which is "
+                             f"not planned: {parent.how_to_plan}")
+    ordered: list[Recipe] = []
+    while len(ordered) < len(chosen):
+        for r in chosen.values():
+            if r not in ordered and (r.derives_from is None or BY_NAME[r.derives_from] in ordered):
+                ordered.append(r)
+    return ordered
+
+
+def artifact_file(name: str) -> tuple[Recipe, ArtifactFile]:
+    """The recipe and file of a manifest artifact entry name (e.g. "int8", "predict-query")."""
+    for r in RECIPES:
+        for f in r.files:
+            if f.name == name:
+                return r, f
+    raise KeyError(f"no artifact named {name!r} (known: {', '.join(f.name for r in RECIPES for f in r.files)})")

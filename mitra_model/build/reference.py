@@ -1,0 +1,253 @@
+"""The reference of a verification cell: upstream AutoGluon Tab2D's output, computed once per build.
+
+Every artifact of a build (each ONNX file, the support-cache pair) is compared with the same outputs:
+upstream's `Tab2D` (upstream.py) with the snapshot's weights, on the cell's inputs (inputs.make_inputs).
+Those depend only on the weights, the cell, the seed and the code that computes them, so a cell's
+reference is computed once, stored as `<cell>-<key>.npz` in a cache folder (written atomically), and
+read back by every later artifact and by workers in other processes that share the folder.
+
+A reference also holds our PyTorch rewrite's output (mitra_model.model.tab2d) on the same inputs and the
+max abs difference of the two, so verifying an artifact proves ONNX ≈ rewrite ≈ upstream on the very
+weights being published (verify.run_cell judges that difference).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mitra_model.build.config import Cell
+from mitra_model.errors import ReferenceCacheError
+from mitra_model.build.export import INPUT_NAMES, numpy_inputs
+from mitra_model.fileutil import PACKAGE_DIR, atomic_file, sha256_file
+from mitra_model.model.inputs import make_inputs
+from mitra_model.model.tab2d import Tab2D
+from mitra_model.model.snapshot import CONFIG_FILE, WEIGHTS_FILE, load_model
+from mitra_model.build.upstream import load_upstream, run_upstream, upstream_from_state, upstream_version
+
+# Bump when the file layout changes; part of every key, so old files are simply not found.
+REFERENCE_FORMAT = 1
+# The code whose change can change a reference (the rest of the package cannot).
+# The modules a reference depends on (relative to the package): a change to any is a new cache key.
+_CODE_FILES = ("model/tab2d.py", "model/kinds.py", "model/inputs.py", "build/export.py", "build/upstream.py",
+               "build/reference.py")
+_ARRAYS = ("upstream", "rewrite")
+
+
+@dataclass(frozen=True, eq=False)  # eq would compare arrays
+class CellReference:
+    """One cell's inputs and reference outputs.
+
+    Attributes:
+        key: content key (weights, cell, seed, code); "" for a reference computed from a model in memory.
+        cell: the matrix cell.
+        inputs: the four contract inputs (export.INPUT_NAMES), as every candidate is fed them.
+        upstream: upstream Tab2D's output: THE reference every artifact is compared with.
+        rewrite: our rewrite's (mitra_model.model.Tab2D) output on the same inputs.
+        rewrite_vs_upstream_max_abs: max |rewrite - upstream| (inf when shapes differ or values are not finite).
+        upstream_seconds, rewrite_seconds: what each forward took when the reference was computed.
+        upstream_version: e.g. "autogluon.tabular==1.6.3".
+        cached: read back from the cache folder (computed by an earlier artifact or process).
+    """
+
+    key: str
+    cell: Cell
+    inputs: dict[str, np.ndarray]
+    upstream: np.ndarray
+    rewrite: np.ndarray
+    rewrite_vs_upstream_max_abs: float
+    upstream_seconds: float
+    rewrite_seconds: float
+    upstream_version: str
+    cached: bool = False
+
+    @property
+    def seconds(self) -> float:
+        """Upstream's plus the rewrite's forward time, when the reference was computed."""
+        return self.upstream_seconds + self.rewrite_seconds
+
+
+def compute_reference(upstream: nn.Module, rewrite: Tab2D, cell: Cell, *, seed: int, key: str = "") -> CellReference:
+    """Run upstream and the rewrite (same weights) on the cell's inputs.
+
+    Args:
+        upstream: upstream Tab2D (upstream.load_upstream / upstream_from_state).
+        rewrite: our Tab2D with the same weights.
+        cell: the matrix cell (its shape, data kind, padding; its name salts the inputs).
+        seed: the matrix seed.
+        key: the content key to record (reference_key), "" for models in memory.
+
+    Returns:
+        The CellReference, not cached.
+    """
+    inputs = make_inputs(
+        cell.as_tuple(), config=rewrite.config, data=cell.data, padded_support_rows=cell.padded_support_rows,
+        seed=seed, salt=cell.name,
+    )
+    started = time.perf_counter()
+    upstream_out = run_upstream(upstream, *numpy_inputs(inputs)).numpy()
+    upstream_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    with torch.no_grad():
+        rewrite_out = rewrite(*numpy_inputs(inputs)).numpy()
+    rewrite_seconds = time.perf_counter() - started
+    return CellReference(
+        key=key, cell=cell, inputs=inputs, upstream=upstream_out, rewrite=rewrite_out,
+        rewrite_vs_upstream_max_abs=_max_abs(rewrite_out, upstream_out), upstream_seconds=upstream_seconds,
+        rewrite_seconds=rewrite_seconds, upstream_version=upstream_version(),
+    )
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
+
+
+def model_reference(model: Tab2D, *, seed: int) -> Callable[[Cell], CellReference]:
+    """References for a model in memory (no snapshot folder, so no cache): upstream is built once
+    with `model`'s weights, and each call computes one cell.
+
+    Raises:
+        UpstreamMissingError: upstream is not installed.
+    """
+    upstream = upstream_from_state(model.config, model.state_dict())
+    return lambda cell: compute_reference(upstream, model, cell, seed=seed)
+
+
+def reference_key(snapshot_dir: Path, cell: Cell, *, seed: int) -> str:
+    """The content key of a cell's reference: weights and config.json (sha256), the cell's
+    definition, the seed and the digest of the code that computes it."""
+    folder = Path(snapshot_dir)
+    payload = {
+        "format": REFERENCE_FORMAT,
+        "weights_sha256": _digest(folder / WEIGHTS_FILE),
+        "config_sha256": _digest(folder / CONFIG_FILE),
+        "cell": cell.model_dump(mode="json"),
+        "seed": seed,
+        "code": reference_code_digest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def reference_code_digest() -> str:
+    """SHA-256 over the upstream and torch versions and the source of the modules a reference depends on."""
+    digest = hashlib.sha256(f"{upstream_version()};torch=={torch.__version__};numpy=={np.__version__};".encode())
+    for name in _CODE_FILES:
+        digest.update(name.encode() + b"\0" + (PACKAGE_DIR / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def reference_path(cache_dir: Path, cell: Cell, key: str) -> Path:
+    """Where a cell's reference is cached: `<cache_dir>/<cell name>-<key>.npz`."""
+    return Path(cache_dir) / f"{cell.name}-{key}.npz"
+
+
+def reference_for(snapshot_dir: Path, cell: Cell, *, seed: int, cache_dir: Path | None) -> CellReference:
+    """A cell's reference: read from `cache_dir` when an earlier artifact computed it, else computed
+    (upstream and the rewrite, loaded once per process) and written there atomically.
+
+    Args:
+        snapshot_dir: the checkpoint folder (config.json + model.safetensors) being built.
+        cell: the matrix cell.
+        seed: the matrix seed.
+        cache_dir: the build's reference folder (shared by every artifact and worker); None computes
+            without caching.
+
+    Raises:
+        ReferenceCacheError: the cached file is unreadable or holds another reference.
+        SnapshotError: the snapshot is bad.
+        UpstreamMissingError: upstream is not installed (and the reference is not cached).
+    """
+    key = reference_key(snapshot_dir, cell, seed=seed)
+    path = reference_path(cache_dir, cell, key) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return load_reference(path, cell=cell, key=key)
+    weights = Path(snapshot_dir) / WEIGHTS_FILE
+    upstream, rewrite = _models(str(snapshot_dir), _stamp(weights))
+    reference = compute_reference(upstream, rewrite, cell, seed=seed, key=key)
+    if path is not None:
+        save_reference(reference, path)
+    return reference
+
+
+def save_reference(reference: CellReference, path: Path) -> None:
+    """Write a reference as one .npz (arrays, plus its metadata as JSON), atomically."""
+    meta = {
+        "format": REFERENCE_FORMAT, "key": reference.key, "cell": reference.cell.model_dump(mode="json"),
+        "rewrite_vs_upstream_max_abs": reference.rewrite_vs_upstream_max_abs,
+        "upstream_seconds": reference.upstream_seconds, "rewrite_seconds": reference.rewrite_seconds,
+        "upstream_version": reference.upstream_version,
+    }
+    arrays = {**{f"input.{name}": reference.inputs[name] for name in INPUT_NAMES},
+              "upstream": reference.upstream, "rewrite": reference.rewrite}
+    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+
+
+def load_reference(path: Path, *, cell: Cell | None = None, key: str | None = None) -> CellReference:
+    """Read a reference written by save_reference (marked `cached`).
+
+    Args:
+        path: the .npz file.
+        cell, key: when given, the file must hold exactly this cell's reference under this key.
+
+    Raises:
+        ReferenceCacheError: unreadable file, or another cell, key or format than expected.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {name: data[name] for name in data.files if name != "meta"}
+        stored_cell = Cell.model_validate(meta["cell"])
+        inputs = {name: arrays[f"input.{name}"] for name in INPUT_NAMES}
+        upstream, rewrite = (arrays[name] for name in _ARRAYS)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ReferenceCacheError(
+            f"reference cache file {path} is unreadable ({type(exc).__name__}: {exc}); delete it and it is recomputed"
+        ) from exc
+    expected = {"format": REFERENCE_FORMAT, "key": key, "cell": cell}
+    found = {"format": meta.get("format"), "key": meta.get("key"), "cell": stored_cell}
+    wrong = [f"{name} {found[name]!r}, expected {value!r}" for name, value in expected.items()
+             if value is not None and found[name] != value]
+    if wrong:
+        raise ReferenceCacheError(
+            f"reference cache file {path} holds another reference ({'; '.join(wrong)}): delete it and it is recomputed"
+        )
+    return CellReference(
+        key=meta["key"], cell=stored_cell, inputs=inputs, upstream=upstream, rewrite=rewrite,
+        rewrite_vs_upstream_max_abs=float(meta["rewrite_vs_upstream_max_abs"]),
+        upstream_seconds=float(meta["upstream_seconds"]), rewrite_seconds=float(meta["rewrite_seconds"]),
+        upstream_version=meta["upstream_version"], cached=True,
+    )
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = Path(path).stat()  # a rewritten file gets a new cache entry
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _digest(path: Path) -> str:
+    return _digest_of(str(path), _stamp(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: str, stamp: tuple[int, int]) -> str:
+    return sha256_file(Path(path))  # ~1 s for the full 303 MB weights: once per process and file
+
+
+@functools.lru_cache(maxsize=1)  # two full-size models are ~600 MB; a process verifies one snapshot at a time
+def _models(snapshot_dir: str, stamp: tuple[int, int]) -> tuple[nn.Module, Tab2D]:
+    return load_upstream(Path(snapshot_dir)), load_model(Path(snapshot_dir))[0]
