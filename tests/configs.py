@@ -20,9 +20,9 @@ SMALL_CELLS = [
 def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store: dict[str, Any] | None = None,
                  variants: list[dict[str, Any]] | None = None, artifacts: dict[str, Any] | None = None,
                  execution: dict[str, Any] | None = None, schedule: dict[str, Any] | None = None,
-                 consumers: dict[str, Any] | None = None) -> Path:
+                 consumers: dict[str, Any] | None = None, tolerances: dict[str, Any] | None = None) -> Path:
     """The default configuration with the matrix, store, variants, artifacts, execution, schedule or
-    consumers (merged into the default's) replaced; validated."""
+    consumers (merged into the default's) replaced, and verification tolerances added; validated."""
     raw = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
     raw["verification"]["cells"] = cells if cells is not None else SMALL_CELLS
     raw.pop("store", None)
@@ -38,6 +38,8 @@ def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store
         raw["schedule"] = schedule
     if consumers is not None:
         raw["consumers"] = {**raw["consumers"], **consumers}
+    if tolerances is not None:
+        raw["verification"]["tolerances"].update(tolerances)
     path.write_text(toml.dumps(raw))
     load_config(path)
     return path

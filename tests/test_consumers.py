@@ -73,7 +73,7 @@ ARTIFACTS = tuple(r.name for r in GRAPH_RECIPES)
 
 
 def _tolerance(artifact: str, runtime: str) -> float:
-    return load_config().consumers.tolerance(recipe(artifact).precision, runtime)
+    return load_config().consumers.tolerance(recipe(artifact).tolerance, runtime)
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,47 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
     assert all(manifest["verification"][name]["passed"] for name in by_name)
 
 
+def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, s3_store, s3_client,  # noqa: F811
+                                                                     tmp_path: Path, build_config) -> None:
+    """A new reduced precision is one registry entry plus its tolerances in the configuration: once
+    registered, the configuration plans it and the flow makes, checks, verifies, checks in Node and
+    publishes it, with no other module touched."""
+    from mitra_model.build import recipes
+    from mitra_model.build.options import RecipeOptions
+    from mitra_model.build.quantize import to_int8
+    from mitra_model.release.pull import pull_release
+
+    class PerChannelOptions(RecipeOptions):
+        per_channel: bool = True  # what to_int8 reads: one weight scale per output column
+
+    toy = recipes.register(recipes.reduced_precision(
+        "int8-channel", converter=to_int8, options=PerChannelOptions, precision="int8",
+        purpose="int8 weights with one scale per output column"))
+    try:
+        store = {"bucket": s3_store.bucket, "prefix": s3_store.prefix, "endpoint_url": s3_store.endpoint_url}
+        bounds = dict(load_config().verification.tolerances["int8"])
+        config = write_config(
+            tmp_path / "config.toml", store=store,
+            variants=[{"name": "finetuned", "repo_id": REPO, "revision": "main", "task": "classification"}],
+            artifacts={"flavours": ["portable", "optimized"], "precisions": ["int8-channel"]},
+            tolerances={"int8-channel": bounds},
+            consumers={"tolerances": {**load_config().consumers.tolerances, "int8-channel": {"onnxruntime-node": 1e-5}}},
+        )
+        assert [r.name for r in load_config(config).artifacts.planned()] == ["fp32", "fp32-ort", "int8-channel"]
+        local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=4))
+        result = run(local_hub, config, tmp_path / "artifacts", publish=True)
+        pulled = pull_release("finetuned", dest=tmp_path / "pulled", client=s3_client, store=s3_store,
+                              artifacts=["int8-channel"], progress=False)
+    finally:
+        recipes.unregister(toy.name)
+    manifest = json.loads(pulled.manifest_path.read_text())
+    (entry,) = [a for a in manifest["artifacts"] if a["name"] == "int8-channel"]
+    assert result["status"] == "built" and entry["file"] == "model-int8-channel.onnx" and entry["precision"] == "int8"
+    assert manifest["verification"]["int8-channel"]["passed"] is True and entry["details"]["per_channel"] is True
+    assert entry["purpose"] == toy.purpose and entry["checked_in"][0]["passed"] is True
+    assert hashlib.sha256(pulled.files["int8-channel"].read_bytes()).hexdigest() == entry["sha256"]
+
+
 def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from mitra_model.errors import VerificationError

@@ -16,20 +16,15 @@ from onnx import TensorProto, numpy_helper
 from mitra_model.build.check import check_onnx
 from mitra_model.build.config import Cell, Tolerance
 from mitra_model.build.export import INPUT_NAMES, export_onnx
-from mitra_model.build.quantize import (
-    METHODS,
-    MIN_WEIGHT_DIM,
-    Int8Options,
-    QuantizeResult,
-    quantize_onnx,
-    quantize_options,
-)
-from mitra_model.build.quantize import PRECISIONS as ALL_PRECISIONS
+from mitra_model.build import recipes
+from mitra_model.build.options import Int8Options
+from mitra_model.build.quantize import MIN_WEIGHT_DIM, QuantizeResult, quantize_onnx
 from mitra_model.build.verify import onnx_session, verify_onnx
 from mitra_model.errors import ConfigError, ExportError, MitraBuildError, OnnxCheckError
 from mitra_model.model.inputs import make_inputs
 from mitra_model.model.snapshot import load_model
 
+ALL_PRECISIONS = recipes.choices("precisions")  # every reduced precision the registry has
 PRECISIONS = ("int8", "fp16")  # held to the fp32 export's outputs; int4 has its own tests below
 # (shape (B, S, Q, F), data, padded support rows): mixed columns, ties, a padded batch, a wider table
 SHAPES = (((1, 64, 16, 8), "mixed", 0), ((1, 100, 20, 6), "integer_ties", 0), ((3, 48, 8, 5), "mixed", 12),
@@ -182,7 +177,7 @@ def test_bad_input_raises_typed_errors(sources, tmp_path: Path) -> None:
 @pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_bad_options_raise_config_error(sources, tmp_path: Path, precision: str) -> None:
     """Options are checked before the source is read: the error names the key and the allowed ones."""
-    allowed = ", ".join(METHODS[precision].options.model_fields) or "none"
+    allowed = ", ".join(recipes.recipe(precision).options.model_fields) or "none"
     with pytest.raises(ConfigError, match=f"{precision}.*'blocksize'.*allowed options: {allowed}"):
         quantize_onnx(sources["classification", "optimized"], tmp_path / "out.onnx", precision=precision,
                       options={"blocksize": 32})
@@ -190,12 +185,13 @@ def test_bad_options_raise_config_error(sources, tmp_path: Path, precision: str)
 
 
 def test_option_values_are_typed() -> None:
-    assert quantize_options("int8") == quantize_options("int8", {}) == Int8Options()
-    assert quantize_options("int8", {"per_channel": True}).per_channel is True
+    int8 = recipes.recipe("int8")
+    assert int8.checked_options() == int8.checked_options({}) == Int8Options()
+    assert int8.checked_options({"per_channel": True}).per_channel is True
     with pytest.raises(ConfigError, match="per_channel='yes'"):
-        quantize_options("int8", {"per_channel": "yes"})  # a TOML string is not coerced to a bool
-    with pytest.raises(ConfigError, match="'int3'.*" + ", ".join(ALL_PRECISIONS)):
-        quantize_options("int3")
+        int8.checked_options({"per_channel": "yes"})  # a TOML string is not coerced to a bool
+    with pytest.raises(KeyError, match="'int3'.*" + ", ".join(ALL_PRECISIONS)):
+        recipes.recipe("int3")
 
 
 def test_int8_per_channel_option_reaches_the_quantizer(sources, tmp_path: Path) -> None:

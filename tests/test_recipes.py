@@ -24,11 +24,11 @@ PRECISIONS_LINE = re.search(r"^precisions = .*$", DEFAULT_CONFIG_PATH.read_text(
 
 
 def test_every_recipe_derives_from_a_declared_recipe_and_names_are_unique() -> None:
-    names = [r.name for r in recipes.RECIPES]
+    names = [r.name for r in recipes.all_recipes()]
     assert len(set(names)) == len(names)
-    files = [f.file for r in recipes.RECIPES for f in r.files]
+    files = [f.file for r in recipes.all_recipes() for f in r.files]
     assert len(set(files)) == len(files)
-    for recipe in recipes.RECIPES:
+    for recipe in recipes.all_recipes():
         assert recipe.derives_from is None or recipe.derives_from in names, recipe.name
 
 

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mitra_model.build import recipes
+from mitra_model.build.options import RecipeOptions
 from mitra_model.model.kinds import DataKind, Shape, SizeConfig, SizeName, TaskName
 from mitra_model.errors import ConfigError
 from mitra_model.release.store import StoreConfig
@@ -68,15 +69,10 @@ class ArtifactsConfig(_Strict):
             raise ValueError("flavours must include 'portable' (the reference artifact every consumer can run)")
         recipes.planned(self)  # ValueError: a recipe whose source recipe is not planned
         for name, options in self.options.items():  # checked even when not planned: a run may plan it
-            if name not in recipes.BY_NAME:
-                raise ValueError(f"options.{name}: no artifact recipe {name!r} (known: {list(recipes.BY_NAME)})")
-            check = recipes.recipe(name).check_options
-            if check is None:
-                if options:
-                    raise ValueError(f"options.{name}: {name} takes no options, found {sorted(options)}")
-                continue
             try:
-                check(options)
+                recipes.recipe(name).checked_options(options)
+            except KeyError as exc:
+                raise ValueError(f"options.{name}: {exc.args[0]}") from None
             except ConfigError as exc:
                 raise ValueError(f"options.{name}: {exc}") from None
         return self
@@ -85,9 +81,9 @@ class ArtifactsConfig(_Strict):
         """The recipes this selects, each after the one it derives from."""
         return recipes.planned(self)
 
-    def options_for(self, recipe: recipes.Recipe) -> dict[str, OptionValue]:
-        """[artifacts.options.<name>] of the recipe (empty: the maker's defaults)."""
-        return dict(self.options.get(recipe.name, {}))
+    def options_for(self, recipe: recipes.Recipe) -> RecipeOptions:
+        """[artifacts.options.<name>] of the recipe, typed (unset keys: the maker's defaults)."""
+        return recipe.checked_options(self.options.get(recipe.name))
 
 
 class Tolerance(_Strict):
@@ -218,12 +214,13 @@ class ConsumersConfig(_Strict):
     browser: bool = False  # headless Chromium + onnxruntime-web (WASM); the tests always run it on tiny models
     tolerances: dict[str, dict[ConsumerRuntime, float]]
 
-    def tolerance(self, precision: str, runtime: str) -> float:
+    def tolerance(self, key: str, runtime: str) -> float:
+        """The bound of a recipe's `tolerance` key in `runtime` (the same key as its verification tolerance)."""
         try:
-            return self.tolerances[precision][runtime]  # type: ignore[index]
+            return self.tolerances[key][runtime]  # type: ignore[index]
         except KeyError:
-            raise ConfigError(f"no consumer tolerance for {precision} in {runtime}: add it under "
-                              f"[consumers.tolerances.{precision}]") from None
+            raise ConfigError(f"no consumer tolerance for {key} in {runtime}: add it under "
+                              f"[consumers.tolerances.{key}]") from None
 
 
 class BuildConfig(_Strict):
@@ -254,8 +251,8 @@ class BuildConfig(_Strict):
         for recipe in self.artifacts.planned():
             if recipe.tolerance not in self.verification.tolerances:
                 missing.append(f"[verification.tolerances.{recipe.tolerance}] (for {recipe.name})")
-            bounds = self.consumers.tolerances.get(recipe.precision, {})  # consumers judge by precision
-            missing += [f"[consumers.tolerances.{recipe.precision}] {runtime} (for {recipe.name})"
+            bounds = self.consumers.tolerances.get(recipe.tolerance, {})
+            missing += [f"[consumers.tolerances.{recipe.tolerance}] {runtime} (for {recipe.name})"
                         for runtime in runtimes if runtime not in bounds]
         if missing:
             raise ValueError("planned artifacts need tolerances: add " + ", ".join(missing))

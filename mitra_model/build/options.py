@@ -1,8 +1,8 @@
-"""The settings of each reduced precision, validated without the quantizer's toolchain.
+"""The typed options a recipe takes (`[artifacts.options.<recipe>]`), validated without its toolchain.
 
-Kept apart from `quantize.py` (onnx, numpy, ONNX Runtime) so that loading the configuration, which
-checks `[artifacts.options.<precision>]`, works in the slim install. `quantize.METHODS` pairs each
-entry here with its converter.
+Each recipe of the registry names its options model here; loading the configuration checks the
+table against it, so a mistyped key fails before any build starts, in the slim install too (this
+module needs only pydantic).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mitra_model.errors import ConfigError
 
 
-class QuantizeOptions(BaseModel):
+class RecipeOptions(BaseModel):
+    """A recipe's options; a recipe that takes none uses this model itself (no fields)."""
+
     # strict: a TOML string "true" or a float block size is a mistake to report, not to coerce
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class Int8Options(QuantizeOptions):
+class Int8Options(RecipeOptions):
     # Weight scales per tensor, not per output channel. Measured on the synthetic full-size classifier
     # (random weights): per-tensor max logit error 0.017-0.022 vs 0.021-0.025 per-channel, same speed,
     # 77.3 vs 77.8 MB; on the tiny models the two were within noise. Random uniform weights have no
@@ -28,11 +30,11 @@ class Int8Options(QuantizeOptions):
     per_channel: bool = False
 
 
-class Fp16Options(QuantizeOptions):
+class Fp16Options(RecipeOptions):
     pass
 
 
-class Int4Options(QuantizeOptions):
+class Int4Options(RecipeOptions):
     # Weights per block of this many input rows (K) share one scale (and zero point); MatMulNBits
     # needs a power of two >= 16. Measured (full-size synthetic classifier, verification matrix):
     # 32: 49.5 MB, argmax 99.4%; 64: 44.1 MB, 95.5%; 128: 41.5 MB, 96.6%; same speed within noise.
@@ -51,28 +53,22 @@ class Int4Options(QuantizeOptions):
         return value
 
 
-OPTIONS: dict[str, type[QuantizeOptions]] = {"int8": Int8Options, "fp16": Fp16Options, "int4": Int4Options}
-
-
-def quantize_options(precision: str, options: Mapping[str, Any] | None = None) -> QuantizeOptions:
-    """Validate per-precision `options` against the method's option model, filling in defaults.
-
-    The configuration can call this at load time, so a bad key fails before any build starts.
+def validate_options(recipe: str, model: type[RecipeOptions], options: Mapping[str, Any] | None = None
+                     ) -> RecipeOptions:
+    """Validate `options` against the recipe's options model, filling in defaults.
 
     Args:
-        precision: one of OPTIONS (the quantizer's precisions).
+        recipe: the recipe's name, for messages (e.g. "int4").
+        model: its options model.
         options: option name -> value (e.g. from a TOML table); None or empty for the defaults.
 
     Returns:
-        The method's frozen options model.
+        The frozen options.
 
     Raises:
-        ConfigError: `precision` is unknown, an option key is unknown (the error names it and the
-            allowed keys), or a value has the wrong type or range.
+        ConfigError: an option key is unknown (the error names it and the allowed keys), or a
+            value has the wrong type or range.
     """
-    if precision not in OPTIONS:
-        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(OPTIONS)}")
-    model = OPTIONS[precision]
     allowed = ", ".join(model.model_fields) or "none"
     try:
         return model.model_validate(dict(options or {}))
@@ -84,4 +80,4 @@ def quantize_options(precision: str, options: Mapping[str, Any] | None = None) -
                 problems.append(f"unknown option {key!r}")
             else:
                 problems.append(f"option {key}={error.get('input')!r}: {error['msg']}")
-        raise ConfigError(f"{precision} quantization: {'; '.join(problems)} (allowed options: {allowed})") from None
+        raise ConfigError(f"{recipe}: {'; '.join(problems)} (allowed options: {allowed})") from None

@@ -9,8 +9,9 @@ output head (10 or 1 columns; measured as the largest single source of int8 erro
 regressor). No node name is relied on, so the portable export and the optimized flavour (attention as
 `com.microsoft.MultiHeadAttention`) both work.
 
-Each precision is one entry of `METHODS`: its converter and a pydantic model of the options it takes
-(unknown keys and mistyped values are a ConfigError; `quantize_options` checks them without building).
+Each precision is a recipe of the registry (`recipes.reduced_precision`) naming its converter here
+(`to_int8`, `to_fp16`, `to_int4`) and the typed options it takes (`options.py`: unknown keys and
+mistyped values are a ConfigError when the configuration loads).
 
 - int8: `onnxruntime.quantization.quantize_dynamic`, QInt8 weights (one scale per tensor), uint8
   activations quantized per call (`DynamicQuantizeLinear` + `MatMulInteger`, standard ONNX ops).
@@ -63,7 +64,8 @@ from onnx import TensorProto, helper, numpy_helper
 from mitra_model import __version__
 from mitra_model.errors import ConfigError, ExportError, OnnxCheckError
 from mitra_model.fileutil import atomic_file, sha256_file
-from mitra_model.build.options import OPTIONS, Fp16Options, Int4Options, Int8Options, QuantizeOptions, quantize_options
+from mitra_model.build import recipes
+from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions
 
 # A MatMul weight is reduced only if both of its dims are at least this (see the module docstring).
 MIN_WEIGHT_DIM = 16
@@ -81,7 +83,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 @dataclass(frozen=True)
 class QuantizeResult:
     path: Path
-    precision: str  # one of PRECISIONS
+    precision: str  # what the weights are stored as (int8, fp16, int4)
     size: int
     sha256: str
     seconds: float
@@ -92,17 +94,8 @@ class QuantizeResult:
 Converter = Callable[[onnx.ModelProto, Path, Path, Any], tuple[onnx.ModelProto, dict[str, Any]]]
 
 
-@dataclass(frozen=True)
-class Method:
-    """How one precision is made: its converter and the options it accepts (with their defaults)."""
-
-    convert: Converter
-    options: type[QuantizeOptions]
-    summary: str  # one line for help texts
-
-
 def quantize_onnx(
-    source: Path, output: Path, *, precision: str, options: Mapping[str, Any] | None = None
+    source: Path, output: Path, *, precision: str, options: Mapping[str, Any] | RecipeOptions | None = None
 ) -> QuantizeResult:
     """Write a reduced-precision copy of the fp32 Mitra ONNX `source` to `output`.
 
@@ -112,24 +105,49 @@ def quantize_onnx(
     Args:
         source: an fp32 Mitra ONNX (the portable export or the optimized flavour).
         output: the .onnx file to write.
-        precision: one of PRECISIONS (see METHODS and the module docstring).
-        options: per-precision settings (see `quantize_options`); None for the defaults.
+        precision: a reduced-precision recipe of the registry (`recipes.choices("precisions")`:
+            int8, fp16, int4, or one registered since).
+        options: its settings ([artifacts.options.<precision>], as a table or already typed); None
+            for the defaults.
 
     Returns:
         The written file's digest and size, and `details` counting what was converted.
 
     Raises:
-        ConfigError: `precision` is not one of PRECISIONS, or `options` are not valid for it.
+        ConfigError: `precision` is not a reduced precision of the registry, or `options` are not
+            valid for it.
         ExportError: `source` does not exist, or the conversion failed or left an fp32 weight behind.
         OnnxCheckError: `source` is not a loadable ONNX model.
     """
-    method = _method(precision)
-    settings = quantize_options(precision, options)
+    try:
+        recipe = recipes.recipe(precision)
+    except KeyError:
+        recipe = None
+    if recipe is None or not isinstance(recipe.make, recipes.Quantize):
+        known = ", ".join(recipes.choices("precisions"))
+        raise ConfigError(f"unknown precision {precision!r}: expected one of {known}")
+    settings = options if isinstance(options, RecipeOptions) else recipe.checked_options(options)
+    return convert_onnx(source, output, precision=recipe.make.precision, converter=recipe.make.converter,
+                        options=settings)
+
+
+def convert_onnx(source: Path, output: Path, *, precision: str, converter: str | Converter,
+                 options: RecipeOptions) -> QuantizeResult:
+    """Run one converter on `source` (what a `recipes.Quantize` maker does).
+
+    Args:
+        precision: what the file's metadata says its weights are.
+        converter: a converter of this module by name ("to_int8"), or the function itself.
+        options: the converter's typed options.
+
+    Raises: as `quantize_onnx`.
+    """
+    convert = _CONVERTERS[converter] if isinstance(converter, str) else converter
     source, output = Path(source), Path(output)
     model = _load(source)
     started = time.perf_counter()
     with atomic_file(output) as tmp:
-        model, details = method.convert(model, tmp, source, settings)
+        model, details = convert(model, tmp, source, options)
         _pin_fields(model, precision)
         onnx.save_model(model, str(tmp))
     seconds = time.perf_counter() - started
@@ -137,13 +155,6 @@ def quantize_onnx(
         path=output, precision=precision, size=output.stat().st_size, sha256=sha256_file(output),
         seconds=seconds, details=details,
     )
-
-
-def _method(precision: str) -> Method:
-    try:
-        return METHODS[precision]
-    except KeyError:
-        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +304,7 @@ def _quiet_quantizer() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
-def _to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = model.graph
@@ -422,7 +433,7 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
     return None
 
 
-def _to_fp16(model: onnx.ModelProto, tmp: Path, source: Path, options: Fp16Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def to_fp16(model: onnx.ModelProto, tmp: Path, source: Path, options: Fp16Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
     del tmp, options  # a Converter's arguments; this pass writes no file of its own and takes no options
     graph = model.graph
     identities = _drop_weight_identities(graph)
@@ -560,7 +571,7 @@ def _contained_logging(noisy: str) -> Iterator[None]:
         chatty.setLevel(chatty_level)
 
 
-def _to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
     del tmp  # a Converter's argument; this quantizer works on the model in memory
     graph = model.graph
     identities = _drop_weight_identities(graph)
@@ -606,13 +617,6 @@ def _to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Optio
 
 
 # ---------------------------------------------------------------------------------------------
-# The table
+# The converters the registry names (recipes.reduced_precision(converter="to_int8", ...))
 
-
-METHODS: Mapping[str, Method] = MappingProxyType({
-    "int8": Method(_to_int8, Int8Options, "dynamic int8 MatMul weights, for CPU"),  # options: OPTIONS[name]
-    "fp16": Method(_to_fp16, Fp16Options, "fp16 transformer weights and compute, for GPU / WebGPU"),
-    "int4": Method(_to_int4, Int4Options, "4-bit block-quantized MatMul weights (MatMulNBits), for CPU and WASM"),
-})
-PRECISIONS = tuple(METHODS)
-assert all(METHODS[name].options is OPTIONS[name] for name in OPTIONS) and set(OPTIONS) == set(METHODS)
+_CONVERTERS: Mapping[str, Converter] = MappingProxyType({"to_int8": to_int8, "to_fp16": to_fp16, "to_int4": to_int4})

@@ -1,14 +1,16 @@
-"""The artifact recipes: one declaration per published artifact, read by every stage.
+"""The artifact registry: one declaration per published artifact, read by every stage.
 
-In the spirit of Optimum's per-model `OnnxConfig`, each `Recipe` says what the artifact is (its files
-and their I/O contracts), where it comes from (the snapshot, or the files of another recipe), how it
-is made, how it is judged (its tolerance key; one graph or an encode/predict pair), and what it is
-for (purpose and runtimes, copied into the manifest). The flow is a loop over `planned(...)`; CLI
-choices, config validation and the manifest's text come from `RECIPES`. A new artifact is one entry
-here plus its tolerances in the configuration.
+In the spirit of Optimum's `TasksManager`, each `Recipe` says what the artifact is (its files and
+their I/O contracts), where it comes from (the snapshot, or the files of another recipe), how it is
+made (its maker) and with which typed options (`[artifacts.options.<name>]`), how it is judged (its
+tolerance key, the same for `[verification.tolerances.<key>]` and `[consumers.tolerances.<key>]`;
+one graph or an encode/predict pair), and what it is for (purpose and runtimes, copied into the
+manifest). The flow is a loop over `planned(...)`; CLI choices, config validation and the manifest's
+text come from the registry. A new artifact is one `register(Recipe(...))` plus its tolerances in
+the configuration; a new reduced precision's maker is `Quantize(converter=...)`.
 
-This module imports nothing heavy: the `make` functions import the exporter or the quantizer when
-they run, so the configuration and the CLI can read the registry without torch or onnx.
+The registry is read by the slim install (the configuration checks `[artifacts]` against it), so
+this module imports nothing heavy: each maker imports the exporter or the quantizer when it runs.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions, validate_options
 from mitra_model.release.layout import FLAVOUR_FILES, SUPPORT_CACHE_FILES, precision_file
 
 if TYPE_CHECKING:
     from mitra_model.build.config import ArtifactsConfig
-    from mitra_model.model.kinds import Shape
     from mitra_model.build.export import TensorSpec
+    from mitra_model.model.kinds import Shape
     from mitra_model.model.tab2d import MitraConfig
 
     Contract = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
@@ -49,7 +52,7 @@ class BuildContext:
     opset: int
     trace_shape: Shape
     parent_files: tuple[Path, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)  # [artifacts.options.<recipe>], checked at load
+    options: RecipeOptions = field(default_factory=RecipeOptions)  # [artifacts.options.<recipe>], checked at load
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,11 @@ class Recipe:
     runtimes: tuple[str, ...]
     verify_as: VerifyAs
     select: tuple[SelectField, str | bool]  # how [artifacts] plans it
-    # Checks [artifacts.options.<name>] (raises ConfigError naming a bad key); None: takes no options
-    check_options: Callable[[Mapping[str, Any]], None] | None = None
+    options: type[RecipeOptions] = RecipeOptions  # what [artifacts.options.<name>] may set; RecipeOptions: none
+
+    def checked_options(self, raw: Mapping[str, Any] | None = None) -> RecipeOptions:
+        """[artifacts.options.<name>] as this recipe's typed options (ConfigError names a bad key)."""
+        return validate_options(self.name, self.options, raw)
 
     def selected(self, artifacts: ArtifactsConfig) -> bool:
         key, value = self.select
@@ -102,18 +108,19 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------------
-# How each kind is made (imports deferred: see the module docstring)
+# How each kind is made. The exporter and the quantizer are imported inside the makers, when an
+# artifact is made: the registry itself must load in the slim install (see the module docstring).
 
 
 def _full_contract(config: MitraConfig) -> Contract:
-    from mitra_model.build.export import io_contract
+    from mitra_model.build.export import io_contract  # deferred: the slim install reads the registry
 
     return io_contract(config)
 
 
 def _pair_contract(role: str) -> Callable[[MitraConfig], Contract]:
     def contract(config: MitraConfig) -> Contract:
-        from mitra_model.build.support_cache import support_cache_contract
+        from mitra_model.build.support_cache import support_cache_contract  # deferred: as above
 
         return support_cache_contract(config)[role]
 
@@ -122,8 +129,8 @@ def _pair_contract(role: str) -> Callable[[MitraConfig], Contract]:
 
 def _export(flavour: Literal["portable", "optimized"], file: str) -> Callable[[BuildContext], Made]:
     def make(ctx: BuildContext) -> Made:
-        from mitra_model.build.export import export_onnx
-        from mitra_model.model.snapshot import load_model
+        from mitra_model.build.export import export_onnx  # deferred: as above
+        from mitra_model.model.snapshot import load_model  # deferred: as above
 
         model, snapshot = load_model(ctx.snapshot_dir)
         result = export_onnx(model, ctx.work / file, opset=ctx.opset, trace_shape=ctx.trace_shape,
@@ -133,28 +140,33 @@ def _export(flavour: Literal["portable", "optimized"], file: str) -> Callable[[B
     return make
 
 
-def _quantize_options(precision: str) -> Callable[[Mapping[str, Any]], None]:
-    def check(options: Mapping[str, Any]) -> None:
-        from mitra_model.build.options import quantize_options
+@dataclass(frozen=True)
+class Quantize:
+    """The maker of a reduced precision: `quantize.quantize_onnx` with one converter, on the file of
+    the recipe it derives from.
 
-        quantize_options(precision, options)
+    Attributes:
+        precision: what the weights become (the file's metadata and the manifest say it).
+        file: the file it writes.
+        converter: the name of a converter in `mitra_model.build.quantize` (looked up when it runs),
+            or a converter function itself: (model, tmp path, source path, options) -> (model, details).
+    """
 
-    return check
+    precision: str
+    file: str
+    converter: str | Callable[..., Any]
 
+    def __call__(self, ctx: BuildContext) -> Made:
+        from mitra_model.build.quantize import convert_onnx  # deferred: as above
 
-def _quantize(precision: str, file: str) -> Callable[[BuildContext], Made]:
-    def make(ctx: BuildContext) -> Made:
-        from mitra_model.build.quantize import quantize_onnx
-
-        result = quantize_onnx(ctx.parent_files[0], ctx.work / file, precision=precision, options=ctx.options)
+        result = convert_onnx(ctx.parent_files[0], ctx.work / self.file, precision=self.precision,
+                              converter=self.converter, options=ctx.options)
         return Made(files=(result.path,), details=result.details)
-
-    return make
 
 
 def _export_pair(ctx: BuildContext) -> Made:
-    from mitra_model.model.snapshot import load_model
-    from mitra_model.build.support_cache import export_support_cache
+    from mitra_model.build.support_cache import export_support_cache  # deferred: as above
+    from mitra_model.model.snapshot import load_model  # deferred: as above
 
     model, snapshot = load_model(ctx.snapshot_dir)
     pair = export_support_cache(model, ctx.work, opset=ctx.opset, trace_shape=ctx.trace_shape,
@@ -166,19 +178,29 @@ def _graph(name: str, file: str) -> tuple[ArtifactFile, ...]:
     return (ArtifactFile(name, file, _full_contract),)
 
 
-def _reduced(precision: str, purpose: str) -> Recipe:
-    """A reduced-precision copy of the optimized fp32 file, judged by its own tolerance; its options
-    are the quantizer's ([artifacts.options.<precision>])."""
-    file = precision_file(precision)
+def reduced_precision(name: str, *, converter: str | Callable[..., Any], options: type[RecipeOptions],
+                      purpose: str, precision: str | None = None, file: str | None = None) -> Recipe:
+    """A reduced-precision copy of the optimized fp32 file, planned by `precisions = ["<name>"]` and
+    judged by its own tolerances ([verification.tolerances.<name>], [consumers.tolerances.<name>]).
+
+    Args:
+        name: the recipe, the manifest's artifact name and the tolerance key.
+        converter: see `Quantize.converter`.
+        options: its typed options ([artifacts.options.<name>]).
+        purpose: one line for the manifest and the model card.
+        precision: what the weights are stored as (default: `name`).
+        file: the published file (default model-<name>.onnx).
+    """
+    file = file or precision_file(name)
     return Recipe(
-        name=precision, files=_graph(precision, file), derives_from="fp32-ort", make=_quantize(precision, file),
-        precision=precision, flavour="optimized", tolerance=precision, verify_as="graph",
-        select=("precisions", precision), runtimes=CONTRIB_RUNTIMES, purpose=purpose,
-        check_options=_quantize_options(precision),
+        name=name, files=_graph(name, file), derives_from="fp32-ort",
+        make=Quantize(precision=precision or name, file=file, converter=converter), precision=precision or name,
+        flavour="optimized", tolerance=name, verify_as="graph", select=("precisions", name),
+        runtimes=CONTRIB_RUNTIMES, purpose=purpose, options=options,
     )
 
 
-RECIPES: tuple[Recipe, ...] = (
+_BUILT_IN: tuple[Recipe, ...] = (
     Recipe(
         name="fp32", files=_graph("fp32", FLAVOUR_FILES["portable"]), derives_from=None,
         make=_export("portable", FLAVOUR_FILES["portable"]), precision="fp32", flavour="portable", tolerance="fp32",
@@ -192,11 +214,14 @@ RECIPES: tuple[Recipe, ...] = (
         purpose="reference precision with attention as ONNX Runtime's memory-efficient contrib MultiHeadAttention "
                 "(never materializes the attention scores)",
     ),
-    _reduced("int8", "CPU inference: dynamic int8 MatMul weights, about 4x smaller than fp32 and faster on CPU"),
-    _reduced("fp16", "GPU / WebGPU execution providers (fp16 weights and transformer compute); runs on CPU but is "
-                     "no faster there than fp32 (see `cpu`)"),
-    _reduced("int4", "smallest download: 4-bit block-quantized MatMul weights (ONNX Runtime MatMulNBits), about 6x "
-                     "smaller than fp32; a little faster than fp32 on CPU (see `cpu`)"),
+    reduced_precision("int8", converter="to_int8", options=Int8Options,
+                      purpose="CPU inference: dynamic int8 MatMul weights, about 4x smaller than fp32 and faster on CPU"),
+    reduced_precision("fp16", converter="to_fp16", options=Fp16Options,
+                      purpose="GPU / WebGPU execution providers (fp16 weights and transformer compute); runs on CPU "
+                              "but is no faster there than fp32 (see `cpu`)"),
+    reduced_precision("int4", converter="to_int4", options=Int4Options,
+                      purpose="smallest download: 4-bit block-quantized MatMul weights (ONNX Runtime MatMulNBits), "
+                              "about 6x smaller than fp32; a little faster than fp32 on CPU (see `cpu`)"),
     Recipe(
         name="support-cache",
         files=(ArtifactFile("encode-support", SUPPORT_CACHE_FILES["portable"][0], _pair_contract("encode_support")),
@@ -207,43 +232,71 @@ RECIPES: tuple[Recipe, ...] = (
     ),
 )
 
-BY_NAME: dict[str, Recipe] = {recipe.name: recipe for recipe in RECIPES}
+_REGISTRY: dict[str, Recipe] = {recipe.name: recipe for recipe in _BUILT_IN}
+
+
+def register(new: Recipe) -> Recipe:
+    """Add an artifact to the registry (a plugin's, or a test's toy); from then on the configuration
+    plans it, the flow builds, verifies and publishes it like the built-in ones.
+
+    Raises:
+        ValueError: its name or one of its files is already registered, or it derives from an unknown recipe.
+    """
+    files = {f.name for r in _REGISTRY.values() for f in r.files} | {f.file for r in _REGISTRY.values() for f in r.files}
+    if new.name in _REGISTRY or any(f.name in files or f.file in files for f in new.files):
+        raise ValueError(f"recipe {new.name!r}: its name or a file is already registered")
+    if new.derives_from is not None and new.derives_from not in _REGISTRY:
+        raise ValueError(f"recipe {new.name!r} derives from {new.derives_from!r}, which is not registered")
+    _REGISTRY[new.name] = new
+    return new
+
+
+def unregister(name: str) -> None:
+    """Remove a recipe added with `register` (the built-in ones stay)."""
+    if any(r.name == name for r in _BUILT_IN):
+        raise ValueError(f"{name!r} is a built-in recipe")
+    _REGISTRY.pop(name, None)
+
+
+def all_recipes() -> tuple[Recipe, ...]:
+    """Every registered recipe, in declaration order."""
+    return tuple(_REGISTRY.values())
 
 
 def choices(key: SelectField) -> tuple[str, ...]:
     """The values [artifacts] `flavours` or `precisions` accept (CLI choices too)."""
-    return tuple(str(r.select[1]) for r in RECIPES if r.select[0] == key)
+    return tuple(str(r.select[1]) for r in _REGISTRY.values() if r.select[0] == key)
 
 
 def recipe(name: str) -> Recipe:
     """The recipe called `name`; KeyError names the known ones."""
     try:
-        return BY_NAME[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"no artifact recipe {name!r} (known: {', '.join(BY_NAME)})") from None
+        raise KeyError(f"no artifact recipe {name!r} (known: {', '.join(_REGISTRY)})") from None
 
 
 def planned(artifacts: ArtifactsConfig) -> list[Recipe]:
     """The recipes [artifacts] selects, each after the recipe it derives from (declaration order
     otherwise). Raises ValueError when a selected recipe derives from one that is not selected."""
-    chosen = {r.name: r for r in RECIPES if r.selected(artifacts)}
+    chosen = {r.name: r for r in _REGISTRY.values() if r.selected(artifacts)}
     for r in chosen.values():
         if r.derives_from is not None and r.derives_from not in chosen:
-            parent = BY_NAME[r.derives_from]
+            parent = _REGISTRY[r.derives_from]
             raise ValueError(f"{r.name} is built from {parent.name} ({parent.flavour} {parent.precision}), which is "
                              f"not planned: {parent.how_to_plan}")
     ordered: list[Recipe] = []
     while len(ordered) < len(chosen):
         for r in chosen.values():
-            if r not in ordered and (r.derives_from is None or BY_NAME[r.derives_from] in ordered):
+            if r not in ordered and (r.derives_from is None or _REGISTRY[r.derives_from] in ordered):
                 ordered.append(r)
     return ordered
 
 
 def artifact_file(name: str) -> tuple[Recipe, ArtifactFile]:
     """The recipe and file of a manifest artifact entry name (e.g. "int8", "predict-query")."""
-    for r in RECIPES:
+    for r in _REGISTRY.values():
         for f in r.files:
             if f.name == name:
                 return r, f
-    raise KeyError(f"no artifact named {name!r} (known: {', '.join(f.name for r in RECIPES for f in r.files)})")
+    raise KeyError(f"no artifact named {name!r} (known: {', '.join(f.name for r in _REGISTRY.values() for f in r.files)})")

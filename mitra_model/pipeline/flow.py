@@ -187,11 +187,11 @@ def consumer_check(recipe: Recipe, built: list[builds.BuiltArtifact], snapshot: 
         consumers.ensure_node_modules()
         checks.append(consumers.check_in_node(
             model, fixture, predict_path=predict_path,
-            tolerance_abs=config.consumers.tolerance(recipe.precision, consumers.NODE_RUNTIME)))
+            tolerance_abs=config.consumers.tolerance(recipe.tolerance, consumers.NODE_RUNTIME)))
     if config.consumers.browser:
         checks.append(consumers.check_in_browser(
             model, fixture, predict_path=predict_path,
-            tolerance_abs=config.consumers.tolerance(recipe.precision, consumers.WEB_RUNTIME)))
+            tolerance_abs=config.consumers.tolerance(recipe.tolerance, consumers.WEB_RUNTIME)))
     for check in checks:
         get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", recipe.name, check.runtime,
                               check.runtime_version, check.host, check.max_abs_err)
