@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import machine  # noqa: E402
+
 from mitra_model.build.config import load_config  # noqa: E402
 from mitra_model.build.export import INPUT_NAMES, export_onnx  # noqa: E402
 from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, cache_names, export_support_cache  # noqa: E402
@@ -32,8 +34,6 @@ from mitra_model.build.verify import onnx_session  # noqa: E402
 from mitra_model.model.inputs import make_inputs  # noqa: E402
 from mitra_model.model.snapshot import load_model, write_synthetic_snapshot  # noqa: E402
 from mitra_model.release.layout import FLAVOUR_FILES  # noqa: E402
-
-from bench_core import machine  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 

@@ -20,6 +20,17 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from s3_fixtures import (
+    TEST_SECRET_KEY,
+    CrashingClient,
+    make_build,
+    put_raw,
+    read_json_object,
+    s3_client,
+    s3_server,
+    s3_store,
+    time_limit,
+)
 
 from mitra_model.cli.main import main
 from mitra_model.errors import OutputError, PullError
@@ -36,18 +47,6 @@ from mitra_model.release.client import (
 from mitra_model.release.publish import PublishResult, publish_build
 from mitra_model.release.rules import canonical_json
 from mitra_model.release.store import StoreConfig, describe_client_error, redact_secrets
-
-from s3_fixtures import (
-    TEST_SECRET_KEY,
-    CrashingClient,
-    make_build,
-    put_raw,
-    read_json_object,
-    s3_client,
-    s3_server,
-    s3_store,
-    time_limit,
-)
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = [pytest.mark.usefixtures("time_limit"),

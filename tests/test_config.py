@@ -6,11 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+from configs import edited_config
 
 from mitra_model.build.config import DEFAULT_CONFIG_PATH, config_digest, load_config
 from mitra_model.errors import ConfigError
-
-from configs import edited_config
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from s3_fixtures import make_build, put_raw, s3_client, s3_server, s3_store, time_limit
 
 from mitra_model.build.config import load_config
 from mitra_model.build.consumers import (
@@ -50,8 +51,6 @@ from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.model.inputs import PADDED_CLASS_LABEL, make_inputs
 from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 from mitra_model.release.publish import publish_build
-
-from s3_fixtures import make_build, put_raw, s3_client, s3_server, s3_store, time_limit
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 

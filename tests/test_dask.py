@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+from configs import write_config
 from prefect import flow, task, unmapped
 from prefect.testing.utilities import prefect_test_harness
+from s3_fixtures import list_keys, s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 import mitra_model.pipeline.flow as flow_module
+from mitra_model.pipeline import plumbing
 from mitra_model.build.config import ExecutionConfig, load_config
 from mitra_model.build.verify import make_report, verify_onnx
 from mitra_model.model.snapshot import load_model
-
-from configs import write_config
-from s3_fixtures import list_keys, s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 
 @task
@@ -37,7 +37,7 @@ def test_matrix_on_a_local_cluster_equals_in_process(tiny_snapshots, tiny_export
     snapshot, onnx_path = tiny_snapshots["classification"].path, tiny_exports["classification"].path
     cells = list(build_config.verification.cells)
     tolerance = build_config.verification.tolerance("fp32")
-    runner = flow_module.task_runner(ExecutionConfig(task_runner="dask", dask_workers=2))
+    runner = plumbing.task_runner(ExecutionConfig(task_runner="dask", dask_workers=2))
     assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["processes"] is True
 
     @flow(task_runner=runner)

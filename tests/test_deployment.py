@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from mitra_model.model.snapshot import write_synthetic_snapshot
-
 from configs import write_config
 from prefect_servers import BIN, REPO_ROOT, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
+
+from mitra_model.model.snapshot import write_synthetic_snapshot
 
 
 def test_deployment_runs_end_to_end(tmp_path: Path, build_config) -> None:

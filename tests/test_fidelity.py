@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from upstream import build_upstream, run_upstream
 
 from mitra_model.build.export import INPUT_NAMES, export_onnx, numpy_inputs
 from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, QueryPredictor, SupportEncoder, export_support_cache
@@ -20,8 +21,6 @@ from mitra_model.build.verify import onnx_session
 from mitra_model.model.inputs import make_inputs
 from mitra_model.model.kinds import Shape
 from mitra_model.model.tab2d import MitraConfig, Tab2D, Task
-
-from upstream import build_upstream, run_upstream
 
 DIM, LAYERS, HEADS = 64, 2, 4
 DIM_OUTPUT = {"classification": 10, "regression": 1}

@@ -8,17 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
+from configs import write_config
+from local_hub import local_hub  # noqa: F401 - fixture
 from prefect.testing.utilities import prefect_test_harness
+from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 import mitra_model.pipeline.flow as flow_module
 from mitra_model.build.config import load_config
 from mitra_model.errors import ChecksumMismatchError, HubNotFoundError
 from mitra_model.model.snapshot import write_synthetic_snapshot
 from mitra_model.release.store import StoreConfig
-
-from configs import write_config
-from local_hub import local_hub  # noqa: F401 - fixture
-from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 REPO = "acme/mitra-finetuned"
 
@@ -306,15 +305,16 @@ def test_a_variant_can_be_a_local_folder(tmp_path: Path, tiny_snapshots) -> None
 
 
 def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_config) -> None:  # noqa: F811
-    """Library warnings in the run's logs, a run named after what it builds, artifact-specific task
-    names, no per-task "Finished in state Completed()" noise, tolerance beside each error, progress,
-    the manifest summary, the variant tag and the variant lock."""
+    """Library warnings in the run's logs, a run named after what it builds (as the README says it),
+    artifact-specific task names, no per-task "Finished in state Completed()" noise, one card per kind
+    per variant (progress updated in place, the tolerance beside each error, the manifest summary), a
+    summary line saying where the build went, the variant tag and the variant lock."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
-        ArtifactFilterKey,
+        ArtifactFilterFlowRunId,
         FlowRunFilter,
         FlowRunFilterParentFlowRunId,
         LogFilter,
@@ -330,6 +330,8 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
     assert state.is_completed()
     top_id = state.state_details.flow_run_id
 
+    keys = ["finetuned-manifest", "finetuned-progress", "finetuned-verification"]
+
     async def read():
         async with get_client() as client:
             top = await client.read_flow_run(top_id)
@@ -339,13 +341,13 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [top_id, *child_ids]}),
                                                 task_run_filter=TaskRunFilter())
             logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[top_id, *child_ids])))
-            keys = ["finetuned-manifest", "finetuned-progress-fp32", "finetuned-verification-fp32"]
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+            every = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[top_id, *child_ids])))
             limits = await client.read_global_concurrency_limits()
-            return top, children, tasks, logs, found, limits
+            return top, children, tasks, logs, every, limits
 
-    top, children, tasks, logs, found, limits = asyncio.run(read())
-    assert top.name == "mitra-build: finetuned @ configured revisions"
+    top, children, tasks, logs, every, limits = asyncio.run(read())
+    assert top.name == "mitra-build: finetuned @ main"
     assert any("variant:finetuned" in child.tags for child in children)
     names = {t.name for t in tasks}
     assert {"export-fp32", "check-fp32", "report-fp32"} <= names and any(n.startswith("verify-fp32-") for n in names)
@@ -353,9 +355,17 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
     assert any("retry 1/" in m for m in messages), messages  # the library's warning reached the UI
     noise = [log for log in logs if log.task_run_id and log.message.startswith("Finished in state Completed")]
     assert not noise and len([t for t in tasks if t.state.is_completed()]) > 10  # many tasks, no per-task line
-    by_key = {a.key: a for a in found}
-    assert by_key["finetuned-progress-fp32"].data == 100.0
-    assert "(<= " in str(by_key["finetuned-verification-fp32"].data)  # tolerance beside the measured error
+    by_key = {a.key: a for a in sorted(every, key=lambda a: a.created)}  # each card as it ended
+    assert {a.key for a in every} == set(keys)  # one card per kind for the variant, none per artifact
+    assert [a.type for a in every].count("progress") == 1 and by_key["finetuned-progress"].data == 100.0
+    verification_table = str(by_key["finetuned-verification"].data)
+    assert "(<= " in verification_table and "fp32-ort" in verification_table  # every artifact, bound beside error
+    summary = flow_module.summary_line(state.result()[0])  # the run's last log line: what, SYNTHETIC or not, where
+    assert summary.startswith("finetuned built v-") and str(artifacts / "builds" / "finetuned") in summary
+    assert "SYNTHETIC (random weights)" in summary  # the hub here serves synthetic snapshots
+    real = flow_module.summary_line({**state.result()[0], "synthetic": False,
+                                     "published": "s3://b/p/finetuned/v-1/manifest.json"})
+    assert "SYNTHETIC" not in real and real.endswith("-> s3://b/p/finetuned/v-1/manifest.json")
     assert "Not published" in by_key["finetuned-manifest"].data
     assert any(limit.name == "mitra-build-variant-finetuned" and limit.limit == 1 for limit in limits)
 

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from configs import edited_config
 
 from mitra_model.build.config import DEFAULT_CONFIG_PATH, load_config
 from mitra_model.errors import ConfigError, SnapshotError
 from mitra_model.model.architecture import LIMITS
 from mitra_model.model.snapshot import read_snapshot
-
-from configs import edited_config
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from local_hub import LocalHub, local_hub  # noqa: F401 - `local_hub` is a fixture
 
 from mitra_model.build.hub import REQUIRED_FILES, download_snapshot, resolve_revision
 from mitra_model.errors import ChecksumMismatchError, HubAuthError, HubNotFoundError, HubUnreachableError
-
-from local_hub import LocalHub, local_hub  # noqa: F401 - `local_hub` is a fixture
 
 REPO = "acme/mitra-tiny"
 CONFIG = b'{"dim": 8, "dim_output": 10, "n_layers": 1, "n_heads": 2, "task": "CLASSIFICATION"}'

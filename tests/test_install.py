@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_fixtures import make_build, s3_client, s3_server, s3_store
 
 from mitra_model.release.publish import publish_build
-
-from s3_fixtures import make_build, s3_client, s3_server, s3_store
 
 __all__ = ["s3_client", "s3_server", "s3_store"]  # fixtures used by name
 pytestmark = pytest.mark.install

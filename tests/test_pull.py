@@ -11,15 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from mitra_model.errors import ChecksumMismatchError, PullError
-from mitra_model.release import layout
-from mitra_model.release.layout import PULL_STATE_NAME
-from mitra_model.release.publish import PublishResult, publish_build
-from mitra_model.release.pull import PullResult, pull_release
-from mitra_model.release.rules import canonical_json
-from mitra_model.release.store import StoreConfig
-
 from s3_fixtures import (
     CrashingClient,
     SimulatedCrash,
@@ -32,6 +23,14 @@ from s3_fixtures import (
     s3_store,
     time_limit,
 )
+
+from mitra_model.errors import ChecksumMismatchError, PullError
+from mitra_model.release import layout
+from mitra_model.release.layout import PULL_STATE_NAME
+from mitra_model.release.publish import PublishResult, publish_build
+from mitra_model.release.pull import PullResult, pull_release
+from mitra_model.release.rules import canonical_json
+from mitra_model.release.store import StoreConfig
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from mitra_model.build import recipes
 from mitra_model.build.check import check_onnx
 from mitra_model.build.config import Cell, Tolerance
 from mitra_model.build.export import INPUT_NAMES, export_onnx
-from mitra_model.build import recipes
 from mitra_model.build.options import Int8Options
 from mitra_model.build.quantize import MIN_WEIGHT_DIM, QuantizeResult, quantize_onnx
 from mitra_model.build.verify import onnx_session, verify_onnx

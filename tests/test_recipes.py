@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from configs import edited_config
 
 from mitra_model.build import recipes
 from mitra_model.build.config import DEFAULT_CONFIG_PATH, load_config
 from mitra_model.build.record import decide_build
 from mitra_model.cli.main import build_parser
 from mitra_model.errors import ConfigError
-
-from configs import edited_config
 
 # The default configuration's line that plans the reduced precisions, whatever it lists.
 PRECISIONS_LINE = re.search(r"^precisions = .*$", DEFAULT_CONFIG_PATH.read_text(), re.M).group(0)

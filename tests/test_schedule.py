@@ -13,14 +13,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from configs import write_config
+from prefect_servers import BIN, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
+from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
+
 from mitra_model.model.snapshot import write_synthetic_snapshot
 from mitra_model.release import layout
 from mitra_model.release.keys import generate_keypair
 from mitra_model.release.pointer import verify_pointer
-
-from configs import write_config
-from prefect_servers import BIN, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
-from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 VARIANT = "mitra-regressor"
 

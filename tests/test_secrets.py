@@ -12,11 +12,10 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from local_hub import LocalHub, local_hub  # noqa: F401 - fixture
 
 from mitra_model.build.hub import resolve_revision
 from mitra_model.errors import HubAuthError, HubUnreachableError
-
-from local_hub import LocalHub, local_hub  # noqa: F401 - fixture
 
 REPO = "acme/secret-mitra"
 TOKEN = "hf_secretSECRETsecret9999"

@@ -23,6 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_fixtures import (
+    CrashingClient,
+    SimulatedCrash,
+    list_keys,
+    make_build,
+    put_raw,
+    read_json_object,
+    s3_client,
+    s3_server,
+    s3_store,
+    time_limit,
+)
 
 from mitra_model.cli.main import main
 from mitra_model.errors import (
@@ -40,25 +52,12 @@ from mitra_model.errors import (
 from mitra_model.release import layout, pull
 from mitra_model.release.keys import Signer, generate_keypair
 from mitra_model.release.layout import SIGNATURE_NAME
-from mitra_model.release.pointer import SignedPointer, check_not_rolled_back, verify_pointer
 from mitra_model.release.log import newest_release_record
+from mitra_model.release.pointer import SignedPointer, check_not_rolled_back, verify_pointer
 from mitra_model.release.publish import publish_build, refresh_pointer, revert_release
 from mitra_model.release.rules import sha256_bytes
 from mitra_model.release.signature import SignedContent, sign_release_folder, verify_release_signature
 from mitra_model.release.store import StoreConfig
-
-from s3_fixtures import (
-    CrashingClient,
-    SimulatedCrash,
-    list_keys,
-    make_build,
-    put_raw,
-    read_json_object,
-    s3_client,
-    s3_server,
-    s3_store,
-    time_limit,
-)
 
 __all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")

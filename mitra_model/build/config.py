@@ -214,6 +214,14 @@ class ConsumersConfig(_Strict):
     browser: bool = False  # headless Chromium + onnxruntime-web (WASM); the tests always run it on tiny models
     tolerances: dict[str, dict[ConsumerRuntime, float]]
 
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes the consumer check runs in, as configured."""
+        return tuple(name for name, on in (("onnxruntime-node", self.node), ("onnxruntime-web", self.browser)) if on)
+
+    def bounds(self, key: str) -> dict[str, float]:
+        """runtime -> bound for a recipe's `tolerance` key, for each runtime the check runs in."""
+        return {runtime: self.tolerance(key, runtime) for runtime in self.runtimes()}
+
     def tolerance(self, key: str, runtime: str) -> float:
         """The bound of a recipe's `tolerance` key in `runtime` (the same key as its verification tolerance)."""
         try:
@@ -245,8 +253,7 @@ class BuildConfig(_Strict):
     def _planned_artifacts_have_tolerances(self) -> BuildConfig:
         """Every planned artifact can be judged: its verification tolerance, and its consumer bound
         for each runtime the consumer check runs in. Nothing is demanded for unplanned artifacts."""
-        runtimes = [name for name, on in (("onnxruntime-node", self.consumers.node),
-                                          ("onnxruntime-web", self.consumers.browser)) if on]
+        runtimes = self.consumers.runtimes()
         missing = []
         for recipe in self.artifacts.planned():
             if recipe.tolerance not in self.verification.tolerances:

@@ -68,7 +68,7 @@ import torch.nn as nn
 
 from mitra_model.model.kinds import Shape
 from mitra_model.errors import SupportCacheError
-from mitra_model.build.export import (OUTPUT_NAME, Contract, ExportResult, Flavour, TensorSpec, check_flavour, export_module, )
+from mitra_model.build.export import OUTPUT_NAME, Contract, ExportResult, Flavour, TensorSpec, check_flavour, export_module
 from mitra_model.model.inputs import make_inputs
 from mitra_model.release.layout import SUPPORT_CACHE_FILES
 from mitra_model.model.tab2d import N_QUANTILES, MitraConfig, SupportStatistics, Tab2D, split_heads

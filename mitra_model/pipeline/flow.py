@@ -16,24 +16,13 @@ only counts as done while its folder holds every file with its recorded sha256.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.filesystems import WritableFileSystem
-from prefect.logging.handlers import APILogHandler
-from prefect.runtime import flow_run
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from mitra_model.build import consumers
 from mitra_model.build import record as builds
@@ -41,47 +30,17 @@ from mitra_model.build import reference as references
 from mitra_model.build import source as sources
 from mitra_model.build import verify as verification
 from mitra_model.build.check import check_onnx
-from mitra_model.build.config import BuildConfig, Cell, ExecutionConfig, Tolerance, Variant, config_digest, load_config
+from mitra_model.build.config import BuildConfig, Cell, Tolerance, Variant, config_digest, load_config
 from mitra_model.build.config import artifacts_root as artifacts_root_from
 from mitra_model.build.recipes import BuildContext, Made, Recipe
-from mitra_model.build.verify import CellResult
+from mitra_model.build.verify import CellResult, VerificationReport
 from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
 from mitra_model.model.snapshot import Snapshot
-from mitra_model.pipeline.plumbing import tag_this_flow_run
+from mitra_model.pipeline import plumbing
 from mitra_model.release import keys as signing_keys
 from mitra_model.release.log import latest_release
 from mitra_model.release.publish import PublishResult, publish_build, refresh_pointer
 from mitra_model.release.store import StoreConfig, make_s3_client
-
-
-def _show_in_prefect() -> None:
-    """Make the library's log records (hub fallback, retries, the synthetic banner) part of the run's
-    logs in the Prefect UI, as PREFECT_LOGGING_EXTRA_LOGGERS would, without depending on that being
-    set before Prefect was imported; and keep per-task "Finished in state Completed()" lines out of
-    them (failures and retries are still logged)."""
-    library = logging.getLogger("mitra_model")
-    if not any(isinstance(handler, APILogHandler) for handler in library.handlers):
-        library.addHandler(APILogHandler())
-        library.setLevel(logging.INFO)
-    task_runs = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(f, _NoCompletedNoise) for f in task_runs.filters):
-        task_runs.addFilter(_NoCompletedNoise())
-
-
-class _NoCompletedNoise(logging.Filter):
-    # Prefect says, once per task run, that a success succeeded, and that a timeout cannot interrupt
-    # a task in a worker thread (it fails the task when the blocking call returns; that is all we ask)
-    NOISE = ("Finished in state Completed", "Timeout of ")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.NOISE)
-
-
-_show_in_prefect()
-
-# Persisted cell results: one object per flow run, artifact and cell under the store's results folder.
-CELL_RESULT_KEY = "verify-cell/{flow_run.id}/{parameters[recipe_name]}/{parameters[cell].name}"
-RESULT_STORAGE_BLOCK = "mitra-build-results"  # the S3Bucket block document on the Prefect server
 
 
 @task(name="resolve-revision", cache_policy=NO_CACHE)
@@ -129,6 +88,7 @@ def reference_cell(snapshot_dir: Path, cell: Cell, seed: int, cache_dir: Path) -
 @task(name="verify-cell", cache_policy=NO_CACHE, task_run_name="verify-{recipe_name}-{cell.name}")
 def verify_cell(snapshot_dir: Path, paths: tuple[Path, ...], cell: Cell, recipe_name: str, kind: str,
                 tolerance: Tolerance, seed: int, reference_dir: Path) -> CellResult:
+    plumbing.attach_log_bridge()  # this task may run in a Dask worker: its library logs reach the UI too
     result = verification.verify_cell(snapshot_dir, paths, cell, kind=kind, tolerance=tolerance, seed=seed,
                                       reference_dir=reference_dir)
     get_run_logger().info("%s cell %s %s: max abs %.2e %s", recipe_name, cell.name, result.shape,
@@ -137,65 +97,45 @@ def verify_cell(snapshot_dir: Path, paths: tuple[Path, ...], cell: Cell, recipe_
 
 
 @task(name="verification-report", cache_policy=NO_CACHE, task_run_name="report-{recipe.name}")
-def verification_report(recipe: Recipe, made: Made, tolerance: Tolerance, results: list[CellResult],
-                        variant: Variant) -> list[builds.BuiltArtifact]:
+def verification_report(recipe: Recipe, made: Made, tolerance: Tolerance, results: list[CellResult]) -> VerificationReport:
     summary = {"query_batches": verification.QUERY_BATCHES} if recipe.verify_as == "pair" else None
-    report = verification.make_report(made.files[-1], precision=recipe.precision, tolerance=tolerance, results=results,
-                                      summary=summary)
-    create_table_artifact(
-        key=f"{variant.name}-verification-{recipe.name}", table=report.table_rows(),
-        description=f"{variant.name}: verification matrix, {recipe.name} vs upstream Tab2D "
-                    f"({'passed' if report.passed else 'FAILED'})",
-    )
-    verification.require_passed(report)
-    return builds.built_artifacts(recipe, made.files, report, made.details)
+    return verification.make_report(made.files[-1], precision=recipe.precision, tolerance=tolerance, results=results,
+                                    summary=summary)
 
 
-def verify(recipe: Recipe, made: Made, snapshot: Snapshot, config: BuildConfig, variant: Variant,
-           reference_dir: Path, storage: WritableFileSystem | None) -> list[builds.BuiltArtifact]:
+def verify(recipe: Recipe, made: Made, snapshot: Snapshot, config: BuildConfig, reference_dir: Path,
+           storage: WritableFileSystem | None, board: plumbing.VariantBoard) -> list[builds.BuiltArtifact]:
     """The matrix as one task per cell on the configured task runner (threads here, or Dask); with a
     result storage, each cell's result is persisted there by whichever worker ran it."""
     tolerance = config.verification.tolerance(recipe.tolerance)
     cells = list(config.verification.cells)
-    # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
     limit = config.execution.task_timeout_s
+    # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
     cell_task = verify_cell.with_options(timeout_seconds=limit) if storage is None else verify_cell.with_options(
-        result_storage=storage, result_storage_key=CELL_RESULT_KEY, cache_policy=None, timeout_seconds=limit)
+        result_storage=storage, result_storage_key=plumbing.CELL_RESULT_KEY, cache_policy=None, timeout_seconds=limit)
     futures = cell_task.map(unmapped(snapshot.path), unmapped(made.files), cells, unmapped(recipe.name),
                             unmapped(recipe.verify_as), unmapped(tolerance), unmapped(config.verification.seed),
                             unmapped(reference_dir))
-    progress = create_progress_artifact(0.0, key=f"{variant.name}-progress-{recipe.name}",
-                                        description=f"{variant.name}: verification matrix of {recipe.name}")
     results = []
-    for done, future in enumerate(futures, start=1):
+    for future in futures:
         results.append(future.result())
-        update_progress_artifact(progress, 100.0 * done / len(cells))
-    return verification_report(recipe, made, tolerance, results, variant)
+        board.step(f"verifying {recipe.name}")
+    report = verification_report(recipe, made, tolerance, results)
+    board.verified(recipe.name, report)  # shown failed or not
+    verification.require_passed(report)
+    return builds.built_artifacts(recipe, made.files, report, made.details)
 
 
 @task(name="consumer-check", cache_policy=NO_CACHE, task_run_name="consumer-check-{recipe.name}")
 def consumer_check(recipe: Recipe, built: list[builds.BuiltArtifact], snapshot: Snapshot, config: BuildConfig,
                    work: Path) -> list[builds.BuiltArtifact]:
-    """Load the artifact where it is consumed (onnxruntime-node; optionally the browser) and require
-    the outputs of Python ONNX Runtime on a fixed set of inputs. A pair is checked as consumers run
-    it: encode-support, then predict-query on its outputs."""
-    model, *predictor = [artifact.path for artifact in built]
-    predict_path = predictor[0] if predictor else None
-    fixture = consumers.write_fixture(model, snapshot.config, work / f"fixture-{recipe.name}", predict_path=predict_path)
-    checks = []
-    if config.consumers.node:
-        consumers.ensure_node_modules()
-        checks.append(consumers.check_in_node(
-            model, fixture, predict_path=predict_path,
-            tolerance_abs=config.consumers.tolerance(recipe.tolerance, consumers.NODE_RUNTIME)))
-    if config.consumers.browser:
-        checks.append(consumers.check_in_browser(
-            model, fixture, predict_path=predict_path,
-            tolerance_abs=config.consumers.tolerance(recipe.tolerance, consumers.WEB_RUNTIME)))
-    for check in checks:
-        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", recipe.name, check.runtime,
-                              check.runtime_version, check.host, check.max_abs_err)
-    records = tuple(check.to_record() for check in checks)
+    results = consumers.check_where_consumed(tuple(a.path for a in built), snapshot.config,
+                                             folder=work / f"fixture-{recipe.name}",
+                                             bounds=config.consumers.bounds(recipe.tolerance))
+    for result in results:
+        get_run_logger().info("%s in %s %s (%s): max abs %.2e vs Python ONNX Runtime", recipe.name, result.runtime,
+                              result.runtime_version, result.host, result.max_abs_err)
+    records = tuple(result.to_record() for result in results)
     return [dataclasses.replace(artifact, checked_in=records) for artifact in built]
 
 
@@ -256,7 +196,7 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
                   snapshot: str | None, hub_endpoint: str | None, synthetic_fallback: bool,
                   publish_to_store: bool, signing_key: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    tag_this_flow_run(f"variant:{variant_name}")
+    plumbing.tag_this_flow_run(f"variant:{variant_name}")
     variant = config.variant(variant_name).model_copy(update={"revision": revision})
     source, pinned, local = resolve_revision(variant, config, artifacts, snapshot, hub_endpoint, synthetic_fallback)
     toolchain = builds.toolchain_versions()
@@ -273,31 +213,33 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
             refresh_release_pointer(store, variant, ttl_days, signing_key)
         return {"variant": variant.name, "status": "up-to-date", "version": version, "synthetic": source.synthetic,
                 "build_dir": None, "published": store.url(latest["manifest_key"]) if store and latest else None}
+    planned = config.artifacts.planned()
+    board = plumbing.VariantBoard(variant.name, total_steps=len(config.verification.cells) * (1 + len(planned)))
     if decision.action == "built-locally":
         folder = builds.build_dir(artifacts, variant.name, version)
         return finish(variant, version, folder, decision.manifest, store, "up-to-date" if store is None else "published",
-                      ttl_days, signing_key)
+                      ttl_days, signing_key, board)
 
     limit = config.execution.task_timeout_s  # every long task gets it: a hang fails the run, not the worker
     snapshot_files = local if local is not None else download.with_options(timeout_seconds=limit)(
         pinned, artifacts, hub_endpoint)
     checksum(snapshot_files, source)
     work = builds.fresh_work_dir(artifacts, variant.name, version)
-    storage = result_storage(config)
+    storage = plumbing.result_storage(config)
     reference_dir = artifacts / "cache" / "reference"
     for cell in config.verification.cells:  # once per build; every artifact below is compared with these
         reference_cell.with_options(timeout_seconds=limit)(snapshot_files.path, cell, config.verification.seed,
                                                            reference_dir)
+        board.step("computing the reference")
     made: dict[str, Made] = {}
     built: list[builds.BuiltArtifact] = []
-    check_in_consumers = config.consumers.node or config.consumers.browser
-    for recipe in config.artifacts.planned():  # each after the recipe it derives from
+    for recipe in planned:  # each after the recipe it derives from
         parent = made[recipe.derives_from].files if recipe.derives_from else ()
         made[recipe.name] = make_artifact.with_options(timeout_seconds=limit)(recipe, snapshot_files, config, work,
                                                                               parent)
         check(recipe, made[recipe.name], snapshot_files)
-        verified = verify(recipe, made[recipe.name], snapshot_files, config, variant, reference_dir, storage)
-        if check_in_consumers:
+        verified = verify(recipe, made[recipe.name], snapshot_files, config, reference_dir, storage, board)
+        if config.consumers.runtimes():
             verified = consumer_check.with_options(timeout_seconds=limit)(recipe, verified, snapshot_files, config,
                                                                           work)
         built += verified
@@ -308,19 +250,18 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
     )
     folder = assemble(manifest, built, artifacts)
     builds.discard_work_dir(work)
-    return finish(variant, version, folder, manifest, store, "built", ttl_days, signing_key)
+    return finish(variant, version, folder, manifest, store, "built", ttl_days, signing_key, board)
 
 
 def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any], store: StoreConfig | None,
-           status: str, ttl_days: int, signing_key: str | None) -> dict[str, Any]:
+           status: str, ttl_days: int, signing_key: str | None, board: plumbing.VariantBoard) -> dict[str, Any]:
     """Publish a complete build folder (when a store is configured; signed when a key is) and report."""
     logger = get_run_logger()
     published = publish_release(folder, store, ttl_days, signing_key) if store is not None else None
     where = None if published is None or store is None else {
         "url": store.url(published.manifest_key), "manifest_version": published.manifest_version}
     # after publishing, so the summary can say where the release is and which manifest_version it got
-    create_markdown_artifact(key=f"{variant.name}-manifest", markdown=builds.manifest_markdown(manifest, where),
-                             description=f"{variant.name} {version}")
+    board.finished(version, builds.manifest_markdown(manifest, where))
     synthetic = manifest["source"]["synthetic"]
     if synthetic:
         logger.warning(sources.SYNTHETIC_BANNER.format(variant=variant.name))
@@ -329,73 +270,7 @@ def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any
             "published": store.url(published.manifest_key) if published and store else None}
 
 
-def result_storage(config: BuildConfig) -> WritableFileSystem | None:
-    """Prefect result storage for the tasks that may run on other hosts: the [store] bucket when
-    [execution] result_storage = "store", else None.
-
-    Prefect only accepts result storage saved on its server (a worker elsewhere loads it from
-    there), so the block is saved, overwriting the previous one. It holds no secret: credentials
-    come from boto3's standard chain on whichever host reads or writes.
-    """
-    if config.execution.result_storage != "store" or config.store is None:
-        return None
-    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
-
-    store = config.store
-    client = AwsClientParameters(endpoint_url=store.endpoint_url,
-                                 config={"s3": {"addressing_style": "path" if store.endpoint_url else "auto"}})
-    block = S3Bucket(bucket_name=store.bucket, bucket_folder=store.results_folder(),
-                     credentials=AwsCredentials(region_name=store.region, aws_client_parameters=client))
-    block.save(RESULT_STORAGE_BLOCK, overwrite=True)
-    return block
-
-
-def task_runner(execution: ExecutionConfig) -> TaskRunner:
-    """The runner for the verification cells, from [execution] in the configuration."""
-    if execution.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if execution.dask_address:
-            return DaskTaskRunner(address=execution.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": execution.dask_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    return ThreadPoolTaskRunner(max_workers=execution.max_workers)
-
-
-def run_name() -> str:
-    """`mitra-build: mitra-classifier, mitra-regressor @ main`: what the run builds, for the UI's run list."""
-    parameters = flow_run.parameters or {}
-    names = parameters.get("variants")
-    if not names:
-        try:
-            config = load_config(Path(parameters["config_path"]) if parameters.get("config_path") else None)
-            names = [v.name for v in config.variants]
-        except Exception:  # noqa: BLE001 - a bad config fails the run itself, with its own message
-            names = ["all variants"]
-    revision = parameters.get("revision") or ("configured revisions" if parameters.get("snapshot") is None
-                                              else "local snapshot")
-    return f"mitra-build: {', '.join(names)} @ {revision}"
-
-
-def variant_lock(variant: str) -> str:
-    """The global concurrency limit (1 slot) that keeps two runs from building one variant at once."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = f"mitra-build-variant-{variant}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another run created it in between
-                pass
-    return name
-
-
-@flow(name="mitra-build", flow_run_name=run_name)
+@flow(name="mitra-build", flow_run_name=plumbing.run_name)
 def mitra_build(variants: list[str] | None = None, revision: str | None = None, force: bool = False, snapshot: str | None = None,
                 synthetic_fallback: bool = False, hub_endpoint: str | None = None, config_path: str | None = None,
                 artifacts_root: str | None = None, publish: bool = True,
@@ -423,17 +298,24 @@ def mitra_build(variants: list[str] | None = None, revision: str | None = None, 
             $MITRA_SIGNING_KEY_FILE, else the PEM in $MITRA_SIGNING_KEY; none: unsigned releases).
             Never put the key itself in a parameter: parameters are stored by the Prefect server.
     """
+    plumbing.attach_log_bridge()
     config = load_config(Path(config_path) if config_path else None)
     config = config.with_artifacts(flavours=flavours, precisions=precisions)
     selected = config.select_variants(variants, snapshot=snapshot)
     artifacts = artifacts_root_from(artifacts_root)
-    build = build_variant.with_options(task_runner=task_runner(config.execution))
+    build = build_variant.with_options(task_runner=plumbing.task_runner(config.execution))
     results = []
     for v in selected:
-        # one build of a variant at a time across every deployment and worker
-        with concurrency(variant_lock(v.name), occupy=1, strict=True,
-                         timeout_seconds=config.execution.variant_lock_timeout_s):
+        with plumbing.variant_lock(v.name, timeout_s=config.execution.variant_lock_timeout_s):
             results.append(build(v.name, revision or v.revision, config, artifacts, force, snapshot, hub_endpoint,
                                  synthetic_fallback, publish, signing_key))
-    get_run_logger().info("summary: %s", "; ".join(f"{r['variant']} {r['status']} {r['version']}" for r in results))
+    get_run_logger().info("summary: %s", "; ".join(summary_line(r) for r in results))
     return results
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """`mitra-classifier built v-0123 SYNTHETIC -> s3://.../manifest.json`: status, version, whether the
+    weights are random, and where the release is (or the local folder)."""
+    where = result["published"] or result["build_dir"] or "not published"
+    synthetic = " SYNTHETIC (random weights)" if result["synthetic"] else ""
+    return f"{result['variant']} {result['status']} {result['version']}{synthetic} -> {where}"

@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.fileutil import sha256_file
-from mitra_model.build.consumers.fixture import Fixture, read_fixture
+from mitra_model.build.consumers.fixture import Fixture, read_fixture, write_fixture
 from mitra_model.build.consumers.page_server import serving
-from mitra_model.build.consumers.runtimes import (BROWSER_CHECK_SCRIPT, BROWSER_PAGE_DIR, CONSUMERS_DIR, JS_LIB_DIR, NODE_CHECK_SCRIPT, NODE_RUNTIME, WEB_RUNTIME, WEB_RUNTIME_DIST, ensure_node_modules, find_chromium, find_node, node_version, package_version, )
+from mitra_model.build.consumers.runtimes import BROWSER_CHECK_SCRIPT, BROWSER_PAGE_DIR, CONSUMERS_DIR, JS_LIB_DIR, NODE_CHECK_SCRIPT, NODE_RUNTIME, WEB_RUNTIME, WEB_RUNTIME_DIST, ensure_node_modules, find_chromium, find_node, node_version, package_version
 
 
 @dataclass(frozen=True)
@@ -382,3 +382,39 @@ def check_in_browser(
         seconds=time.perf_counter() - started,
     )
     return require_passed(result) if raise_on_failure else result
+
+
+def check_where_consumed(files: tuple[Path, ...], model_config: Any, *, folder: Path,
+                         bounds: dict[str, float]) -> list[ConsumerResult]:
+    """Load an artifact where it is consumed and require Python ONNX Runtime's outputs there.
+
+    A fixed set of inputs (ties, padded batches, one support row) is written with Python ORT's
+    outputs; then each runtime runs them. A pair is checked as consumers run it: encode-support,
+    then predict-query on its outputs.
+
+    Args:
+        files: the artifact's files: one graph, or the encoder and the predictor.
+        model_config: the snapshot's `MitraConfig` (the fixture's shapes).
+        folder: where the fixture is written.
+        bounds: runtime ("onnxruntime-node", "onnxruntime-web") -> largest allowed |runtime - python|.
+
+    Returns:
+        One result per runtime, each passed (`ConsumerResult.to_record` is the manifest's record).
+
+    Raises:
+        VerificationError: a runtime exceeded its bound or could not run the artifact.
+        ToolMissingError / ConfigError: the runtime is not installed (the message says how to).
+    """
+    model, *predictor = files
+    predict_path = predictor[0] if predictor else None
+    fixture = write_fixture(model, model_config, folder, predict_path=predict_path)
+    results = []
+    for runtime, bound in bounds.items():
+        if runtime == NODE_RUNTIME:
+            ensure_node_modules()
+            results.append(check_in_node(model, fixture, predict_path=predict_path, tolerance_abs=bound))
+        elif runtime == WEB_RUNTIME:
+            results.append(check_in_browser(model, fixture, predict_path=predict_path, tolerance_abs=bound))
+        else:
+            raise ConfigError(f"unknown consumer runtime {runtime!r}: expected {NODE_RUNTIME} or {WEB_RUNTIME}")
+    return results
