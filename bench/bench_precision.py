@@ -44,7 +44,7 @@ FILES = {**FLAVOUR_FILES, **{precision: precision_file(precision) for precision 
 def prepare(task: str) -> Path:
     """Snapshot and the ONNX files (built once, reused)."""
     from mitra_model.build.export import export_onnx
-    from mitra_model.build.quantize import quantize_onnx
+    from mitra_model.build.recipes import quantize_onnx
     from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 
     config = load_config()

@@ -14,13 +14,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_DISABLE_TELE
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-mitra-demo}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-mitra-demo-secret}"
 mkdir -p "$PREFECT_HOME" artifacts/logs
 pids=()
-cleanup() { # SIGTERM every process group we started, then SIGKILL what is still there after 15 s
-  for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
-  for _ in $(seq 15); do
-    alive=0; for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && return 0; sleep 1
+cleanup() { # stop what we started, last first (a worker outliving its server logs a traceback), SIGKILL after 15 s
+  local pid
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    pid=${pids[$i]}
+    kill -- "-$pid" 2>/dev/null || continue
+    for _ in $(seq 15); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
+    kill -9 -- "-$pid" 2>/dev/null || true
   done
-  for pid in "${pids[@]}"; do kill -9 -- "-$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 start() { # name, command...: run in its own process group, log to artifacts/logs/NAME.log

@@ -72,7 +72,8 @@ def deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def tracebacks(log: Path) -> list[str]:
-    """Each traceback in a server or worker log, with the line that names its error."""
+    """Each traceback in a server or worker log, whole (from the log line before it to the line that
+    names its error), so that a failing assertion shows which part of Prefect raised what."""
     text = log.read_text(errors="replace")
-    return [match.group(0)[-600:] for match in re.finditer(r"Traceback \(most recent call last\):.*?\n(?=\S)[^\n]*",
-                                                            text, re.DOTALL)]
+    return [match.group(0) for match in re.finditer(
+        r"[^\n]*\n(?:.*?\n)??Traceback \(most recent call last\):.*?\n(?=\S)[^\n]*", text, re.DOTALL)]

@@ -112,7 +112,7 @@ def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_pa
 def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tmp_path: Path) -> None:
     """An int8 file is judged by the int8 tolerances without --precision (fp32's would fail it)."""
     from mitra_model.build.export import export_onnx
-    from mitra_model.build.quantize import quantize_onnx
+    from mitra_model.build.recipes import quantize_onnx
     from mitra_model.model.snapshot import load_model
 
     snapshot = tiny_snapshots["classification"]

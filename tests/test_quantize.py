@@ -18,7 +18,8 @@ from mitra_model.build.check import check_onnx
 from mitra_model.build.config import Cell, Tolerance
 from mitra_model.build.export import INPUT_NAMES, export_onnx
 from mitra_model.build.options import Int8Options
-from mitra_model.build.quantize import MIN_WEIGHT_DIM, QuantizeResult, quantize_onnx
+from mitra_model.build.quantize import MIN_WEIGHT_DIM, QuantizeResult
+from mitra_model.build.recipes import quantize_onnx
 from mitra_model.build.verify import onnx_session, verify_onnx
 from mitra_model.errors import ConfigError, ExportError, MitraBuildError, OnnxCheckError
 from mitra_model.model.inputs import make_inputs
@@ -144,7 +145,7 @@ def test_output_is_byte_identical_across_processes(sources, tmp_path: Path) -> N
     """Same source, two fresh interpreters with different hash seeds: same bytes, per precision."""
     source = sources["classification", "optimized"]
     script = (
-        "import sys; from pathlib import Path; from mitra_model.build.quantize import quantize_onnx; "
+        "import sys; from pathlib import Path; from mitra_model.build.recipes import quantize_onnx; "
         "print(quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), precision=sys.argv[3]).sha256)"
     )
     for precision in ALL_PRECISIONS:
@@ -344,7 +345,7 @@ def test_int4_keeps_the_process_logging_alone(sources, tmp_path: Path) -> None:
     """The nbits quantizer module calls logging.basicConfig(level=INFO) at import; in a fresh process
     (pytest's own handlers would hide it) the root logger is untouched afterwards and nothing is logged."""
     script = (
-        "import logging, sys; from pathlib import Path; from mitra_model.build.quantize import quantize_onnx; "
+        "import logging, sys; from pathlib import Path; from mitra_model.build.recipes import quantize_onnx; "
         "quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), precision='int4'); "
         "root = logging.getLogger(); print(len(root.handlers), logging.getLevelName(root.level))"
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mitra_model.build.export import numpy_inputs
-from mitra_model.build.quantize import quantize_onnx
+from mitra_model.build.recipes import quantize_onnx
 from mitra_model.build.support_cache import (
     ENCODE_INPUT_NAMES,
     SUPPORT_CACHE_FILES,

@@ -8,6 +8,8 @@ packaged with the library (so an installed wheel works from any folder).
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import hashlib
 import os
 import tomllib
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mitra_model.build import recipes
@@ -160,10 +163,6 @@ class ScheduleConfig(_Strict):
 
     @model_validator(mode="after")
     def _valid_cron(self) -> ScheduleConfig:
-        from datetime import datetime
-
-        from cronsim import CronSim, CronSimError
-
         try:
             CronSim(self.cron, datetime(2026, 1, 1))
         except CronSimError as exc:
@@ -295,6 +294,7 @@ class BuildConfig(_Strict):
             ConfigError: an unknown name, several variants with `snapshot`, or no variant at all.
             SnapshotError: a variant's `path` is not a valid snapshot folder.
         """
+        # deferred: loading the configuration needs no torch; checking a variant's folder does
         from mitra_model.model.snapshot import read_model_config
 
         selected = [self.variant(name) for name in names] if names else list(self.variants)

@@ -62,9 +62,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mitra_model import __version__
-from mitra_model.errors import ConfigError, ExportError, OnnxCheckError
+from mitra_model.errors import ExportError, OnnxCheckError
 from mitra_model.fileutil import atomic_file, sha256_file
-from mitra_model.build import recipes
 from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions
 
 # A MatMul weight is reduced only if both of its dims are at least this (see the module docstring).
@@ -94,10 +93,10 @@ class QuantizeResult:
 Converter = Callable[[onnx.ModelProto, Path, Path, Any], tuple[onnx.ModelProto, dict[str, Any]]]
 
 
-def quantize_onnx(
-    source: Path, output: Path, *, precision: str, options: Mapping[str, Any] | RecipeOptions | None = None
-) -> QuantizeResult:
-    """Write a reduced-precision copy of the fp32 Mitra ONNX `source` to `output`.
+def convert_onnx(source: Path, output: Path, *, precision: str, converter: str | Converter,
+                 options: RecipeOptions) -> QuantizeResult:
+    """Write a reduced-precision copy of the fp32 Mitra ONNX `source` to `output` with one converter
+    (what a `recipes.Quantize` maker does; `recipes.quantize_onnx` picks the converter by precision).
 
     The file is written atomically (nothing is left at `output` on failure) and is byte-identical on
     every run with the same source, options and toolchain. Inputs and outputs keep their fp32 contract.
@@ -105,42 +104,16 @@ def quantize_onnx(
     Args:
         source: an fp32 Mitra ONNX (the portable export or the optimized flavour).
         output: the .onnx file to write.
-        precision: a reduced-precision recipe of the registry (`recipes.choices("precisions")`:
-            int8, fp16, int4, or one registered since).
-        options: its settings ([artifacts.options.<precision>], as a table or already typed); None
-            for the defaults.
+        precision: what the file's metadata says its weights are (int8, fp16, int4).
+        converter: a converter of this module by name ("to_int8"), or the function itself.
+        options: the converter's typed options.
 
     Returns:
         The written file's digest and size, and `details` counting what was converted.
 
     Raises:
-        ConfigError: `precision` is not a reduced precision of the registry, or `options` are not
-            valid for it.
         ExportError: `source` does not exist, or the conversion failed or left an fp32 weight behind.
         OnnxCheckError: `source` is not a loadable ONNX model.
-    """
-    try:
-        recipe = recipes.recipe(precision)
-    except KeyError:
-        recipe = None
-    if recipe is None or not isinstance(recipe.make, recipes.Quantize):
-        known = ", ".join(recipes.choices("precisions"))
-        raise ConfigError(f"unknown precision {precision!r}: expected one of {known}")
-    settings = options if isinstance(options, RecipeOptions) else recipe.checked_options(options)
-    return convert_onnx(source, output, precision=recipe.make.precision, converter=recipe.make.converter,
-                        options=settings)
-
-
-def convert_onnx(source: Path, output: Path, *, precision: str, converter: str | Converter,
-                 options: RecipeOptions) -> QuantizeResult:
-    """Run one converter on `source` (what a `recipes.Quantize` maker does).
-
-    Args:
-        precision: what the file's metadata says its weights are.
-        converter: a converter of this module by name ("to_int8"), or the function itself.
-        options: the converter's typed options.
-
-    Raises: as `quantize_onnx`.
     """
     convert = _CONVERTERS[converter] if isinstance(converter, str) else converter
     source, output = Path(source), Path(output)
@@ -305,6 +278,7 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    # deferred: only the precision that uses it loads onnxruntime's quantizer
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = model.graph
@@ -586,6 +560,7 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
     excluded = [node.name for node in graph.node if node.op_type == "MatMul" and node.name not in selected]
     try:
         with _contained_logging("onnxruntime.quantization.matmul_nbits_quantizer"):
+            # deferred: only the precision that uses it loads onnxruntime's quantizer
             from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
             config = DefaultWeightOnlyQuantConfig(

@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from mitra_model.errors import ConfigError
 from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions, validate_options
 from mitra_model.release.layout import FLAVOUR_FILES, SUPPORT_CACHE_FILES, precision_file
 
 if TYPE_CHECKING:
-    from mitra_model.build.config import ArtifactsConfig
     from mitra_model.build.export import TensorSpec
     from mitra_model.model.kinds import Shape
     from mitra_model.model.tab2d import MitraConfig
@@ -32,6 +32,15 @@ if TYPE_CHECKING:
     Contract = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
 
 VerifyAs = Literal["graph", "pair"]
+
+
+class Selection(Protocol):
+    """What plans recipes: [artifacts] of the configuration (`config.ArtifactsConfig`)."""
+
+    flavours: tuple[str, ...]
+    precisions: tuple[str, ...]
+    support_cache: bool
+
 # The [artifacts] option that plans a recipe: a value in `flavours` or `precisions`, or `support_cache = true`.
 SelectField = Literal["flavours", "precisions", "support_cache"]
 
@@ -91,7 +100,7 @@ class Recipe:
         """[artifacts.options.<name>] as this recipe's typed options (ConfigError names a bad key)."""
         return validate_options(self.name, self.options, raw)
 
-    def selected(self, artifacts: ArtifactsConfig) -> bool:
+    def selected(self, artifacts: Selection) -> bool:
         key, value = self.select
         chosen = getattr(artifacts, key)
         return chosen is value if isinstance(value, bool) else value in chosen
@@ -162,6 +171,37 @@ class Quantize:
         result = convert_onnx(ctx.parent_files[0], ctx.work / self.file, precision=self.precision,
                               converter=self.converter, options=ctx.options)
         return Made(files=(result.path,), details=result.details)
+
+
+def quantize_onnx(source: Path, output: Path, *, precision: str,
+                  options: Mapping[str, Any] | RecipeOptions | None = None) -> Any:
+    """Write the reduced-precision recipe `precision` of the fp32 Mitra ONNX `source` to `output`,
+    as a build makes it (`mitra-build quantize` does this).
+
+    Args:
+        source: an fp32 Mitra ONNX (the portable export or the optimized flavour).
+        output: the .onnx file to write (atomically; byte-identical for the same inputs).
+        precision: a reduced-precision recipe: one of `choices("precisions")` (int8, fp16, int4, or
+            one registered since).
+        options: its settings ([artifacts.options.<precision>], as a table or already typed); None
+            for the defaults.
+
+    Returns:
+        The `quantize.QuantizeResult`: the written file's digest, size and `details`.
+
+    Raises:
+        ConfigError: `precision` is not a reduced precision of the registry, or `options` are not
+            valid for it (before the source is read).
+        ExportError / OnnxCheckError: as `quantize.convert_onnx`.
+    """
+    recipe = _REGISTRY.get(precision)
+    if recipe is None or not isinstance(recipe.make, Quantize):
+        raise ConfigError(f"unknown precision {precision!r}: expected one of {', '.join(choices('precisions'))}")
+    settings = options if isinstance(options, RecipeOptions) else recipe.checked_options(options)
+    from mitra_model.build.quantize import convert_onnx  # deferred: the slim install reads the registry
+
+    return convert_onnx(source, output, precision=recipe.make.precision, converter=recipe.make.converter,
+                        options=settings)
 
 
 def _export_pair(ctx: BuildContext) -> Made:
@@ -276,7 +316,7 @@ def recipe(name: str) -> Recipe:
         raise KeyError(f"no artifact recipe {name!r} (known: {', '.join(_REGISTRY)})") from None
 
 
-def planned(artifacts: ArtifactsConfig) -> list[Recipe]:
+def planned(artifacts: Selection) -> list[Recipe]:
     """The recipes [artifacts] selects, each after the recipe it derives from (declaration order
     otherwise). Raises ValueError when a selected recipe derives from one that is not selected."""
     chosen = {r.name: r for r in _REGISTRY.values() if r.selected(artifacts)}

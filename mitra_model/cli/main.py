@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -109,6 +112,7 @@ def _say(message: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.config import load_config
     from mitra_model.model.snapshot import WEIGHTS_FILE, write_synthetic_snapshot
 
@@ -125,6 +129,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.check import check_onnx
     from mitra_model.build.config import load_config
     from mitra_model.build.export import export_onnx
@@ -151,6 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.check import check_onnx, read_identity, require_exported_from
     from mitra_model.model.snapshot import WEIGHTS_FILE, read_snapshot
 
@@ -162,6 +168,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.check import read_identity, require_exported_from
     from mitra_model.build.config import load_config
     from mitra_model.build.verify import require_passed, verify_onnx, write_report
@@ -197,8 +204,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.config import load_config
 
     # Every configuration and variant mistake is reported here, before a Prefect server starts (15 s)
@@ -210,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.pipeline.flow import mitra_build
 
     _quiet_known_errors(logging.getLogger())  # Prefect's console handler sits on the root logger
@@ -244,14 +251,14 @@ def _quiet_known_errors(logger: logging.Logger) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     import onnx
 
     from mitra_model.build.config import load_config
-    from mitra_model.build.quantize import quantize_onnx
 
     refuse_overwriting_inputs(args.output, inputs=[args.onnx])
     options = load_config(args.config).artifacts.options_for(recipes.recipe(args.precision))
-    result = quantize_onnx(args.onnx, args.output, precision=args.precision, options=options)  # validates the input first
+    result = recipes.quantize_onnx(args.onnx, args.output, precision=args.precision, options=options)  # validates the input first
     metadata = {p.key: p.value for p in onnx.load(str(args.onnx), load_external_data=False).metadata_props}
     if metadata.get("mitra_build.flavour") != "optimized":
         _say(f"note: {args.onnx} is not the optimized flavour; the pipeline quantizes that one "
@@ -263,6 +270,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _store(config_path: Path | None):  # noqa: ANN202 - StoreConfig
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.config import config_path as default_config_path
     from mitra_model.build.config import load_config
 
@@ -273,9 +281,7 @@ def _store(config_path: Path | None):  # noqa: ANN202 - StoreConfig
 
 
 def cmd_local_s3(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
+    # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.cli.local_s3 import LocalS3Server
     from mitra_model.release.store import ensure_bucket, make_s3_client
 

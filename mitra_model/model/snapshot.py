@@ -127,6 +127,7 @@ def _refuse_pickles(folder: Path) -> None:
 
 def load_state_dict(folder: Path, config: MitraConfig) -> dict[str, torch.Tensor]:
     """Load `model.safetensors` and check every tensor's name, shape, dtype and finiteness."""
+    # deferred: reading a snapshot's config.json needs no torch (pinning a revision imports this module)
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -191,6 +192,7 @@ def load_model(folder: Path) -> tuple[Tab2D, Snapshot]:
         SnapshotError: missing/pickle/malformed files, a bad config field, or a tensor whose name,
             shape, dtype or values are wrong (the message names it).
     """
+    # deferred: reading a snapshot's config.json needs no torch (pinning a revision imports this module)
     from mitra_model.model.tab2d import Tab2D
 
     snapshot = read_snapshot(folder)
@@ -203,6 +205,7 @@ def load_model(folder: Path) -> tuple[Tab2D, Snapshot]:
 def random_model(config: MitraConfig, seed: int) -> Tab2D:
     """A Tab2D with every parameter random: PyTorch's default init, upstream's `init_weights` for the
     embeddings, and jittered LayerNorms (so a miswired norm cannot hide behind ones and zeros)."""
+    # deferred: reading a snapshot's config.json needs no torch (pinning a revision imports this module)
     import torch
 
     from mitra_model.model.tab2d import Tab2D
@@ -240,6 +243,7 @@ def write_synthetic_snapshot(output: Path, *, task: TaskName, size_name: str, si
         n_heads=size.n_heads,
         task=Task(task.upper()),
     )
+    # deferred: reading a snapshot's config.json needs no torch (pinning a revision imports this module)
     from safetensors.torch import save_file
 
     model = random_model(config, seed)

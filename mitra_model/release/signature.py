@@ -110,6 +110,7 @@ class SignedContent:
 
 def _release_payload(files: Mapping[str, str], name: str) -> Any:
     """model_signing's in-toto payload for a folder holding exactly `files` (name -> sha256)."""
+    # deferred: signing needs the [signing] extra; verifying a signature does not
     from model_signing import manifest as ms_manifest
     from model_signing._hashing import hashing as ms_hashing
     from model_signing._signing import signing as ms_signing

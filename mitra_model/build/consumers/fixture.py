@@ -141,6 +141,7 @@ def python_ort_outputs(onnx_path: Path, predict_path: Path | None = None) -> Cal
     Returns:
         A function from the contract's inputs (by name) to the output array.
     """
+    # deferred: importing the consumer checks needs no torch or onnxruntime (setup.sh does); writing a fixture does
     from mitra_model.build.export import INPUT_NAMES, OUTPUT_NAME
     from mitra_model.build.support_cache import ENCODE_INPUT_NAMES
     from mitra_model.build.verify import onnx_session
@@ -182,6 +183,7 @@ def write_fixture(
     Returns:
         The path of the fixture file.
     """
+    # deferred: importing the consumer checks needs no torch or onnxruntime (setup.sh does); writing a fixture does
     from mitra_model.build.export import INPUT_NAMES
     from mitra_model.model.inputs import make_inputs
 
