@@ -64,7 +64,7 @@ if _log:
 def _copy_sources(target: Path) -> Path:
     """The checkout's packaged parts, symlinks kept (mitra_model/data links to config/ and consumers/)."""
     target.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("node_modules", "__pycache__", "*.egg-info", "build", "dist")
+    ignore = shutil.ignore_patterns("node_modules", "__pycache__", "*.egg-info")  # mitra_model/build is code
     for name in SOURCES:
         source = CHECKOUT / name
         if source.is_dir():
