@@ -1,7 +1,7 @@
 """Fixtures and helpers for tests against a real SeaweedFS S3 server (no mocks).
 
-Import explicitly from a test module:
-    from s3_fixtures import s3_server, s3_store, s3_client, make_build, ...
+A pytest plugin (conftest.py's `pytest_plugins`): every test module can request its fixtures by
+name; helpers are imported (`from s3_fixtures import make_build, ...`).
 
 - `s3_server` (session): one `weed mini` on free ports in a temp dir, with fixed test credentials
   in the environment, so boto3's standard chain (what `make_s3_client` uses) finds them. Tests
@@ -46,25 +46,6 @@ _CLEARED_ENV = (
     "AWS_WEB_IDENTITY_TOKEN_FILE",
 )
 
-__all__ = [
-    "TEST_ACCESS_KEY",
-    "TEST_SECRET_KEY",
-    "TEST_PREFIX",
-    "CrashingClient",
-    "SimulatedCrash",
-    "make_build",
-    "new_bucket_name",
-    "s3_client",
-    "s3_server",
-    "s3_store",
-    "start_private_server",
-    "store_for",
-    "time_limit",
-    "list_keys",
-    "read_json_object",
-    "put_raw",
-]
-
 TEST_TIME_LIMIT_S = 60
 
 
@@ -103,35 +84,18 @@ def _test_env(home: Path) -> pytest.MonkeyPatch:
     return patch
 
 
-# Each test module imports these fixtures, and pytest then keeps one session fixture per module;
-# they share one server (and one environment patch) instead of starting one per module.
-_shared: dict[str, Any] = {"server": None, "env": None, "users": 0}
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
     """The session's SeaweedFS server; while it runs, the test credentials are in os.environ."""
-    if _shared["server"] is None:
-        _shared["env"] = _test_env(tmp_path_factory.mktemp("aws-home"))
-        server = LocalS3Server(
-            tmp_path_factory.mktemp("seaweedfs"),
-            access_key=TEST_ACCESS_KEY,
-            secret_key=TEST_SECRET_KEY,
-            startup_timeout_s=60,
-        )
-        try:
-            server.start()
-        except BaseException:
-            _shared["env"].undo()
-            raise
-        _shared["server"] = server
-    _shared["users"] += 1
-    yield _shared["server"]
-    _shared["users"] -= 1
-    if _shared["users"] == 0:
-        _shared["server"].stop()
-        _shared["env"].undo()
-        _shared["server"] = _shared["env"] = None
+    env = _test_env(tmp_path_factory.mktemp("aws-home"))
+    server = LocalS3Server(tmp_path_factory.mktemp("seaweedfs"), access_key=TEST_ACCESS_KEY, secret_key=TEST_SECRET_KEY,
+                           startup_timeout_s=60)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        env.undo()
 
 
 def start_private_server(data_dir: Path) -> LocalS3Server:

@@ -5,14 +5,27 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from configs import write_config
 from onnx import numpy_helper
 
 from mitra_model.cli.main import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The commands read a configuration with a two-cell matrix ($MITRA_BUILD_CONFIG): what is tested
+    here is the command line, and the full matrix is the pipeline's (each cell runs upstream too)."""
+    default_store = {"bucket": "mitra-build", "prefix": "releases", "endpoint_url": "http://127.0.0.1:8333"}
+    config = write_config(tmp_path_factory.mktemp("cli-config") / "config.toml", store=default_store)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MITRA_BUILD_CONFIG", str(config))
+        yield config
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -36,7 +49,7 @@ def test_synth_export_verify_round_trip(tmp_path: Path) -> None:
 
 
 def test_verify_exits_non_zero_on_a_corrupted_model(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
-    proto = onnx.load(str(tiny_exports["classification"].path))
+    proto = onnx.load(str(tiny_exports["classification"]))
     init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     values = numpy_helper.to_array(init) * 1.5
     init.CopyFrom(numpy_helper.from_array(values.astype(np.float32), init.name))
@@ -50,7 +63,7 @@ def test_verify_exits_non_zero_on_a_corrupted_model(tiny_exports, tiny_snapshots
 def test_verify_json_is_one_document_on_stdout(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
     """`verify --json`: stdout is exactly the report `--report` writes (a script parses it); the
     progress lines stay on stderr; a failed verification still prints its report, and exits 1."""
-    snapshot, exported = tiny_snapshots["classification"].path, tiny_exports["classification"].path
+    snapshot, exported = tiny_snapshots["classification"].path, tiny_exports["classification"]
     done = run_cli("verify", "--snapshot", str(snapshot), "--onnx", str(exported), "--json",
                    "--report", str(tmp_path / "r.json"))
     assert done.returncode == 0, done.stderr
@@ -109,17 +122,10 @@ def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_pa
     assert "--variant NAME" in done.stderr
 
 
-def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tmp_path: Path) -> None:
+def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tiny_artifacts) -> None:
     """An int8 file is judged by the int8 tolerances without --precision (fp32's would fail it)."""
-    from mitra_model.build.export import export_onnx
-    from mitra_model.build.recipes import quantize_onnx
-    from mitra_model.model.snapshot import load_model
-
     snapshot = tiny_snapshots["classification"]
-    model, _ = load_model(snapshot.path)
-    optimized = export_onnx(model, tmp_path / "model-ort.onnx", opset=17, trace_shape=_trace_shape(),
-                            metadata=snapshot.onnx_metadata(), flavour="optimized").path
-    int8 = quantize_onnx(optimized, tmp_path / "model-int8.onnx", precision="int8").path
+    int8 = tiny_artifacts.path("classification", "int8")
     done = run_cli("verify", "--snapshot", str(snapshot.path), "--onnx", str(int8))
     assert done.returncode == 0, done.stderr
     assert "says it is int8" in done.stderr and "(int8" in done.stdout
@@ -132,7 +138,7 @@ def _trace_shape():
 
 
 def test_check_and_verify_against_other_weights_is_one_clear_error(tiny_exports, tiny_snapshots) -> None:
-    exported = tiny_exports["classification"].path
+    exported = tiny_exports["classification"]
     for command in ("check", "verify"):
         done = run_cli(command, "--snapshot", str(tiny_snapshots["regression"].path), "--onnx", str(exported))
         assert done.returncode == 2, done.stderr
@@ -143,7 +149,7 @@ def test_check_and_verify_against_other_weights_is_one_clear_error(tiny_exports,
 def test_verify_on_a_file_that_is_not_onnx_is_exit_2(tiny_exports, tiny_snapshots, tmp_path: Path, content) -> None:
     bad = tmp_path / "bad.onnx"
     if content == "truncated":
-        content = tiny_exports["classification"].path.read_bytes()[:5000]
+        content = tiny_exports["classification"].read_bytes()[:5000]
     bad.write_bytes(content)
     done = run_cli("verify", "--snapshot", str(tiny_snapshots["classification"].path), "--onnx", str(bad))
     assert done.returncode == 2 and "Traceback" not in done.stderr and "bad.onnx" in done.stderr, done.stderr

@@ -20,17 +20,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from s3_fixtures import (
-    TEST_SECRET_KEY,
-    CrashingClient,
-    make_build,
-    put_raw,
-    read_json_object,
-    s3_client,
-    s3_server,
-    s3_store,
-    time_limit,
-)
+from s3_fixtures import TEST_SECRET_KEY, CrashingClient, make_build, put_raw, read_json_object
 
 from mitra_model.cli.main import main
 from mitra_model.errors import OutputError, PullError
@@ -48,7 +38,6 @@ from mitra_model.release.publish import PublishResult, publish_build
 from mitra_model.release.rules import canonical_json
 from mitra_model.release.store import StoreConfig, describe_client_error, redact_secrets
 
-__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = [pytest.mark.usefixtures("time_limit"),
               pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")]
 
@@ -510,10 +499,6 @@ def test_store_messages_redact_the_secret_key(s3_store: StoreConfig, s3_client: 
 # -- the Node example ---------------------------------------------------------------------------
 
 EXAMPLE = REPO / "consumers" / "example-pull-latest.mjs"
-needs_node = pytest.mark.skipif(
-    shutil.which("node") is None or not (REPO / "consumers" / "node_modules" / "@aws-sdk").is_dir(),
-    reason="node or consumers/node_modules missing (scripts/setup.sh installs them)",
-)
 
 
 def _tiny_onnx(path: Path) -> None:
@@ -529,8 +514,8 @@ def _tiny_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
-@needs_node
-def test_node_example_help_and_bad_options_have_no_stack_trace() -> None:
+@pytest.mark.needs_node
+def test_node_example_help_and_bad_options_have_no_stack_trace(node_modules: Path) -> None:
     done = subprocess.run(["node", "--throw-deprecation", str(EXAMPLE), "--help"], capture_output=True, text=True,
                           timeout=60, cwd=EXAMPLE.parent, check=False)
     assert done.returncode == 0 and "usage:" in done.stdout and done.stderr == ""
@@ -541,9 +526,9 @@ def test_node_example_help_and_bad_options_have_no_stack_trace() -> None:
     assert done.returncode == 2 and "Unknown option '--bogus'" in done.stderr and "    at " not in done.stderr
 
 
-@needs_node
+@pytest.mark.needs_node
 def test_node_example_says_synthetic_without_deprecation_warnings(
-    s3_store: StoreConfig, s3_client: Any, tmp_path: Path
+    node_modules: Path, s3_store: StoreConfig, s3_client: Any, tmp_path: Path
 ) -> None:
     build = make_build(tmp_path, artifacts=(("fp32", "model.onnx", 16, "fp32"),))
     _tiny_onnx(build / "model.onnx")
@@ -564,9 +549,9 @@ def test_node_example_says_synthetic_without_deprecation_warnings(
     assert json.loads(done.stdout.strip().splitlines()[-1])["synthetic"] is True
 
 
-@needs_node
+@pytest.mark.needs_node
 def test_node_example_verifies_signed_releases_with_trusted_keys(
-    s3_store: StoreConfig, s3_client: Any, tmp_path: Path
+    node_modules: Path, s3_store: StoreConfig, s3_client: Any, tmp_path: Path
 ) -> None:
     from mitra_model.release.keys import Signer, generate_keypair
     from mitra_model.release.publish import revert_release

@@ -13,8 +13,6 @@ import base64
 import hashlib
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +20,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from s3_fixtures import make_build, put_raw, s3_client, s3_server, s3_store, time_limit
+from s3_fixtures import make_build, put_raw
 
 from mitra_model.build.config import load_config
 from mitra_model.build.consumers import (
-    CHROMIUM_INSTALL_COMMAND,
     CONSUMERS_DIR,
     DEFAULT_CASES,
     FIXTURE_SCHEMA_ID,
     NODE_RUNTIME,
-    NPM_CI_COMMAND,
     WEB_RUNTIME,
     CaseResult,
     ConsumerResult,
     check_in_browser,
     check_in_node,
-    ensure_node_modules,
     find_chromium,
     find_node,
     package_version,
@@ -45,25 +40,12 @@ from mitra_model.build.consumers import (
     write_fixture,
 )
 from mitra_model.build.export import INPUT_NAMES, OUTPUT_NAME, export_onnx, io_contract
-from mitra_model.build.recipes import BuildContext, recipe
+from mitra_model.build.recipes import recipe
 from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, export_support_cache
 from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.model.inputs import PADDED_CLASS_LABEL, make_inputs
 from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
 from mitra_model.release.publish import publish_build
-
-__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
-HAS_NODE = shutil.which("node") is not None and shutil.which("npm") is not None
-HAS_CHROMIUM = any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome"))
-needs_node = pytest.mark.skipif(
-    not HAS_NODE and not IN_CI,
-    reason=f"Node.js >= 20 with npm not installed (then: {NPM_CI_COMMAND})",
-)
-needs_chromium = pytest.mark.skipif(
-    not (HAS_NODE and HAS_CHROMIUM) and not IN_CI, reason=f"Chromium or Node.js not installed ({CHROMIUM_INSTALL_COMMAND})"
-)
 
 TASKS = ("classification", "regression")
 # Every single-graph artifact a build publishes, from the recipe registry: a new recipe is checked here too.
@@ -75,27 +57,12 @@ def _tolerance(artifact: str, runtime: str) -> float:
     return load_config().consumers.tolerance(recipe(artifact).tolerance, runtime)
 
 
-@pytest.fixture(scope="module")
-def node_modules() -> Path:
-    return ensure_node_modules()
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, build_config) -> dict[tuple[str, str], Path]:
+def models(tiny_artifacts) -> dict[tuple[str, str], Path]:
     """(task, artifact) -> file, made by each recipe as the pipeline makes it (derived ones from their source)."""
-    root = tmp_path_factory.mktemp("consumer-models")
-    files: dict[tuple[str, str], Path] = {}
-    for task in TASKS:
-        work = root / task
-        work.mkdir()
-        for r in GRAPH_RECIPES:
-            context = BuildContext(
-                snapshot_dir=tiny_snapshots[task].path, work=work, opset=build_config.export.opset,
-                trace_shape=build_config.export.trace_shape, options=build_config.artifacts.options_for(r),
-                parent_files=(files[task, r.derives_from],) if r.derives_from else (),
-            )
-            (files[task, r.name],) = r.make(context).files
-    return files
+    return {(task, r.name): tiny_artifacts.path(task, r.name) for task in TASKS for r in GRAPH_RECIPES}
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +152,7 @@ def test_importing_the_consumer_checks_needs_no_build_toolchain() -> None:
     assert done.stdout.strip() == "[]"
 
 
-@needs_node
+@pytest.mark.needs_node
 def test_js_fixture_reader_mirrors_python() -> None:
     script = ("import * as f from './lib/fixture.mjs'; console.log(JSON.stringify("
               "[f.FIXTURE_SCHEMA, f.INPUT_NAMES, f.ENCODE_INPUT_NAMES, f.QUERY_INPUT_NAME, f.OUTPUT_NAME]))")
@@ -198,7 +165,7 @@ def test_js_fixture_reader_mirrors_python() -> None:
 # -- onnxruntime-node ----------------------------------------------------------------------------
 
 
-@needs_node
+@pytest.mark.needs_node
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_node_matches_python_ort(node_modules, models, fixtures, task: str, artifact: str) -> None:
     result = check_in_node(models[task, artifact], fixtures[task, artifact], tolerance_abs=_tolerance(artifact, NODE_RUNTIME))
@@ -224,7 +191,7 @@ def other_classifier(other_snapshot: Path, build_config) -> Path:
                        trace_shape=build_config.export.trace_shape).path
 
 
-@needs_node
+@pytest.mark.needs_node
 def test_node_refuses_a_different_model_naming_each_case(node_modules, fixtures, other_classifier) -> None:
     with pytest.raises(VerificationError) as caught:
         check_in_node(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5)
@@ -239,7 +206,7 @@ def test_node_refuses_a_different_model_naming_each_case(node_modules, fixtures,
     assert not result.passed and result.max_abs_err > 1e-3
 
 
-@needs_node
+@pytest.mark.needs_node
 def test_node_reports_a_model_that_breaks_the_contract(node_modules, models, fixtures, tmp_path: Path) -> None:
     # the regressor takes float32 labels: each case of a classifier fixture fails to run, by name
     with pytest.raises(VerificationError, match=r"case 'base': run failed: .*tensor\(int64\)"):
@@ -254,15 +221,15 @@ def test_node_reports_a_model_that_breaks_the_contract(node_modules, models, fix
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, build_config, other_snapshot) -> dict[str, Any]:
+def pairs(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots, tiny_artifacts, build_config,
+          other_snapshot) -> dict[str, Any]:
     """Each task's pair as the pipeline builds it, its fixture, and model B's pair (other weights)."""
     root = tmp_path_factory.mktemp("consumer-pairs")
-    out: dict[str, Any] = {}
-    for name, snapshot_path in [*((t, tiny_snapshots[t].path) for t in TASKS), ("other", other_snapshot)]:
-        model, _ = load_model(snapshot_path)
-        pair = export_support_cache(model, root / name, opset=build_config.export.opset,
-                                    trace_shape=build_config.export.trace_shape)
-        out[name] = (pair.encode.path, pair.predict.path)
+    out: dict[str, Any] = {task: tiny_artifacts.files(task, "support-cache") for task in TASKS}
+    model, _ = load_model(other_snapshot)
+    pair = export_support_cache(model, root / "other", opset=build_config.export.opset,
+                                trace_shape=build_config.export.trace_shape)
+    out["other"] = (pair.encode.path, pair.predict.path)
     for task in TASKS:
         encode, predict = out[task]
         out[task, "fixture"] = write_fixture(encode, tiny_snapshots[task].config, root / f"{task}-fixture", predict_path=predict)
@@ -280,7 +247,7 @@ def test_pair_fixture_expects_what_the_full_model_computes(pairs, models, fixtur
         np.testing.assert_allclose(_decode(pair_case["expected"]), _decode(full_case["expected"]), atol=1e-5)
 
 
-@needs_node
+@pytest.mark.needs_node
 @pytest.mark.parametrize("task_name", TASKS)
 def test_node_runs_the_pair_like_python(node_modules, pairs, task_name: str) -> None:
     encode, predict = pairs[task_name]
@@ -292,7 +259,7 @@ def test_node_runs_the_pair_like_python(node_modules, pairs, task_name: str) -> 
     assert record["predict_sha256"] == hashlib.sha256(predict.read_bytes()).hexdigest()
 
 
-@needs_node
+@pytest.mark.needs_node
 def test_node_refuses_a_cache_from_other_weights_naming_the_gate(node_modules, pairs) -> None:
     # model B's encoder feeding model A's predictor: the fingerprint gate stops every case
     other_encode, _ = pairs["other"]
@@ -321,7 +288,7 @@ def test_pair_and_single_file_fixtures_are_not_interchangeable(pairs, fixtures, 
 BROWSER_MATRIX = [("classification", a) for a in ARTIFACTS] + [("regression", "fp32"), ("regression", "int8")]
 
 
-@needs_chromium
+@pytest.mark.needs_chromium
 @pytest.mark.parametrize(("task_name", "artifact"), BROWSER_MATRIX, ids=["-".join(k) for k in BROWSER_MATRIX])
 def test_browser_matches_python_ort(node_modules, models, fixtures, task_name: str, artifact: str) -> None:
     result = check_in_browser(
@@ -332,13 +299,13 @@ def test_browser_matches_python_ort(node_modules, models, fixtures, task_name: s
     assert [c.name for c in result.cases] == [c.name for c in DEFAULT_CASES]
 
 
-@needs_chromium
+@pytest.mark.needs_chromium
 def test_browser_refuses_a_different_model_naming_the_case(node_modules, fixtures, other_classifier) -> None:
     with pytest.raises(VerificationError, match=r"onnxruntime-web .*case 'base': max abs error .* > tolerance 1\.0e-05"):
         check_in_browser(other_classifier, fixtures["classification", "fp32"], tolerance_abs=1e-5)
 
 
-@needs_chromium
+@pytest.mark.needs_chromium
 def test_browser_runs_the_pair_like_python(node_modules, pairs) -> None:
     encode, predict = pairs["classification"]
     result = check_in_browser(encode, pairs["classification", "fixture"], predict_path=predict,
@@ -398,12 +365,12 @@ def _run_example(store, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@needs_node
+@pytest.mark.needs_node
 @pytest.mark.usefixtures("time_limit")
 def test_example_pulls_latest_verifies_and_predicts(
     node_modules, s3_client, s3_store, tmp_path: Path, tiny_exports, tiny_snapshots
 ) -> None:
-    build = _real_build(tmp_path, tiny_exports["classification"].path, tiny_snapshots["classification"].config)
+    build = _real_build(tmp_path, tiny_exports["classification"], tiny_snapshots["classification"].config)
     published = publish_build(build, client=s3_client, store=s3_store)
 
     done = _run_example(s3_store, "--save", str(tmp_path / "pulled"))
@@ -420,12 +387,12 @@ def test_example_pulls_latest_verifies_and_predicts(
     assert f"verified mitra-classifier {published.version}" in done.stderr
 
 
-@needs_node
+@pytest.mark.needs_node
 @pytest.mark.usefixtures("time_limit")
 def test_example_refuses_a_tampered_artifact_and_manifest(
     node_modules, s3_client, s3_store, tmp_path: Path, tiny_exports, tiny_snapshots
 ) -> None:
-    build = _real_build(tmp_path, tiny_exports["classification"].path, tiny_snapshots["classification"].config)
+    build = _real_build(tmp_path, tiny_exports["classification"], tiny_snapshots["classification"].config)
     published = publish_build(build, client=s3_client, store=s3_store)
     artifact_key = s3_store.key("mitra-classifier", published.version, "model.onnx")
     data = bytearray((build / "model.onnx").read_bytes())

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 from configs import write_config
 from prefect import flow, task, unmapped
-from prefect.testing.utilities import prefect_test_harness
-from s3_fixtures import list_keys, s3_client, s3_server, s3_store  # noqa: F401 - fixtures
+from s3_fixtures import list_keys
 
 import mitra_model.pipeline.flow as flow_module
-from mitra_model.pipeline import plumbing
 from mitra_model.build.config import ExecutionConfig, load_config
 from mitra_model.build.verify import make_report, verify_onnx
 from mitra_model.model.snapshot import load_model
+from mitra_model.pipeline import plumbing
 
 
 @task
@@ -27,14 +26,11 @@ def worker_pid(_: int) -> int:
     return os.getpid()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def test_matrix_on_a_local_cluster_equals_in_process(tiny_snapshots, tiny_exports, build_config, tmp_path: Path) -> None:
-    snapshot, onnx_path = tiny_snapshots["classification"].path, tiny_exports["classification"].path
+    snapshot, onnx_path = tiny_snapshots["classification"].path, tiny_exports["classification"]
     cells = list(build_config.verification.cells)
     tolerance = build_config.verification.tolerance("fp32")
     runner = plumbing.task_runner(ExecutionConfig(task_runner="dask", dask_workers=2))
@@ -64,7 +60,7 @@ def test_matrix_on_a_local_cluster_equals_in_process(tiny_snapshots, tiny_export
 
 
 def test_the_flow_runs_its_cells_on_dask_and_persists_their_results_to_the_store(
-        tmp_path: Path, tiny_snapshots, s3_store, s3_client) -> None:  # noqa: F811
+        tmp_path: Path, tiny_snapshots, s3_store, s3_client) -> None:
     """The real flow with task_runner = "dask" and result_storage = "store": every cell's result is an
     object in the bucket, and reading it back gives what the build recorded."""
     from prefect._internal.result_records import ResultRecord

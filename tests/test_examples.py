@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mitra_model.build.consumers import ensure_node_modules, find_node
-from mitra_model.build.support_cache import export_support_cache
-from mitra_model.model.snapshot import load_model
+import pytest
+
+from mitra_model.build.consumers import find_node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (tests and benchmarks run from it)
 
@@ -20,12 +20,11 @@ def test_python_example_predicts_three_batches_from_one_cache() -> None:
     assert done.stdout.count("batch") >= 3 and "support cache" in done.stdout
 
 
-def test_node_example_feeds_the_cache_back_by_name(tiny_snapshots, build_config, tmp_path: Path) -> None:
-    ensure_node_modules()
-    model, _ = load_model(tiny_snapshots["regression"].path)
-    pair = export_support_cache(model, tmp_path, opset=build_config.export.opset, trace_shape=build_config.export.trace_shape)
+@pytest.mark.needs_node
+def test_node_example_feeds_the_cache_back_by_name(node_modules, tiny_artifacts) -> None:
+    encode, predict = tiny_artifacts.files("regression", "support-cache")
     done = subprocess.run(
-        [str(find_node()), "example-support-cache.mjs", "--encode", str(pair.encode.path), "--predict", str(pair.predict.path)],
+        [str(find_node()), "example-support-cache.mjs", "--encode", str(encode), "--predict", str(predict)],
         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT / "consumers",
     )
     assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from mitra_model.model.snapshot import load_model
 
 
 def test_io_contract(tiny_exports, tiny_snapshots, task: str) -> None:
-    model = onnx.load(str(tiny_exports[task].path))
+    model = onnx.load(str(tiny_exports[task]))
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
     assert list(inputs) == ["x_support", "y_support", "x_query", "padding_obs_support"]
     label_type = onnx.TensorProto.INT64 if task == "classification" else onnx.TensorProto.FLOAT
@@ -32,7 +32,7 @@ def test_io_contract(tiny_exports, tiny_snapshots, task: str) -> None:
     assert model.opset_import[0].version >= 17
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["mitra.task"] == task.upper()
-    check_onnx(tiny_exports[task].path, config=load_model(tiny_snapshots[task].path)[0].config)
+    check_onnx(tiny_exports[task], config=load_model(tiny_snapshots[task].path)[0].config)
 
 
 def test_reexport_is_byte_identical_across_processes(tiny_snapshots, tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_checker_names_the_broken_node(tiny_exports, tiny_snapshots, tmp_path: P
         node.name = "broken_softmax"
         node.input.append(node.input[0])  # Softmax takes exactly one input
 
-    bad = _corrupt(tiny_exports["classification"].path, tmp_path / "bad.onnx", break_a_node)
+    bad = _corrupt(tiny_exports["classification"], tmp_path / "bad.onnx", break_a_node)
     config = load_model(tiny_snapshots["classification"].path)[0].config
     with pytest.raises(OnnxCheckError, match="broken_softmax"):
         check_onnx(bad, config=config)
@@ -96,7 +96,7 @@ def test_check_refuses_a_frozen_dimension(tiny_exports, tiny_snapshots, tmp_path
         dim.ClearField("dim_param")
         dim.dim_value = 11
 
-    bad = _corrupt(tiny_exports["classification"].path, tmp_path / "frozen.onnx", freeze)
+    bad = _corrupt(tiny_exports["classification"], tmp_path / "frozen.onnx", freeze)
     config = load_model(tiny_snapshots["classification"].path)[0].config
     with pytest.raises(OnnxCheckError, match="`x_support` dim 1 is fixed at 11"):
         check_onnx(bad, config=config)
@@ -109,7 +109,7 @@ def test_check_refuses_a_renamed_input(tiny_exports, tiny_snapshots, tmp_path: P
         for node in model.graph.node:
             node.input[:] = ["mask" if i == old else i for i in node.input]
 
-    bad = _corrupt(tiny_exports["classification"].path, tmp_path / "renamed.onnx", rename)
+    bad = _corrupt(tiny_exports["classification"], tmp_path / "renamed.onnx", rename)
     config = load_model(tiny_snapshots["classification"].path)[0].config
     with pytest.raises(OnnxCheckError, match="consumer contract expects"):
         check_onnx(bad, config=config)
@@ -118,7 +118,7 @@ def test_check_refuses_a_renamed_input(tiny_exports, tiny_snapshots, tmp_path: P
 def test_export_output_shape_follows_inputs(tiny_exports) -> None:
     from mitra_model.build.verify import onnx_session
 
-    session = onnx_session(tiny_exports["regression"].path)
+    session = onnx_session(tiny_exports["regression"])
     feed = {
         "x_support": np.random.default_rng(0).normal(size=(4, 9, 13)).astype(np.float32),
         "y_support": np.zeros((4, 9), dtype=np.float32),

@@ -6,12 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from configs import write_config
-from local_hub import local_hub  # noqa: F401 - fixture
-from prefect.testing.utilities import prefect_test_harness
-from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 import mitra_model.pipeline.flow as flow_module
 from mitra_model.build.config import load_config
@@ -22,17 +20,19 @@ from mitra_model.release.store import StoreConfig
 REPO = "acme/mitra-finetuned"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+# What a test builds when its point is the orchestration, not the artifacts: the portable fp32 file.
+FP32_ONLY = {"flavours": ["portable"], "precisions": [], "support_cache": False}
+EVERY_ARTIFACT = None  # the configuration's [artifacts]: every recipe
 
 
-def small_config(tmp_path: Path, store: StoreConfig | None = None) -> Path:
+def small_config(tmp_path: Path, store: StoreConfig | None = None,
+                 artifacts: dict[str, Any] | None = EVERY_ARTIFACT) -> Path:
     """Two matrix cells, one variant served by the local hub, and the given store (none by default)."""
     store_table = None if store is None else {"bucket": store.bucket, "prefix": store.prefix, "endpoint_url": store.endpoint_url}
     variants = [{"name": "finetuned", "repo_id": REPO, "revision": "main", "task": "classification"}]
-    return write_config(tmp_path / "config.toml", store=store_table, variants=variants)
+    return write_config(tmp_path / "config.toml", store=store_table, variants=variants, artifacts=artifacts)
 
 
 def snapshot_files(tmp_path: Path, build_config, seed: int) -> dict[str, bytes]:
@@ -73,16 +73,16 @@ def cell_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return _record_calls(monkeypatch, flow_module.verification, "verify_cell", lambda snapshot, paths, cell: cell.name)
 
 
-def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwargs):  # noqa: F811
+def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwargs):
     return flow_module.mitra_build(
         config_path=str(config), artifacts_root=str(artifacts), hub_endpoint=local_hub.endpoint, publish=publish,
         **kwargs,
     )[0]
 
 
-def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_config, exports,  # noqa: F811
+def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_config, exports,
                                                cell_runs) -> None:
-    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+    config, artifacts = small_config(tmp_path, artifacts=FP32_ONLY), tmp_path / "artifacts"
     files = snapshot_files(tmp_path, build_config, seed=1)
     first_commit = local_hub.add_commit(REPO, files)
 
@@ -115,15 +115,15 @@ def test_rebuilds_only_when_the_weights_change(local_hub, tmp_path: Path, build_
     assert forced["status"] == "built" and forced["version"] == changed["version"] and n_builds(exports) == 3
 
 
-def test_damaged_build_is_rebuilt_not_trusted(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
-    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+def test_damaged_build_is_rebuilt_not_trusted(local_hub, tmp_path: Path, build_config, exports) -> None:
+    config, artifacts = small_config(tmp_path, artifacts=FP32_ONLY), tmp_path / "artifacts"
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     first = run(local_hub, config, artifacts)
     (Path(first["build_dir"]) / "model.onnx").write_bytes(b"damaged")
     assert run(local_hub, config, artifacts)["status"] == "built" and n_builds(exports) == 2
 
 
-def test_checksum_mismatch_stops_before_export(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+def test_checksum_mismatch_stops_before_export(local_hub, tmp_path: Path, build_config, exports) -> None:
     config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     local_hub.corrupt(REPO, "model.safetensors")
@@ -133,7 +133,7 @@ def test_checksum_mismatch_stops_before_export(local_hub, tmp_path: Path, build_
     assert not (artifacts / "builds").exists()
 
 
-def test_unknown_revision_fails_with_a_clear_error(local_hub, tmp_path: Path, build_config, exports) -> None:  # noqa: F811
+def test_unknown_revision_fails_with_a_clear_error(local_hub, tmp_path: Path, build_config, exports) -> None:
     config = small_config(tmp_path)
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     with pytest.raises(HubNotFoundError, match="no-such-branch"):
@@ -141,7 +141,7 @@ def test_unknown_revision_fails_with_a_clear_error(local_hub, tmp_path: Path, bu
     assert exports == []
 
 
-def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
+def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_client, tmp_path: Path, build_config,
                                                        exports) -> None:
     from mitra_model.release.log import latest_release
     from mitra_model.release.pull import pull_release
@@ -185,7 +185,7 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
     assert all(manifest["verification"][name]["passed"] for name in by_name)
 
 
-def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, s3_store, s3_client,  # noqa: F811
+def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, s3_store, s3_client,
                                                                      tmp_path: Path, build_config) -> None:
     """A new reduced precision is one registry entry plus its tolerances in the configuration: once
     registered, the configuration plans it and the flow makes, checks, verifies, checks in Node and
@@ -226,13 +226,13 @@ def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, 
     assert hashlib.sha256(pulled.files["int8-channel"].read_bytes()).hexdigest() == entry["sha256"]
 
 
-def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, tmp_path: Path, build_config,  # noqa: F811
+def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, tmp_path: Path, build_config,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from mitra_model.errors import VerificationError
     from mitra_model.release.log import latest_release
 
     monkeypatch.setattr(flow_module.verification, "verify_cell", _failing_verify(flow_module.verification.verify_cell))
-    config = small_config(tmp_path, store=s3_store)
+    config = small_config(tmp_path, store=s3_store, artifacts=FP32_ONLY)
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     with pytest.raises(VerificationError, match="cell 'small'"):
         run(local_hub, config, tmp_path / "artifacts", publish=True)
@@ -240,7 +240,7 @@ def test_failed_verification_publishes_nothing(local_hub, s3_store, s3_client, t
     assert not (tmp_path / "artifacts" / "builds").exists()
 
 
-def test_a_failed_reduced_precision_fails_the_run_naming_it(local_hub, s3_store, s3_client, tmp_path: Path,  # noqa: F811
+def test_a_failed_reduced_precision_fails_the_run_naming_it(local_hub, s3_store, s3_client, tmp_path: Path,
                                                              build_config, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 passes, int8 does not: the run fails naming int8 and the cell, and nothing is published."""
     from mitra_model.errors import VerificationError
@@ -248,7 +248,8 @@ def test_a_failed_reduced_precision_fails_the_run_naming_it(local_hub, s3_store,
 
     monkeypatch.setattr(flow_module.verification, "verify_cell",
                         _failing_verify(flow_module.verification.verify_cell, only="model-int8.onnx"))
-    config = small_config(tmp_path, store=s3_store)
+    config = small_config(tmp_path, store=s3_store,
+                          artifacts={"flavours": ["portable", "optimized"], "precisions": ["int8"], "support_cache": False})
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     with pytest.raises(VerificationError, match=r"model-int8\.onnx \(int8\) failed .*cell 'small'"):
         run(local_hub, config, tmp_path / "artifacts", publish=True)
@@ -304,7 +305,7 @@ def test_a_variant_can_be_a_local_folder(tmp_path: Path, tiny_snapshots) -> None
     assert weights["sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_config) -> None:  # noqa: F811
+def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_config) -> None:
     """Library warnings in the run's logs, a run named after what it builds (as the README says it),
     artifact-specific task names, no per-task "Finished in state Completed()" noise, one card per kind
     per variant (progress updated in place, the tolerance beside each error, the manifest summary), a
@@ -322,7 +323,8 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
         TaskRunFilter,
     )
 
-    config, artifacts = small_config(tmp_path), tmp_path / "artifacts"
+    both_flavours = {"flavours": ["portable", "optimized"], "precisions": [], "support_cache": False}
+    config, artifacts = small_config(tmp_path, artifacts=both_flavours), tmp_path / "artifacts"
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     local_hub.fail_next(1, status=503)  # one retry, which the library logs as a warning
     state = flow_module.mitra_build(config_path=str(config), artifacts_root=str(artifacts),
@@ -370,7 +372,7 @@ def test_the_prefect_ui_shows_what_matters(local_hub, tmp_path: Path, build_conf
     assert any(limit.name == "mitra-build-variant-finetuned" and limit.limit == 1 for limit in limits)
 
 
-def test_signed_release_and_the_scheduled_run_renews_the_pointer(local_hub, s3_store, s3_client, tmp_path: Path,  # noqa: F811
+def test_signed_release_and_the_scheduled_run_renews_the_pointer(local_hub, s3_store, s3_client, tmp_path: Path,
                                                                   build_config, monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """With a signing key the release is signed before its pointer moves; a later run with nothing to
@@ -386,7 +388,7 @@ def test_signed_release_and_the_scheduled_run_renews_the_pointer(local_hub, s3_s
     generate_keypair(tmp_path / "release.pem", tmp_path / "release.pub")
     trusted = [(tmp_path / "release.pub").read_bytes()]
     monkeypatch.setenv("MITRA_SIGNING_KEY_FILE", str(tmp_path / "release.pem"))
-    config, artifacts = small_config(tmp_path, store=s3_store), tmp_path / "artifacts"
+    config, artifacts = small_config(tmp_path, store=s3_store, artifacts=FP32_ONLY), tmp_path / "artifacts"
     local_hub.add_commit(REPO, snapshot_files(tmp_path, build_config, seed=1))
     first = run(local_hub, config, artifacts, publish=True)
 

@@ -104,7 +104,7 @@ def test_export_refuses_to_write_into_its_snapshot(snapshot_copy: Path) -> None:
 
 def test_quantize_refuses_to_overwrite_its_input(tiny_exports, tmp_path: Path) -> None:
     source = tmp_path / "model.onnx"
-    shutil.copy(tiny_exports["classification"].path, source)
+    shutil.copy(tiny_exports["classification"], source)
     before = source.read_bytes()
     done = run_cli("quantize", "--onnx", str(source), "--output", str(tmp_path / "." / "model.onnx"),
                    "--precision", "int8")

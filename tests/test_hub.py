@@ -13,7 +13,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from local_hub import LocalHub, local_hub  # noqa: F401 - `local_hub` is a fixture
+from local_hub import LocalHub
 
 from mitra_model.build.hub import REQUIRED_FILES, download_snapshot, resolve_revision
 from mitra_model.errors import ChecksumMismatchError, HubAuthError, HubNotFoundError, HubUnreachableError

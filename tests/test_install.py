@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_fixtures import make_build, s3_client, s3_server, s3_store
+from s3_fixtures import make_build
 
 from mitra_model.release.publish import publish_build
 
-__all__ = ["s3_client", "s3_server", "s3_store"]  # fixtures used by name
 pytestmark = pytest.mark.install
 
 CHECKOUT = Path(__file__).resolve().parents[1]

@@ -21,12 +21,8 @@ from s3_fixtures import (
     list_keys,
     make_build,
     read_json_object,
-    s3_client,
-    s3_server,
-    s3_store,
     start_private_server,
     store_for,
-    time_limit,
 )
 
 from mitra_model.cli.local_s3 import LocalS3Server, free_ports
@@ -44,7 +40,6 @@ from mitra_model.release.publish import PublishResult, publish_build
 from mitra_model.release.pull import pull_release
 from mitra_model.release.store import StoreConfig, ensure_bucket, make_s3_client
 
-__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")
 
 VARIANT = "mitra-classifier"

@@ -11,18 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_fixtures import (
-    CrashingClient,
-    SimulatedCrash,
-    list_keys,
-    make_build,
-    put_raw,
-    read_json_object,
-    s3_client,
-    s3_server,
-    s3_store,
-    time_limit,
-)
+from s3_fixtures import CrashingClient, SimulatedCrash, list_keys, make_build, put_raw, read_json_object
 
 from mitra_model.errors import ChecksumMismatchError, PullError
 from mitra_model.release import layout
@@ -32,7 +21,6 @@ from mitra_model.release.pull import PullResult, pull_release
 from mitra_model.release.rules import canonical_json
 from mitra_model.release.store import StoreConfig
 
-__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")
 
 VARIANT = "mitra-classifier"

@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 from mitra_model.build import recipes
 from mitra_model.build.check import check_onnx
 from mitra_model.build.config import Cell, Tolerance
-from mitra_model.build.export import INPUT_NAMES, export_onnx
+from mitra_model.build.export import INPUT_NAMES
 from mitra_model.build.options import Int8Options
 from mitra_model.build.quantize import MIN_WEIGHT_DIM, QuantizeResult
 from mitra_model.build.recipes import quantize_onnx
@@ -37,18 +37,11 @@ MIN_STD_FOR_CORRELATION = 0.02
 
 
 @pytest.fixture(scope="module")
-def sources(tiny_snapshots, build_config, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+def sources(tiny_artifacts) -> dict[tuple[str, str], Path]:
     """fp32 exports of the tiny models, portable and optimized flavour: {(task, flavour): path}."""
-    root = tmp_path_factory.mktemp("quantize-sources")
-    paths = {}
-    for task, snapshot in tiny_snapshots.items():
-        model, _ = load_model(snapshot.path)
-        for flavour in ("portable", "optimized"):
-            paths[task, flavour] = export_onnx(
-                model, root / f"{task}-{flavour}.onnx", opset=build_config.export.opset,
-                trace_shape=build_config.export.trace_shape, flavour=flavour,
-            ).path
-    return paths
+    return {(task, flavour): tiny_artifacts.path(task, recipe)
+            for task in ("classification", "regression")
+            for flavour, recipe in (("portable", "fp32"), ("optimized", "fp32-ort"))}
 
 
 @pytest.fixture(scope="module")

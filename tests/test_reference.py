@@ -112,7 +112,7 @@ def test_reference_is_computed_once_and_reused_by_every_artifact(
     tiny_snapshots, tiny_exports, tmp_path: Path, count_upstream: list[int]
 ) -> None:
     snapshot = tiny_snapshots["classification"].path
-    graph = tiny_exports["classification"].path
+    graph = tiny_exports["classification"]
     pair = _pair_of_graph(graph, tiny_snapshots["classification"].config.n_layers, tmp_path / "pair")
     references = tmp_path / "reference"
     verify = functools.partial(verify_cell, snapshot, tolerance=FP32, seed=11, reference_dir=references)
@@ -160,7 +160,7 @@ def test_reference_is_upstream_and_a_broken_rewrite_fails_by_name(
     matches upstream, and the cell fails on the rewrite-vs-upstream check, which names it."""
     import mitra_model.model.tab2d as model_module
 
-    snapshot, graph = tiny_snapshots["classification"].path, tiny_exports["classification"].path
+    snapshot, graph = tiny_snapshots["classification"].path, tiny_exports["classification"]
     verify = functools.partial(verify_cell, snapshot, (graph,), TIES, kind="graph", tolerance=FP32, seed=5)
     good = verify(reference_dir=tmp_path / "good")
     assert good.passed and good.rewrite_vs_upstream_max_abs <= 1e-6
@@ -182,14 +182,14 @@ def test_a_perturbed_rewrite_weight_fails_the_rewrite_check(tiny_snapshots, tiny
     with torch.no_grad():
         rewrite.final_layer.bias.add_(1e-2)
     reference = compute_reference(load_upstream(snapshot), rewrite, CELLS[0], seed=0)
-    result = run_cell(reference, graph_candidate(tiny_exports["regression"].path), tolerance=FP32, is_classifier=False)
+    result = run_cell(reference, graph_candidate(tiny_exports["regression"]), tolerance=FP32, is_classifier=False)
     assert reference.rewrite_vs_upstream_max_abs == pytest.approx(1e-2, rel=1e-3)
     assert len(result.failures) == 1 and "rewrite" in result.failures[0] and result.metrics.max_abs_err <= 1e-4
 
 
 def test_pair_and_graph_loops_give_the_same_metrics(tiny_snapshots, tiny_exports, tmp_path: Path, task: str) -> None:
     snapshot = tiny_snapshots[task]
-    graph = tiny_exports[task].path
+    graph = tiny_exports[task]
     reference = functools.partial(reference_for, snapshot.path, seed=3, cache_dir=tmp_path / "reference")
     verify = functools.partial(verify_artifact, reference, cells=CELLS, tolerance=FP32, precision="fp32", seed=3,
                                is_classifier=snapshot.config.label_is_class)

@@ -15,7 +15,6 @@ from typing import Any
 
 from configs import write_config
 from prefect_servers import BIN, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
-from s3_fixtures import s3_client, s3_server, s3_store  # noqa: F401 - fixtures
 
 from mitra_model.model.snapshot import write_synthetic_snapshot
 from mitra_model.release import layout
@@ -37,8 +36,8 @@ def _auto_scheduled_runs(env: dict[str, str]) -> list[dict[str, Any]]:
     return [run for run in runs if run["auto_scheduled"]]
 
 
-def test_the_server_schedules_the_rebuild_and_a_worker_runs_it(tmp_path: Path, build_config, s3_store,  # noqa: F811
-                                                                s3_client) -> None:  # noqa: F811
+def test_the_server_schedules_the_rebuild_and_a_worker_runs_it(tmp_path: Path, build_config, s3_store,
+                                                                s3_client) -> None:
     snapshot = tmp_path / "weights"
     write_synthetic_snapshot(snapshot, task="regression", size_name="tiny", size=build_config.sizes["tiny"], seed=5)
     generate_keypair(tmp_path / "release.pem", tmp_path / "release.pub")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from local_hub import LocalHub, local_hub  # noqa: F401 - fixture
+from local_hub import LocalHub
 
 from mitra_model.build.hub import resolve_revision
 from mitra_model.errors import HubAuthError, HubUnreachableError
@@ -31,7 +31,7 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def echoing_hub(local_hub: LocalHub) -> LocalHub:  # noqa: F811
+def echoing_hub(local_hub: LocalHub) -> LocalHub:
     local_hub.add_commit(REPO, {"config.json": b"{}", "model.safetensors": b"x" * 64})
     local_hub.require_token(REPO, "hf_theRIGHTone0000")
     local_hub.echo_authorization = True

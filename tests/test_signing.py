@@ -23,18 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_fixtures import (
-    CrashingClient,
-    SimulatedCrash,
-    list_keys,
-    make_build,
-    put_raw,
-    read_json_object,
-    s3_client,
-    s3_server,
-    s3_store,
-    time_limit,
-)
+from s3_fixtures import CrashingClient, SimulatedCrash, list_keys, make_build, put_raw, read_json_object
 
 from mitra_model.cli.main import main
 from mitra_model.errors import (
@@ -59,7 +48,6 @@ from mitra_model.release.rules import sha256_bytes
 from mitra_model.release.signature import SignedContent, sign_release_folder, verify_release_signature
 from mitra_model.release.store import StoreConfig
 
-__all__ = ["s3_client", "s3_server", "s3_store", "time_limit"]  # fixtures used by name
 pytestmark = pytest.mark.usefixtures("time_limit")
 
 VARIANT = "mitra-classifier"
@@ -89,36 +77,6 @@ def _now() -> datetime:
 
 def _get(client: Any, store: StoreConfig, key: str) -> bytes:
     return client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
-
-
-def _pull_verified(
-    client: Any, store: StoreConfig, trusted: list[bytes], *, only: set[str] | None = None,
-    now: datetime | None = None,
-) -> dict[str, bytes]:
-    """What a verifying puller does, with the library's functions; returns file name -> bytes."""
-    raw = _get(client, store, layout.pointer_key(store.prefix, VARIANT))
-    pointer = verify_pointer(raw, trusted, now or _now())
-    check_not_rolled_back(pointer, newest_release_record(client, store, VARIANT, after=pointer.manifest_version))
-    manifest_raw = _get(client, store, pointer.manifest_key)
-    assert sha256_bytes(manifest_raw) == pointer.manifest_sha256
-    if pointer.signature_key is None:
-        raise UnsignedReleaseError("the pointer names an unsigned release")
-    bundle = _get(client, store, pointer.signature_key)
-    assert sha256_bytes(bundle) == pointer.signature_sha256
-    content = verify_release_signature(bundle, trusted)
-    manifest = json.loads(manifest_raw)
-    # Before downloading: the manifest itself, and every artifact it names, must be signed as is.
-    content.check_file(layout.MANIFEST_NAME, sha256_bytes(manifest_raw))
-    files = {layout.MANIFEST_NAME: manifest_raw}
-    for artifact in manifest["artifacts"]:
-        if only is not None and artifact["file"] not in only:
-            continue
-        content.check_file(artifact["file"], artifact["sha256"])
-        data = _get(client, store, artifact["s3_key"])
-        content.check_file(artifact["file"], sha256_bytes(data))  # after: what actually came
-        files[artifact["file"]] = data
-    content.check_files({n: sha256_bytes(d) for n, d in files.items()}, complete=only is None)
-    return files
 
 
 def _publish(tmp_path: Path, client: Any, store: StoreConfig, signer: Signer | None, seed: int, **kw: Any) -> Any:
@@ -213,46 +171,10 @@ def test_signed_release_pulls_fully_and_partially(
     s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
 ) -> None:
     _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=2)
-    files = _pull_verified(s3_client, s3_store, [keys["other_pub"], keys["pub"]])  # any trusted key
-    assert sorted(files) == ["manifest.json", "model-int8.onnx", "model.onnx"]
-    partial = _pull_verified(s3_client, s3_store, [keys["pub"]], only={"model-int8.onnx"})
-    assert sorted(partial) == ["manifest.json", "model-int8.onnx"]
-
-
-def test_arbitrary_artifact_is_refused(s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]) -> None:
-    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=3)
-    key = layout.artifact_key(s3_store.prefix, VARIANT, result.version, "model.onnx")
-    put_raw(s3_client, s3_store, key, b"malicious model")
-    with pytest.raises(NotSignedContentError, match="model.onnx has sha256"):
-        _pull_verified(s3_client, s3_store, [keys["pub"]])
-    # A manifest edited to pin the new bytes does not help: manifest.json is signed too.
-    manifest_key = result.manifest_key
-    manifest = json.loads(_get(s3_client, s3_store, manifest_key))
-    manifest["artifacts"][0]["sha256"] = sha256_bytes(b"malicious model")
-    forged = json.dumps(manifest).encode()
-    content = verify_release_signature(_get(s3_client, s3_store, result.signature_key), [keys["pub"]])
-    with pytest.raises(NotSignedContentError, match="manifest.json"):
-        content.check_file("manifest.json", sha256_bytes(forged))
-    with pytest.raises(NotSignedContentError, match="not covered"):
-        content.check_file("extra.onnx", sha256_bytes(b"x"))
-
-
-def test_rollback_replayed_old_pointer_is_refused(
-    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
-) -> None:
-    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=4)
-    pointer_key = layout.pointer_key(s3_store.prefix, VARIANT)
-    old_pointer = _get(s3_client, s3_store, pointer_key)
-    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=5)
-    put_raw(s3_client, s3_store, pointer_key, old_pointer)  # validly signed, not expired, but old
-    pointer = verify_pointer(old_pointer, [keys["pub"]], _now())
-    assert pointer.manifest_version == 1
-    newest = newest_release_record(s3_client, s3_store, VARIANT, after=pointer.manifest_version)
-    assert newest is not None and newest["manifest_version"] == 2
-    with pytest.raises(RollbackError, match="release record 2 exists"):
-        check_not_rolled_back(pointer, newest)
-    with pytest.raises(RollbackError, match="already pulled"):
-        check_not_rolled_back(pointer, None, known_manifest_version=2)
+    _pull(s3_client, s3_store, tmp_path / "full", [keys["other_pub"], keys["pub"]])  # any trusted key
+    assert sorted(_dest_files(tmp_path / "full")) == ["manifest.json", "model-int8.onnx", "model.onnx", SIGNATURE_NAME]
+    _pull(s3_client, s3_store, tmp_path / "partial", [keys["pub"]], artifacts=["int8"])
+    assert sorted(_dest_files(tmp_path / "partial")) == ["manifest.json", "model-int8.onnx", SIGNATURE_NAME]
 
 
 def test_newest_release_record_gallops_over_many_releases(
@@ -266,42 +188,11 @@ def test_newest_release_record_gallops_over_many_releases(
         newest_release_record(s3_client, s3_store, VARIANT, after=9)
 
 
-def test_freeze_expired_pointer_is_refused_until_refreshed(
-    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
-) -> None:
-    result = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=6, pointer_ttl=timedelta(days=30))
-    later = _now() + timedelta(days=31)
-    with pytest.raises(ExpiredPointerError, match="expired at"):
-        _pull_verified(s3_client, s3_store, [keys["pub"]], now=later)
-    refreshed = refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"], timedelta(days=60))
-    assert (refreshed.version, refreshed.manifest_version) == (result.version, 1)
-    assert len(_pull_verified(s3_client, s3_store, [keys["pub"]], now=later)) == 3
-    # Refreshing re-signs the pointer only: no new release record, no new manifest.
-    assert layout.release_record_key(s3_store.prefix, VARIANT, 2) not in list_keys(s3_client, s3_store)
-
-
-def test_mix_and_match_artifact_from_another_release_is_refused(
-    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
-) -> None:
-    first = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=7)
-    second = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=8)
-    old = _get(s3_client, s3_store, layout.artifact_key(s3_store.prefix, VARIANT, first.version, "model.onnx"))
-    put_raw(s3_client, s3_store, layout.artifact_key(s3_store.prefix, VARIANT, second.version, "model.onnx"), old)
-    with pytest.raises(NotSignedContentError, match="another release"):
-        _pull_verified(s3_client, s3_store, [keys["pub"]])
-    # Release 1's signature served for release 2 does not cover release 2's manifest either.
-    put_raw(s3_client, s3_store, second.signature_key, _get(s3_client, s3_store, first.signature_key))
-    content = verify_release_signature(_get(s3_client, s3_store, second.signature_key), [keys["pub"]])
-    with pytest.raises(NotSignedContentError):
-        content.check_file("manifest.json", second.manifest_sha256)
-
-
 def test_wrong_key_unsigned_and_tampered_are_distinct_errors(
     s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
 ) -> None:
+    """The verifiers themselves; the same attacks through a real pull are the test_pull_refuses_* tests."""
     result = _publish(tmp_path, s3_client, s3_store, keys["other_signer"], seed=9)
-    with pytest.raises(UntrustedKeyError, match="not trusted"):
-        _pull_verified(s3_client, s3_store, [keys["pub"]])
     bundle = _get(s3_client, s3_store, result.signature_key)
     with pytest.raises(UntrustedKeyError):
         verify_release_signature(bundle, [keys["pub"]])
@@ -332,11 +223,6 @@ def test_wrong_key_unsigned_and_tampered_are_distinct_errors(
     with pytest.raises(BadSignatureError, match="tampered"):
         verify_pointer(json.dumps(forged).encode(), [keys["other_pub"]], _now())
 
-    # Unsigned: a release published without a key is refused by a consumer with trusted keys.
-    _publish(tmp_path, s3_client, s3_store, None, seed=10)
-    with pytest.raises(UnsignedReleaseError, match="not signed"):
-        _pull_verified(s3_client, s3_store, [keys["pub"]])
-
 
 def test_revert_publishes_a_new_release_of_the_old_artifacts(
     s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
@@ -353,8 +239,8 @@ def test_revert_publishes_a_new_release_of_the_old_artifacts(
     assert new["previous_manifest_sha256"] is not None
     pointer = verify_pointer(_get(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT)), [keys["pub"]], _now())
     assert isinstance(pointer, SignedPointer) and pointer.manifest_version == 3
-    files = _pull_verified(s3_client, s3_store, [keys["pub"]])
-    assert files["model.onnx"] == _get(s3_client, s3_store, old["artifacts"][0]["s3_key"])
+    _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+    assert (tmp_path / "dest" / "model.onnx").read_bytes() == _get(s3_client, s3_store, old["artifacts"][0]["s3_key"])
 
     again = revert_release(s3_client, s3_store, VARIANT, first.version, keys["signer"])
     assert again.already_published and again.manifest_version == 3
@@ -377,7 +263,7 @@ def test_publish_resumes_after_a_crash_between_signature_and_release_record(
     first_sig = _get(s3_client, s3_store, sig_key)
     result = publish_build(build, client=s3_client, store=s3_store, signer=keys["signer"])
     assert result.signature_sha256 == sha256_bytes(first_sig)  # the stored one was reused
-    assert len(_pull_verified(s3_client, s3_store, [keys["pub"]])) == 3
+    assert len(_pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]]).files) == 2  # model.onnx and int8
 
 
 def test_keys_never_appear_in_logs_or_errors(
@@ -525,6 +411,16 @@ def test_pull_refuses_an_arbitrary_artifact_and_leaves_dest(
     assert _dest_files(dest) == before
     assert sorted(p.name for p in (tmp_path / ".dest.mitra").iterdir()) == sorted(
         [os.readlink(dest).split("/")[-1], layout.STATE_FILE, layout.LOCK_FILE])  # no staging left
+    # A manifest edited to pin the new bytes does not help: manifest.json is signed too, and so is
+    # the list of files (one the signature does not name is refused).
+    manifest = json.loads(_get(s3_client, s3_store, second.manifest_key))
+    manifest["artifacts"][0]["sha256"] = sha256_bytes(b"malicious model")
+    forged = json.dumps(manifest).encode()
+    content = verify_release_signature(_get(s3_client, s3_store, second.signature_key), [keys["pub"]])
+    with pytest.raises(NotSignedContentError, match="manifest.json"):
+        content.check_file("manifest.json", sha256_bytes(forged))
+    with pytest.raises(NotSignedContentError, match="not covered"):
+        content.check_file("extra.onnx", sha256_bytes(b"x"))
 
 
 def test_pull_refuses_a_replayed_old_pointer(
@@ -537,6 +433,8 @@ def test_pull_refuses_a_replayed_old_pointer(
     dest = tmp_path / "dest"
     _pull(s3_client, s3_store, dest, [keys["pub"]])
     put_raw(s3_client, s3_store, pointer_key, old_pointer)  # validly signed, unexpired, older
+    pointer = verify_pointer(old_pointer, [keys["pub"]], _now())  # the signature alone cannot tell
+    assert pointer.manifest_version == 1
     with pytest.raises(RollbackError, match="release record 2 exists"):
         _pull(s3_client, s3_store, tmp_path / "fresh", [keys["pub"]])
     assert not (tmp_path / "fresh").exists() and not (tmp_path / ".fresh.mitra").exists()
@@ -545,6 +443,8 @@ def test_pull_refuses_a_replayed_old_pointer(
     with pytest.raises(RollbackError, match="already pulled"):
         _pull(s3_client, s3_store, dest, [keys["pub"]])
     assert json.loads((dest / "manifest.json").read_bytes())["manifest_version"] == 2
+    with pytest.raises(RollbackError, match="already pulled"):  # what DEST's state feeds the check
+        check_not_rolled_back(pointer, None, known_manifest_version=2)
 
 
 def test_pull_refuses_an_expired_pointer_until_refreshed(
@@ -556,8 +456,11 @@ def test_pull_refuses_an_expired_pointer_until_refreshed(
         _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
     assert not (tmp_path / "dest").exists()
     assert _pull(s3_client, s3_store, tmp_path / "unchecked", []).signed_by is None  # no keys: no expiry
-    refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"])
+    refreshed = refresh_pointer(s3_client, s3_store, VARIANT, keys["signer"])
+    assert refreshed.manifest_version == 1
     assert _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]]).signed_by == keys["signer"].key_id
+    # Refreshing re-signs the pointer only: no new release record, no new manifest.
+    assert layout.release_record_key(s3_store.prefix, VARIANT, 2) not in list_keys(s3_client, s3_store)
 
 
 def test_pull_refuses_mix_and_match_before_downloading(
@@ -587,6 +490,11 @@ def test_pull_refuses_mix_and_match_before_downloading(
     # Following latest, the signed pointer still pins the real manifest: refused as well.
     with pytest.raises(ChecksumMismatchError):
         _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])
+    # Release 1's signature served for release 2 does not cover release 2's manifest either.
+    put_raw(s3_client, s3_store, second.signature_key, _get(s3_client, s3_store, first.signature_key))
+    content = verify_release_signature(_get(s3_client, s3_store, second.signature_key), [keys["pub"]])
+    with pytest.raises(NotSignedContentError):
+        content.check_file("manifest.json", second.manifest_sha256)
 
 
 def test_pull_refuses_a_foreign_key_and_unsigned_releases(

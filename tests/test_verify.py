@@ -20,7 +20,7 @@ from mitra_model.model.snapshot import load_model
 def test_matrix_passes_for_both_tasks(tiny_exports, tiny_snapshots, build_config, task: str, tmp_path: Path) -> None:
     model, _ = load_model(tiny_snapshots[task].path)
     report = verify_onnx(
-        model, tiny_exports[task].path, cells=build_config.verification.cells,
+        model, tiny_exports[task], cells=build_config.verification.cells,
         tolerance=build_config.verification.tolerance("fp32"), seed=build_config.verification.seed,
     )
     require_passed(report)
@@ -58,7 +58,7 @@ def _perturbed_copy(source: Path, target: Path, scale: float) -> Path:
 
 
 def test_corrupted_onnx_fails_and_names_the_cells(tiny_exports, tiny_snapshots, build_config, tmp_path: Path) -> None:
-    bad = _perturbed_copy(tiny_exports["classification"].path, tmp_path / "bad.onnx", scale=0.05)
+    bad = _perturbed_copy(tiny_exports["classification"], tmp_path / "bad.onnx", scale=0.05)
     model, _ = load_model(tiny_snapshots["classification"].path)
     cells = build_config.verification.cells[:3]
     report = verify_onnx(model, bad, cells=cells, tolerance=build_config.verification.tolerance("fp32"))
@@ -74,13 +74,13 @@ def test_tiny_error_over_tolerance_is_a_failure_not_a_warning(tiny_exports, tiny
     model, _ = load_model(tiny_snapshots["regression"].path)
     strict = Tolerance(max_abs=1e-12, min_argmax_agreement=1.0, min_correlation=0.0)
     cell = Cell(name="c", batch=1, n_support=20, n_query=4, n_features=3)
-    report = verify_onnx(model, tiny_exports["regression"].path, cells=[cell], tolerance=strict)
+    report = verify_onnx(model, tiny_exports["regression"], cells=[cell], tolerance=strict)
     assert not report.passed and "max abs error" in report.cells[0].failures[0]
 
 
 def test_runtime_failure_is_a_failed_cell(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
     """An export with a dimension frozen at trace time must fail the cells of other shapes, not crash."""
-    model = onnx.load(str(tiny_exports["regression"].path))
+    model = onnx.load(str(tiny_exports["regression"]))
     dim = model.graph.input[0].type.tensor_type.shape.dim[1]
     dim.ClearField("dim_param")
     dim.dim_value = 11
