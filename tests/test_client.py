@@ -554,7 +554,7 @@ def test_node_example_verifies_signed_releases_with_trusted_keys(
     node_modules: Path, s3_store: StoreConfig, s3_client: Any, tmp_path: Path
 ) -> None:
     from mitra_model.release.keys import Signer, generate_keypair
-    from mitra_model.release.publish import revert_release
+    from mitra_model.release.maintenance import revert_release
 
     generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
     generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub")

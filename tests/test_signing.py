@@ -42,8 +42,9 @@ from mitra_model.release import layout, pull
 from mitra_model.release.keys import Signer, generate_keypair
 from mitra_model.release.layout import SIGNATURE_NAME
 from mitra_model.release.log import newest_release_record
+from mitra_model.release.maintenance import refresh_pointer, revert_release
 from mitra_model.release.pointer import SignedPointer, check_not_rolled_back, verify_pointer
-from mitra_model.release.publish import publish_build, refresh_pointer, revert_release
+from mitra_model.release.publish import publish_build
 from mitra_model.release.rules import sha256_bytes
 from mitra_model.release.signature import SignedContent, sign_release_folder, verify_release_signature
 from mitra_model.release.store import StoreConfig

@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from mitra_model.errors import OnnxCheckError
 from mitra_model.build.export import TensorSpec, io_contract
+from mitra_model.errors import OnnxCheckError
 from mitra_model.model.tab2d import MitraConfig
 
 _NODE_IN_MESSAGE = re.compile(r"(?:node name|Name):\s*([^\s,)]+)")

@@ -8,11 +8,10 @@ packaged with the library (so an installed wheel works from any folder).
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import hashlib
 import os
 import tomllib
+from datetime import datetime
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -24,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mitra_model.build import recipes
 from mitra_model.build.options import RecipeOptions
-from mitra_model.model.kinds import DataKind, Shape, SizeConfig, SizeName, TaskName
 from mitra_model.errors import ConfigError
+from mitra_model.model.kinds import DataKind, Shape, SizeConfig, SizeName, TaskName
 from mitra_model.release.store import StoreConfig
 
 # The packaged default (package data: a symlink to config/mitra-build.toml in a checkout, the file

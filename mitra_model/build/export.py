@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from mitra_model import __version__
-from mitra_model.model.kinds import Shape
 from mitra_model.errors import ExportError
 from mitra_model.fileutil import atomic_file, sha256_file
 from mitra_model.model.inputs import make_inputs
+from mitra_model.model.kinds import Shape
 from mitra_model.model.tab2d import MitraConfig, Tab2D, fused_attention
 
 Flavour = Literal["portable", "optimized"]

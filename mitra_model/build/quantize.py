@@ -62,9 +62,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mitra_model import __version__
+from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions
 from mitra_model.errors import ExportError, OnnxCheckError
 from mitra_model.fileutil import atomic_file, sha256_file
-from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions
 
 # A MatMul weight is reduced only if both of its dims are at least this (see the module docstring).
 MIN_WEIGHT_DIM = 16
@@ -561,7 +561,10 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
     try:
         with _contained_logging("onnxruntime.quantization.matmul_nbits_quantizer"):
             # deferred: only the precision that uses it loads onnxruntime's quantizer
-            from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
 
             config = DefaultWeightOnlyQuantConfig(
                 block_size=options.block_size, is_symmetric=options.is_symmetric,

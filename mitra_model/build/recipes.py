@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from mitra_model.errors import ConfigError
 from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions, validate_options
+from mitra_model.errors import ConfigError
 from mitra_model.release.layout import FLAVOUR_FILES, SUPPORT_CACHE_FILES, precision_file
 
 if TYPE_CHECKING:

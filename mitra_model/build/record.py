@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mitra_model import __version__
-from mitra_model.errors import VerificationError
 from mitra_model.build.export import EXPORTER_SETTINGS, TensorSpec
+from mitra_model.build.recipes import ArtifactFile, Recipe
+from mitra_model.build.source import SourceInfo
+from mitra_model.build.verify import VerificationReport
+from mitra_model.errors import VerificationError
 from mitra_model.fileutil import PACKAGE_DIR, atomic_directory, sha256_file
+from mitra_model.model.snapshot import Snapshot
 from mitra_model.model.tab2d import MitraConfig
 from mitra_model.release.layout import MANIFEST_NAME as MANIFEST_FILE
 from mitra_model.release.layout import MANIFEST_SCHEMA_ID, verification_report_name
-from mitra_model.build.recipes import ArtifactFile, Recipe
-from mitra_model.model.snapshot import Snapshot
-from mitra_model.build.source import SourceInfo
-from mitra_model.build.verify import VerificationReport
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 
 from mitra_model.build.config import Cell
-from mitra_model.errors import ReferenceCacheError
 from mitra_model.build.export import INPUT_NAMES, numpy_inputs
+from mitra_model.build.upstream import load_upstream, run_upstream, upstream_from_state, upstream_version
+from mitra_model.errors import ReferenceCacheError
 from mitra_model.fileutil import PACKAGE_DIR, atomic_file, sha256_file
 from mitra_model.model.inputs import make_inputs
-from mitra_model.model.tab2d import Tab2D
 from mitra_model.model.snapshot import CONFIG_FILE, WEIGHTS_FILE, load_model
-from mitra_model.build.upstream import load_upstream, run_upstream, upstream_from_state, upstream_version
+from mitra_model.model.tab2d import Tab2D
 
 # Bump when the file layout changes; part of every key, so old files are simply not found.
 REFERENCE_FORMAT = 1

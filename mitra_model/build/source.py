@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mitra_model.build.config import BuildConfig, Variant
-from mitra_model.errors import ChecksumMismatchError, HubUnreachableError
 from mitra_model.build.hub import ResolvedRevision, download_snapshot, resolve_revision
+from mitra_model.errors import ChecksumMismatchError, HubUnreachableError
 from mitra_model.model.snapshot import WEIGHTS_FILE, Snapshot, read_snapshot, write_synthetic_snapshot
 
 log = logging.getLogger(__name__)

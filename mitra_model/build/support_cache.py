@@ -66,12 +66,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mitra_model.model.kinds import Shape
+from mitra_model.build.export import (
+    OUTPUT_NAME,
+    Contract,
+    ExportResult,
+    Flavour,
+    TensorSpec,
+    check_flavour,
+    export_module,
+)
 from mitra_model.errors import SupportCacheError
-from mitra_model.build.export import OUTPUT_NAME, Contract, ExportResult, Flavour, TensorSpec, check_flavour, export_module
 from mitra_model.model.inputs import make_inputs
-from mitra_model.release.layout import SUPPORT_CACHE_FILES
+from mitra_model.model.kinds import Shape
 from mitra_model.model.tab2d import N_QUANTILES, MitraConfig, SupportStatistics, Tab2D, split_heads
+from mitra_model.release.layout import SUPPORT_CACHE_FILES
 
 ENCODE_INPUT_NAMES = ("x_support", "y_support", "padding_obs_support")
 STATS_NAMES = ("quantile_boundaries", "n_valid_support", "feature_mean", "feature_std")  # model.SupportStatistics

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from mitra_model.errors import UpstreamMissingError
-from mitra_model.model.tab2d import MitraConfig
 from mitra_model.model.snapshot import load_state_dict, read_model_config
+from mitra_model.model.tab2d import MitraConfig
 
 UPSTREAM_DISTRIBUTION = "autogluon.tabular"
 UPSTREAM_PIN = "1.6.3"

@@ -27,13 +27,13 @@ import numpy as np
 import onnxruntime as ort
 
 from mitra_model.build.config import Cell, Tolerance
-from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.build.export import INPUT_NAMES
-from mitra_model.fileutil import sha256_file, write_bytes_atomic
-from mitra_model.model.tab2d import Tab2D
 from mitra_model.build.reference import CellReference, model_reference, reference_for
-from mitra_model.model.snapshot import read_model_config
 from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, cache_names
+from mitra_model.errors import ConfigError, VerificationError
+from mitra_model.fileutil import sha256_file, write_bytes_atomic
+from mitra_model.model.snapshot import read_model_config
+from mitra_model.model.tab2d import Tab2D
 
 CandidateKind = Literal["graph", "pair"]
 SummaryValue = float | int | bool | str

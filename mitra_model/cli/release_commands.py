@@ -220,7 +220,7 @@ def _pointer_ttl(args: argparse.Namespace) -> timedelta:
 
 def cmd_revert(args: argparse.Namespace) -> int:
     # deferred: a command loads only what it runs (boto3 alone costs 0.3 s of start-up)
-    from mitra_model.release.publish import revert_release
+    from mitra_model.release.maintenance import revert_release
     from mitra_model.release.store import make_s3_client
 
     store = _legacy_store(args)
@@ -242,7 +242,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 def cmd_refresh_pointer(args: argparse.Namespace) -> int:
     # deferred: a command loads only what it runs (boto3 alone costs 0.3 s of start-up)
-    from mitra_model.release.publish import refresh_pointer
+    from mitra_model.release.maintenance import refresh_pointer
     from mitra_model.release.store import make_s3_client
 
     store = _legacy_store(args)

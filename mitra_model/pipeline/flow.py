@@ -39,7 +39,8 @@ from mitra_model.model.snapshot import Snapshot
 from mitra_model.pipeline import plumbing
 from mitra_model.release import keys as signing_keys
 from mitra_model.release.log import latest_release
-from mitra_model.release.publish import PublishResult, publish_build, refresh_pointer
+from mitra_model.release.maintenance import refresh_pointer
+from mitra_model.release.publish import PublishResult, publish_build
 from mitra_model.release.store import StoreConfig, make_s3_client
 
 

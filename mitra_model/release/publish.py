@@ -30,21 +30,14 @@ no longer the latest, the pointer stays where it is: publishing never rolls a va
 from __future__ import annotations
 
 import base64
-import binascii
 import copy
-import hashlib
 import json
-import random
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError, FlexibleChecksumError
-
 from mitra_model.errors import (
-    ChecksumMismatchError,
     PublishError,
     SignatureError,
     UntrustedKeyError,
@@ -54,9 +47,8 @@ from mitra_model.fileutil import sha256_file
 from mitra_model.release import layout
 from mitra_model.release.keys import Signer
 from mitra_model.release.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, SIGNATURE_NAME
-from mitra_model.release.log import log_tail, newest_record_from, read_record, record_fields, release_record
-from mitra_model.release.objects import read_document, read_object
-from mitra_model.release.pointer import DEFAULT_POINTER_TTL, format_time, sign_pointer
+from mitra_model.release.log import log_tail, record_fields, release_record
+from mitra_model.release.pointer import DEFAULT_POINTER_TTL, sign_pointer
 from mitra_model.release.rules import (
     LATEST,
     MANIFEST_SCHEMA_PATH,
@@ -70,17 +62,12 @@ from mitra_model.release.rules import (
 from mitra_model.release.signature import sign_release_files, verify_release_signature
 from mitra_model.release.store import (
     StoreConfig,
-    describe_client_error,
-    error_code,
-    http_status,
-    is_not_found,
-    store_errors,
 )
+from mitra_model.release.writes import MAX_CAS_ATTEMPTS, ConditionalWriter, backoff
 
-_PUBLISH_FIELDS = ("manifest_version", "previous_manifest_sha256")
+PUBLISH_FIELDS = ("manifest_version", "previous_manifest_sha256")
 
 _MAX_RELEASE_ATTEMPTS = 12  # lost manifest_version claims before giving up
-_MAX_CAS_ATTEMPTS = 12  # lost compare-and-swaps (or 409s) on one key before giving up
 
 
 @dataclass(frozen=True)
@@ -111,16 +98,8 @@ class PublishResult:
 # -- digests and identity ------------------------------------------------------------------
 
 
-def _b64(sha256_hex: str) -> str:
-    return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
 
 
-def _hex_from_b64(value: str) -> str | None:
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return raw.hex() if len(raw) == 32 else None
 
 
 def _release_identity(doc: dict[str, Any]) -> dict[str, Any]:
@@ -243,155 +222,6 @@ def _final_manifest(
     return doc
 
 
-# -- talking to the store -----------------------------------------------------------------------
-
-
-def _is_precondition_failed(exc: ClientError) -> bool:
-    return http_status(exc) == 412 or error_code(exc) == "PreconditionFailed"
-
-
-def _is_conflict(exc: ClientError) -> bool:
-    return http_status(exc) == 409 or error_code(exc) in ("ConditionalRequestConflict", "OperationAborted")
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(min(1.0, 0.02 * (2**attempt)) * (0.5 + random.random()))
-
-
-class _Store:
-    """The S3 operations of one publish: conditional writes, read-back checks, what was written."""
-
-    def __init__(self, client: Any, store: StoreConfig) -> None:
-        self.client = client
-        self.store = store
-        self.uploaded: list[str] = []
-
-    def url(self, key: str) -> str:
-        return self.store.url(key)
-
-    def read(self, key: str) -> tuple[bytes, str] | None:
-        return read_object(self.client, self.store, key)
-
-    def read_json(self, key: str) -> tuple[Any, bytes, str] | None:
-        return read_document(self.client, self.store, key)
-
-    def read_pointer(self, key: str) -> tuple[dict[str, Any], str] | None:
-        """A pointer or release record and its ETag, checked; None if missing."""
-        return read_record(self.client, self.store, key)
-
-    def stored_sha256(self, key: str) -> str | None:
-        """SHA-256 of the stored object (the store's own checksum, else by reading it); None if missing."""
-        with store_errors(self.client, self.store, f"checking {self.url(key)}"):
-            try:
-                head = self.client.head_object(
-                    Bucket=self.store.bucket, Key=key, ChecksumMode="ENABLED"
-                )
-            except ClientError as exc:
-                if is_not_found(exc):
-                    return None
-                raise PublishError(
-                    f"Checking {self.url(key)} failed: {describe_client_error(exc, self.store)}"
-                ) from exc
-        checksum = head.get("ChecksumSHA256")
-        if checksum and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in checksum:
-            if (hex_digest := _hex_from_b64(checksum)) is not None:
-                return hex_digest
-        # Uploaded without a SHA-256 (or as multipart): hash what the store returns.
-        digest = hashlib.sha256()
-        with store_errors(self.client, self.store, f"reading {self.url(key)}"):
-            try:
-                response = self.client.get_object(Bucket=self.store.bucket, Key=key)
-                for chunk in response["Body"].iter_chunks(1 << 20):
-                    digest.update(chunk)
-            except ClientError as exc:
-                if is_not_found(exc):
-                    return None
-                raise PublishError(
-                    f"Reading {self.url(key)} failed: {describe_client_error(exc, self.store)}"
-                ) from exc
-            except FlexibleChecksumError as exc:
-                raise ChecksumMismatchError(
-                    f"{self.url(key)} does not match the checksum the store keeps for it: the stored object is "
-                    "corrupt") from exc
-        return digest.hexdigest()
-
-    def _put(self, key: str, sha256: str, body: bytes | Path, content_type: str, **condition: str) -> None:
-        kwargs: dict[str, Any] = {
-            "Bucket": self.store.bucket,
-            "Key": key,
-            "ChecksumSHA256": _b64(sha256),  # the server verifies it; botocore then skips its CRC32
-            "ContentType": content_type,
-            **condition,
-        }
-        with store_errors(self.client, self.store, f"uploading {self.url(key)}"):
-            if isinstance(body, Path):
-                with open(body, "rb") as handle:
-                    self.client.put_object(Body=handle, **kwargs)
-            else:
-                self.client.put_object(Body=body, **kwargs)
-
-    def check_written(self, key: str, sha256: str) -> None:
-        stored = self.stored_sha256(key)
-        if stored != sha256:
-            raise PublishError(
-                f"After uploading {self.url(key)} the store reports sha256 {stored}, expected "
-                f"{sha256}. The store did not keep what was sent; re-run the publish."
-            )
-
-    def _put_error(self, key: str, exc: ClientError) -> PublishError:
-        if error_code(exc) in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
-            return PublishError(
-                f"The store rejected {self.url(key)}: the bytes it received do not match their "
-                "SHA-256 (was the file modified during the upload?). Rebuild and publish again."
-            )
-        return PublishError(f"Uploading {self.url(key)} failed: {describe_client_error(exc, self.store)}")
-
-    def put_immutable(self, key: str, sha256: str, body: bytes | Path, content_type: str) -> bool:
-        """Create `key` unless it exists; True if written. Same bytes already there: no-op.
-
-        Raises:
-            VersionConflictError: `key` holds different bytes.
-        """
-        for attempt in range(_MAX_CAS_ATTEMPTS):
-            try:
-                self._put(key, sha256, body, content_type, IfNoneMatch="*")
-            except ClientError as exc:
-                if _is_conflict(exc):
-                    _backoff(attempt)
-                    continue
-                if not _is_precondition_failed(exc):
-                    raise self._put_error(key, exc) from exc
-                stored = self.stored_sha256(key)
-                if stored is None:  # vanished between the PUT and the HEAD: try again
-                    continue
-                if stored == sha256:
-                    return False
-                raise VersionConflictError(
-                    f"{self.url(key)} already exists with different content: stored sha256 "
-                    f"{stored}, this build's {sha256}. Objects under a version are immutable; a "
-                    "different build must get a different version id."
-                ) from None
-            self.check_written(key, sha256)
-            self.uploaded.append(key)
-            return True
-        raise PublishError(f"Gave up creating {self.url(key)}: the store kept answering 409")
-
-    def put_if_match(self, key: str, sha256: str, body: bytes, etag: str | None) -> bool:
-        """Compare-and-swap: write `key` only if it still has `etag` (or, None, does not exist).
-
-        Returns False when the condition failed (somebody else wrote first).
-        """
-        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
-        try:
-            self._put(key, sha256, body, "application/json", **condition)
-        except ClientError as exc:
-            if _is_precondition_failed(exc) or _is_conflict(exc):
-                return False
-            raise self._put_error(key, exc) from exc
-        self.uploaded.append(key)
-        return True
-
-
 # -- the release protocol -----------------------------------------------------------------------
 
 def _pointer_body(target: dict[str, Any], signer: Signer | None, ttl: timedelta) -> bytes:
@@ -401,13 +231,13 @@ def _pointer_body(target: dict[str, Any], signer: Signer | None, ttl: timedelta)
 
 
 def _advance_pointer(
-    s3: _Store, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
+    s3: ConditionalWriter, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
 ) -> bool:
     """Move the pointer to `target` unless it already names this or a newer release."""
     key = layout.pointer_key(store.prefix, target["variant"])
     body = _pointer_body(target, signer, ttl)
     sha = sha256_bytes(body)
-    for attempt in range(_MAX_CAS_ATTEMPTS):
+    for attempt in range(MAX_CAS_ATTEMPTS):
         current = s3.read_pointer(key)
         if current is not None:
             doc, etag = current
@@ -432,15 +262,15 @@ def _advance_pointer(
             if after[0]["manifest_version"] == target["manifest_version"] and record_fields(after[0]) != target:
                 raise PublishError(f"{s3.url(key)} does not hold the pointer just written")
             return True
-        _backoff(attempt)
+        backoff(attempt)
     raise PublishError(
-        f"Gave up moving {s3.url(key)} after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps; "
+        f"Gave up moving {s3.url(key)} after {MAX_CAS_ATTEMPTS} lost compare-and-swaps; "
         "another publisher is very busy. Re-run the publish."
     )
 
 
 def _store_signature(
-    s3: _Store, store: StoreConfig, variant: str, version: str, files: dict[str, str], signer: Signer
+    s3: ConditionalWriter, store: StoreConfig, variant: str, version: str, files: dict[str, str], signer: Signer
 ) -> tuple[str, str]:
     """Sign the release folder `files` and store `<version>/release.sig`; its (key, sha256).
 
@@ -451,7 +281,7 @@ def _store_signature(
     so it is replaced by compare-and-swap. The same files signed by another key are refused.
     """
     key = layout.artifact_key(store.prefix, variant, version, SIGNATURE_NAME)
-    for attempt in range(_MAX_CAS_ATTEMPTS):
+    for attempt in range(MAX_CAS_ATTEMPTS):
         existing = s3.read(key)
         etag = None
         if existing is not None:
@@ -473,7 +303,7 @@ def _store_signature(
         if s3.put_if_match(key, sha, body, etag):
             s3.check_written(key, sha)
             return key, sha
-        _backoff(attempt)
+        backoff(attempt)
     raise PublishError(f"Gave up writing {s3.url(key)}: other publishers kept replacing it")
 
 
@@ -529,7 +359,7 @@ def publish_build(
     """
     build_dir = Path(build_dir)
     draft, files = _read_draft(build_dir)
-    for field in _PUBLISH_FIELDS:
+    for field in PUBLISH_FIELDS:
         draft.pop(field, None)
     for artifact in draft["artifacts"]:
         artifact.pop("s3_key", None)  # a build's artifacts live under its own version
@@ -539,15 +369,15 @@ def publish_build(
             f"{MANIFEST_SCHEMA_PATH.name}; nothing was uploaded.\n  - " + "\n  - ".join(errors)
         )
 
-    s3 = _Store(client, store)
+    s3 = ConditionalWriter(client, store)
     for artifact, local in files:
         key = layout.artifact_key(store.prefix, draft["variant"], draft["version"], artifact["file"])
         s3.put_immutable(key, artifact["sha256"], local, "application/octet-stream")
-    return _release(s3, store, draft, signer, pointer_ttl)
+    return publish_manifest(s3, store, draft, signer, pointer_ttl)
 
 
-def _release(
-    s3: _Store, store: StoreConfig, draft: dict[str, Any], signer: Signer | None, ttl: timedelta
+def publish_manifest(
+    s3: ConditionalWriter, store: StoreConfig, draft: dict[str, Any], signer: Signer | None, ttl: timedelta
 ) -> PublishResult:
     """Write the manifest of `draft` (artifacts already in place), sign, claim a number, move the pointer."""
     variant, version = draft["variant"], draft["version"]
@@ -579,13 +409,13 @@ def _release(
                         "modified in the store. Restore it; do not republish over it."
                     )
                 # Released before (signed or not, as it was then): at most move the pointer.
-                return _finish(s3, store, record_fields(record[0]), signer, ttl)
+                return move_pointer(s3, store, record_fields(record[0]), signer, ttl)
             if record is None:
                 # Written by a publish that stopped before claiming its number: claim it now.
                 signature = _sign(s3, store, doc, sha, signer)
                 if (claimed := _claim(s3, store, release_record(variant, version, manifest_key, sha, mv, signature))):
-                    return _finish(s3, store, claimed, signer, ttl)
-                _backoff(attempt)
+                    return move_pointer(s3, store, claimed, signer, ttl)
+                backoff(attempt)
                 continue
             # Its number went to another release: this manifest was never released; renumber it.
 
@@ -598,13 +428,13 @@ def _release(
         body = canonical_json(doc)
         sha = sha256_bytes(body)
         if not s3.put_if_match(manifest_key, sha, body, manifest_etag):
-            _backoff(attempt)  # another publisher of this version wrote it first: look again
+            backoff(attempt)  # another publisher of this version wrote it first: look again
             continue
         s3.check_written(manifest_key, sha)
         signature = _sign(s3, store, doc, sha, signer)
         if (claimed := _claim(s3, store, release_record(variant, version, manifest_key, sha, mv, signature))):
-            return _finish(s3, store, claimed, signer, ttl)
-        _backoff(attempt)  # lost manifest_version `mv` to a racing release: renumber and retry
+            return move_pointer(s3, store, claimed, signer, ttl)
+        backoff(attempt)  # lost manifest_version `mv` to a racing release: renumber and retry
     raise PublishError(
         f"Gave up publishing {variant}/{version} after {_MAX_RELEASE_ATTEMPTS} lost races for a "
         "manifest_version; other publishers are very busy. Re-run the publish."
@@ -612,14 +442,14 @@ def _release(
 
 
 def _sign(
-    s3: _Store, store: StoreConfig, doc: dict[str, Any], manifest_sha: str, signer: Signer | None
+    s3: ConditionalWriter, store: StoreConfig, doc: dict[str, Any], manifest_sha: str, signer: Signer | None
 ) -> tuple[str, str] | None:
     if signer is None:
         return None
     return _store_signature(s3, store, doc["variant"], doc["version"], _signed_files(doc, manifest_sha), signer)
 
 
-def _claim(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> dict[str, Any] | None:
+def _claim(s3: ConditionalWriter, store: StoreConfig, target: dict[str, Any]) -> dict[str, Any] | None:
     """Create the release record of `target`; the record if this manifest holds the number, else None.
 
     The stored record wins over `target`: a racing publisher of the same manifest may have claimed
@@ -639,8 +469,8 @@ def _claim(s3: _Store, store: StoreConfig, target: dict[str, Any]) -> dict[str, 
     return None
 
 
-def _finish(
-    s3: _Store, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
+def move_pointer(
+    s3: ConditionalWriter, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
 ) -> PublishResult:
     _advance_pointer(s3, store, target, signer, ttl)
     return PublishResult(
@@ -655,173 +485,3 @@ def _finish(
         signature_key=target.get("signature_key"),
         signature_sha256=target.get("signature_sha256"),
     )
-
-
-# -- keeping the pointer fresh, and reverting ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PointerResult:
-    """What `refresh_pointer` wrote.
-
-    Attributes:
-        manifest_version: the release the pointer names (unchanged, unless a crashed publish had
-            left the pointer behind its newest release record: then that one).
-        expires: the new expiry, UTC ISO 8601.
-    """
-
-    variant: str
-    version: str
-    manifest_version: int
-    expires: str
-    pointer_key: str
-
-
-def refresh_pointer(
-    client: Any,
-    store: StoreConfig,
-    variant: str,
-    signer: Signer,
-    ttl: timedelta = DEFAULT_POINTER_TTL,
-) -> PointerResult:
-    """Re-sign the variant's pointer with a fresh expiry, naming the same release.
-
-    For the scheduled run when nothing else changed: a consumer refuses an expired pointer
-    (freeze attack), so the pointer must be re-signed well within `ttl`. Compare-and-swap like
-    publish: a release published meanwhile is never undone (the loop re-reads and signs that).
-    A pointer behind the newest release record (a publish that crashed before moving it) is
-    moved to that record, which is what re-running the publish would do.
-
-    Args:
-        client: a boto3 S3 client.
-        store: bucket and prefix.
-        variant: e.g. "mitra-classifier".
-        signer: the release signing key.
-        ttl: validity of the new pointer from now.
-
-    Returns:
-        PointerResult naming the release and the new expiry.
-
-    Raises:
-        PublishError: nothing was published for `variant`, or the store misbehaved.
-        StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
-    """
-    s3 = _Store(client, store)
-    key = layout.pointer_key(store.prefix, variant)
-    for attempt in range(_MAX_CAS_ATTEMPTS):
-        current = s3.read_pointer(key)
-        if current is None:
-            raise PublishError(
-                f"{s3.url(key)} does not exist: nothing of {variant!r} was published yet, so there "
-                "is no pointer to refresh. Publish a build first."
-            )
-        doc, etag = current
-        target = newest_record_from(s3.client, store, variant, doc)
-        assert target is not None  # at least the pointer's own
-        expires = datetime.now(UTC) + ttl
-        body = sign_pointer(target, signer, expires=expires)
-        if s3.put_if_match(key, sha256_bytes(body), body, etag):
-            s3.check_written(key, sha256_bytes(body))
-            return PointerResult(
-                variant=variant,
-                version=target["version"],
-                manifest_version=target["manifest_version"],
-                expires=format_time(expires),
-                pointer_key=key,
-            )
-        _backoff(attempt)
-    raise PublishError(
-        f"Gave up refreshing {s3.url(key)} after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps; "
-        "another publisher is very busy. Re-run it."
-    )
-
-
-def revert_version_id(to_version: str, from_manifest_version: int) -> str:
-    """The version id of a revert: `<to_version>.revert-<manifest_version it reverts from>`.
-
-    A new id (so the revert gets its own manifest and signature under the standard layout) that is
-    the same for a re-run of the same revert, and different for a later revert to the same version.
-    """
-    return f"{to_version}.revert-{from_manifest_version}"
-
-
-def revert_release(
-    client: Any,
-    store: StoreConfig,
-    variant: str,
-    to_version: str,
-    signer: Signer | None,
-    ttl: timedelta = DEFAULT_POINTER_TTL,
-) -> PublishResult:
-    """Make an earlier release's artifacts the latest again, as a NEW release (forward, not back).
-
-    Consumers refuse to go back to an older manifest_version (rollback protection), so a revert
-    publishes manifest_version N+1, version `revert_version_id(to_version, N)`, whose manifest is
-    `to_version`'s with the same artifacts: same files, sizes, SHA-256 and S3 keys (under
-    `to_version`'s folder; nothing is copied). It is signed like any release. Re-running the same
-    revert is a no-op.
-
-    Args:
-        client: a boto3 S3 client.
-        store: bucket and prefix.
-        variant: e.g. "mitra-classifier".
-        to_version: the version id whose artifacts come back; it must have been released.
-        signer: the release signing key (None: an unsigned release, refused by consumers with keys).
-        ttl: validity of the new signed pointer.
-
-    Returns:
-        PublishResult of the new release (already_published when the latest release already has
-        exactly these artifacts).
-
-    Raises:
-        PublishError: `to_version` was never released, or an artifact of it is missing or differs
-            in the store.
-        StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
-    """
-    for value, what in ((variant, "variant"), (to_version, "version")):
-        if problem := segment_problem(value, what):
-            raise PublishError(f"Cannot revert: {problem}")
-    s3 = _Store(client, store)
-    old_key = layout.manifest_key(store.prefix, variant, to_version)
-    found = s3.read_json(old_key)
-    record = None
-    if found is not None and isinstance(found[0], dict) and isinstance(found[0].get("manifest_version"), int):
-        old, old_raw, _ = found
-        record_found = s3.read_pointer(layout.release_record_key(store.prefix, variant, old["manifest_version"]))
-        if record_found is not None and record_found[0]["manifest_key"] == old_key:
-            record = record_found[0]
-    if record is None:
-        raise PublishError(
-            f"Cannot revert {variant} to {to_version!r}: it was never released (no release record "
-            f"names {store.url(old_key)}). Pick a version from the release log "
-            f"{store.url(layout.join_key(layout.variant_folder(store.prefix, variant), layout.RELEASES_DIR))}/."
-        )
-    if record["manifest_sha256"] != sha256_bytes(old_raw):
-        raise PublishError(
-            f"Cannot revert to {to_version!r}: {store.url(old_key)} no longer has the sha256 its "
-            "release record pins; the released manifest was modified in the store. Restore it first."
-        )
-    artifacts = old["artifacts"]
-    for artifact in artifacts:
-        stored = s3.stored_sha256(artifact["s3_key"])
-        if stored != artifact["sha256"]:
-            raise PublishError(
-                f"Cannot revert to {to_version!r}: {s3.url(artifact['s3_key'])} "
-                f"{'is missing' if stored is None else f'has sha256 {stored}'}, its manifest pins "
-                f"{artifact['sha256']}. Restore the object (or publish a fresh build) instead."
-            )
-
-    def same_files(doc: dict[str, Any]) -> set[tuple[str, str, str]]:
-        return {(a["file"], a["sha256"], a["s3_key"]) for a in doc.get("artifacts") or []}
-
-    tail = log_tail(s3.client, store, variant)
-    assert tail is not None  # `record` exists
-    tail_manifest = s3.read_json(tail["manifest_key"])
-    if tail_manifest is not None and same_files(tail_manifest[0]) == same_files(old):
-        return _finish(s3, store, tail, signer, ttl)  # already serving these artifacts
-
-    draft = copy.deepcopy(old)
-    for field in _PUBLISH_FIELDS:
-        draft.pop(field, None)
-    draft["version"] = revert_version_id(to_version, tail["manifest_version"])
-    return _release(s3, store, draft, signer, ttl)

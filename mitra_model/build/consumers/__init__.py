@@ -21,8 +21,29 @@ from mitra_model.build.consumers.checks import (
     check_where_consumed,
     require_passed,
 )
-from mitra_model.build.consumers.fixture import DEFAULT_CASES, DEFAULT_SEED, FIXTURE_NAME, FIXTURE_SCHEMA_ID, Fixture, FixtureCase, FixtureTensor, python_ort_outputs, read_fixture, write_fixture
-from mitra_model.build.consumers.runtimes import CHROMIUM_INSTALL_COMMAND, CONSUMERS_DIR, NODE_RUNTIME, NPM_CI_COMMAND, WEB_RUNTIME, ensure_node_modules, find_chromium, find_node, package_version
+from mitra_model.build.consumers.fixture import (
+    DEFAULT_CASES,
+    DEFAULT_SEED,
+    FIXTURE_NAME,
+    FIXTURE_SCHEMA_ID,
+    Fixture,
+    FixtureCase,
+    FixtureTensor,
+    python_ort_outputs,
+    read_fixture,
+    write_fixture,
+)
+from mitra_model.build.consumers.runtimes import (
+    CHROMIUM_INSTALL_COMMAND,
+    CONSUMERS_DIR,
+    NODE_RUNTIME,
+    NPM_CI_COMMAND,
+    WEB_RUNTIME,
+    ensure_node_modules,
+    find_chromium,
+    find_node,
+    package_version,
+)
 
 __all__ = [
     "CHROMIUM_INSTALL_COMMAND",

@@ -31,11 +31,25 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mitra_model.errors import ConfigError, VerificationError
-from mitra_model.fileutil import sha256_file
 from mitra_model.build.consumers.fixture import Fixture, read_fixture, write_fixture
 from mitra_model.build.consumers.page_server import serving
-from mitra_model.build.consumers.runtimes import BROWSER_CHECK_SCRIPT, BROWSER_PAGE_DIR, CONSUMERS_DIR, JS_LIB_DIR, NODE_CHECK_SCRIPT, NODE_RUNTIME, WEB_RUNTIME, WEB_RUNTIME_DIST, ensure_node_modules, find_chromium, find_node, node_version, package_version
+from mitra_model.build.consumers.runtimes import (
+    BROWSER_CHECK_SCRIPT,
+    BROWSER_PAGE_DIR,
+    CONSUMERS_DIR,
+    JS_LIB_DIR,
+    NODE_CHECK_SCRIPT,
+    NODE_RUNTIME,
+    WEB_RUNTIME,
+    WEB_RUNTIME_DIST,
+    ensure_node_modules,
+    find_chromium,
+    find_node,
+    node_version,
+    package_version,
+)
+from mitra_model.errors import ConfigError, VerificationError
+from mitra_model.fileutil import sha256_file
 
 
 @dataclass(frozen=True)

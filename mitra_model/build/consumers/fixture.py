@@ -32,9 +32,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from mitra_model.build.config import Cell
-from mitra_model.model.kinds import DataKind
 from mitra_model.errors import ConfigError
 from mitra_model.fileutil import sha256_file, write_bytes_atomic
+from mitra_model.model.kinds import DataKind
 
 if TYPE_CHECKING:
     from mitra_model.model.tab2d import MitraConfig
