@@ -97,6 +97,19 @@ class Tolerance(_Strict):
     # Correlation is only judged where the reference's spread (std) reaches this: below it, quantization
     # noise of a few 1e-2 dominates any correlation while max_abs still bounds the error.
     correlation_min_spread: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # The signal an artifact keeps: what the output varies by across a table's query rows (the part
+    # that depends on the input), not its absolute error. A random-weight model predicts nearly one
+    # class everywhere, so plain argmax agreement passes anything; these do not (verify.signal_metrics).
+    # RMS(artifact - reference) / the reference's spread across query rows (per class, pooled):
+    max_err_over_spread: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # classifier: argmax agreement after centring each class over the query rows
+    min_centered_argmax_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    # regressor: correlation after centring each table over its query rows
+    min_centered_correlation: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
+    # signal metrics are judged on tables with at least this many query rows (fewer: too noisy to judge)
+    signal_min_rows: int = Field(default=8, ge=2)
+    # a query row predicted alone against the same row predicted in the cell's batch (max abs)
+    max_batch_dependence: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class Cell(Shape):

@@ -8,7 +8,7 @@ module needs only pydantic).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -28,6 +28,11 @@ class Int8Options(RecipeOptions):
     # 77.3 vs 77.8 MB; on the tiny models the two were within noise. Random uniform weights have no
     # outlier channels, which is where per-channel wins: re-measure on the published weights.
     per_channel: bool = False
+    # How activations are quantized at run time. "row": one scale per row (per token: a table cell's
+    # embedding), so a row's output never depends on what else is in the batch; "tensor": ONNX Runtime's
+    # dynamic quantization, one scale per tensor (set by the largest value anywhere in the call, support
+    # rows and other tables included). bench/results-precision.md compares the two.
+    activations: Literal["row", "tensor"] = "row"
 
 
 class Fp16Options(RecipeOptions):

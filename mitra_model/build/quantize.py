@@ -278,6 +278,136 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """int8 weights (symmetric, one scale per tensor or per output column) and int8 activations
+    quantized at run time, one scale per row (`options.activations == "row"`, the default) or per
+    tensor (ONNX Runtime's dynamic quantization)."""
+    if options.activations == "tensor":
+        return _to_int8_per_tensor(model, tmp, source, options)
+    del tmp  # this pass rewrites the model in memory
+    graph = model.graph
+    identities = _drop_weight_identities(graph)
+    _name_nodes(graph)
+    selected = _weight_matmuls(graph)
+    if not selected:
+        raise _nothing_to_reduce(source, "quantize")
+    all_matmuls = sum(node.op_type == "MatMul" for node in graph.node)
+    weights = sorted({graph.node[index].input[1] for index in selected})
+    _quantize_rows(graph, set(selected), per_channel=options.per_channel, opset=_default_opset(model))
+    _require_no_fp32_weights(graph, weights, source, "int8")
+    details: dict[str, Any] = {
+        "method": "per-row dynamic int8 (QuantizeLinear per row, MatMulInteger, DequantizeLinear per row)",
+        "activations": "row",
+        "weight_type": "QInt8",
+        "per_channel": options.per_channel,
+        "identities_removed": identities,
+        "quantized_matmuls": sum(node.op_type == "MatMulInteger" for node in graph.node),
+        "quantized_weights": len(weights),
+        "fp32_matmuls": sum(node.op_type == "MatMul" for node in graph.node),
+        "matmuls_in_source": all_matmuls,
+        "initializer_bytes": _initializer_bytes(graph),
+    }
+    return model, details
+
+
+def _reduce(op: str, source: str, out: str, axes: str | None) -> onnx.NodeProto:
+    """ReduceMax / ReduceMin over the last axis of a 2-D tensor: `axes` is the name of a [1] constant
+    from opset 18 on (an input there), None before (an attribute)."""
+    if axes is None:
+        return helper.make_node(op, [source], [out], name=out, axes=[1], keepdims=0)
+    return helper.make_node(op, [source, axes], [out], name=out, keepdims=0)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS)
+
+
+def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: bool, opset: int) -> None:
+    """Replace each selected MatMul(x, W) by its per-row int8 form, in place:
+
+        x2 = Reshape(x, [-1, K])                            # (M, K): a row is one token's features
+        s  = max(|x2| per row, tiny) / 127                  # (M,) one scale per row, from that row alone
+        q  = QuantizeLinear(x2, s, 128, axis=0)             # uint8, symmetric around 128
+        y  = MatMulInteger(q, W_int8, 128)                  # (M, N) int32; MLAS's fast u8 x s8 kernel
+        y  = DequantizeLinear(y, s * s_W, axis=0)           # back to float, per row
+        (y = y * s_W[n]                                     # per-column weight scales only)
+        out = Reshape(y, [*x.shape[:-1], N])
+
+    Symmetric, because ONNX Runtime's MatMulInteger takes one activation zero point per call (a
+    per-row zero point is refused), so an asymmetric row would need an (M, N) correction pass.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    made: dict[str, tuple[str, np.ndarray]] = {}  # weight -> (its int8 initializer, its scale)
+    new_initializers: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        if name not in initializers and all(t.name != name for t in new_initializers):
+            new_initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    zero_point = const("mitra_int8_zero_point", np.array(128, dtype=np.uint8))
+    levels = const("mitra_int8_levels", np.array(127.0, dtype=np.float32))
+    tiny = const("mitra_int8_tiny", np.array(1e-12, dtype=np.float32))  # an all-zero row: scale stays finite
+    axes = const("mitra_int8_axes", np.array([1], dtype=np.int64)) if opset >= 18 else None
+    for index, node in enumerate(graph.node):
+        if index not in selected:
+            nodes.append(node)
+            continue
+        x, weight_name = node.input
+        if weight_name not in made:
+            weight = numpy_helper.to_array(initializers[weight_name]).astype(np.float32)
+            peak = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
+            scale = np.maximum(peak, 1e-12).astype(np.float32) / np.float32(127.0)
+            quantized = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+            made[weight_name] = (const(f"{weight_name}_int8", quantized), scale.astype(np.float32))
+        weight_int8, weight_scale = made[weight_name]
+        k, n = initializers[weight_name].dims
+        p = f"{node.name}_rowq"  # every tensor of this rewrite is named after the MatMul it replaces
+        shape_2d = const(f"{p}_shape2d", np.array([-1, k], dtype=np.int64))
+        out = node.output[0]
+        nodes += [
+            helper.make_node("Reshape", [x, shape_2d], [f"{p}_x2"], name=f"{p}_reshape_in"),
+            _reduce("ReduceMax", f"{p}_x2", f"{p}_max", axes),
+            _reduce("ReduceMin", f"{p}_x2", f"{p}_min", axes),
+            helper.make_node("Neg", [f"{p}_min"], [f"{p}_negmin"], name=f"{p}_negmin"),
+            helper.make_node("Max", [f"{p}_max", f"{p}_negmin", tiny], [f"{p}_amax"], name=f"{p}_amax"),
+            helper.make_node("Div", [f"{p}_amax", levels], [f"{p}_scale"], name=f"{p}_scale"),
+            helper.make_node("Shape", [f"{p}_scale"], [f"{p}_rows"], name=f"{p}_rows"),
+            helper.make_node("ConstantOfShape", [f"{p}_rows"], [f"{p}_zp"], name=f"{p}_zp",
+                             value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
+            helper.make_node("QuantizeLinear", [f"{p}_x2", f"{p}_scale", f"{p}_zp"], [f"{p}_q"], name=f"{p}_quant",
+                             axis=0),
+            helper.make_node("MatMulInteger", [f"{p}_q", weight_int8, zero_point], [f"{p}_i32"], name=f"{p}_matmul"),
+        ]
+        if per_channel:
+            column_scale = const(f"{weight_name}_scale", weight_scale)
+            nodes += [
+                helper.make_node("DequantizeLinear", [f"{p}_i32", f"{p}_scale"], [f"{p}_rowf"], name=f"{p}_dequant",
+                                 axis=0),
+                helper.make_node("Mul", [f"{p}_rowf", column_scale], [f"{p}_y2"], name=f"{p}_colscale"),
+            ]
+        else:
+            tensor_scale = const(f"{weight_name}_scale", weight_scale.reshape(()))
+            nodes += [
+                helper.make_node("Mul", [f"{p}_scale", tensor_scale], [f"{p}_outscale"], name=f"{p}_outscale"),
+                helper.make_node("DequantizeLinear", [f"{p}_i32", f"{p}_outscale"], [f"{p}_y2"], name=f"{p}_dequant",
+                                 axis=0),
+            ]
+        columns = const(f"{p}_columns", np.array([n], dtype=np.int64))
+        nodes += [
+            helper.make_node("Shape", [x], [f"{p}_lead"], name=f"{p}_lead", end=-1),
+            helper.make_node("Concat", [f"{p}_lead", columns], [f"{p}_shape_out"], name=f"{p}_shape_out", axis=0),
+            helper.make_node("Reshape", [f"{p}_y2", f"{p}_shape_out"], [out], name=f"{p}_reshape_out"),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_read = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in still_read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [t for t in new_initializers if t.name in still_read])
+
+
+def _to_int8_per_tensor(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Options) -> tuple[onnx.ModelProto, dict[str, Any]]:
     # deferred: only the precision that uses it loads onnxruntime's quantizer
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -15,6 +15,7 @@ config.Tolerance) and its check in `compare_outputs`: reports and tables derive 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -60,6 +61,12 @@ class Metrics:
     argmax_agreement: float | None = _metric("min_argmax_agreement", ">=", ".4f")  # classifier
     max_prob_err: float | None = _metric("max_prob_err")  # classifier, when the tolerance bounds it
     correlation: float | None = _metric("min_correlation", ">=", ".6f")  # regressor
+    # the signal kept (signal_metrics): None on tables with a single query row or a constant reference
+    err_over_spread: float | None = _metric("max_err_over_spread", "<=", ".4f")
+    centered_argmax_agreement: float | None = _metric("min_centered_argmax_agreement", ">=", ".4f")  # classifier
+    centered_correlation: float | None = _metric("min_centered_correlation", ">=", ".6f")  # regressor
+    # max |a row predicted alone - the same row in the batch|; None when not measured
+    batch_dependence: float | None = _metric("max_batch_dependence")
 
     @classmethod
     def no_output(cls) -> Metrics:
@@ -125,9 +132,78 @@ def compare_outputs(
         gated = reference.std() >= tolerance.correlation_min_spread
         if gated and not correlation >= tolerance.min_correlation:
             failures.append(f"correlation {correlation:.6f} < {tolerance.min_correlation}")
+    signal = signal_metrics(reference, candidate, is_classifier=is_classifier) if finite else SignalMetrics()
+    if signal.err_over_spread is not None and reference.shape[1] >= tolerance.signal_min_rows:
+        failures += _signal_failures(signal, tolerance)
     metrics = Metrics(max_abs_err=max_abs, max_rel_err=max_rel, argmax_agreement=agreement, max_prob_err=prob_err,
-                      correlation=correlation)
+                      correlation=correlation, err_over_spread=signal.err_over_spread,
+                      centered_argmax_agreement=signal.centered_argmax_agreement,
+                      centered_correlation=signal.centered_correlation)
     return metrics, failures
+
+
+@dataclass(frozen=True)
+class SignalMetrics:
+    """How much of the reference's input-dependent signal a candidate keeps (None: not measurable)."""
+
+    err_over_spread: float | None = None
+    centered_argmax_agreement: float | None = None
+    centered_correlation: float | None = None
+    spread: float | None = None
+
+
+def signal_metrics(reference: np.ndarray, candidate: np.ndarray, *, is_classifier: bool) -> SignalMetrics:
+    """The error measured against what the reference varies by across each table's query rows.
+
+    The spread is the RMS over tables and output columns of the reference's standard deviation
+    across the query rows: a model that predicts the same thing for every row has none, and an
+    artifact whose error is as large as it has lost the signal, however small the error looks in
+    absolute terms. Arg-maxes (classifier) and correlations (regressor) are taken after centring
+    each output column over the query rows, so a shared offset cannot decide them.
+
+    Args:
+        reference: (B, Q, C) logits or (B, Q) values.
+        candidate: the same shape.
+        is_classifier: logits (centred argmax agreement) or values (centred correlation).
+
+    Returns:
+        The metrics; all None when a table has one query row or the reference does not vary.
+    """
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    if ref.ndim == 2:
+        ref, cand = ref[..., None], cand[..., None]
+    if ref.shape[1] < 2:
+        return SignalMetrics()
+    centred_ref = ref - ref.mean(axis=1, keepdims=True)
+    spread = float(np.sqrt(np.mean(centred_ref ** 2)))
+    if not spread > 1e-9 * max(1.0, float(np.abs(ref).max())):
+        return SignalMetrics(spread=spread)
+    error = float(np.sqrt(np.mean((cand - ref) ** 2)))
+    centred_cand = cand - cand.mean(axis=1, keepdims=True)
+    agreement = correlation = None
+    if is_classifier:
+        agreement = float((centred_ref.argmax(-1) == centred_cand.argmax(-1)).mean())
+    elif centred_ref.size >= 3 and centred_cand.std() > 0:
+        correlation = float(np.corrcoef(centred_ref.ravel(), centred_cand.ravel())[0, 1])
+    return SignalMetrics(err_over_spread=error / spread, centered_argmax_agreement=agreement,
+                         centered_correlation=correlation, spread=spread)
+
+
+def _signal_failures(signal: SignalMetrics, tolerance: Tolerance) -> list[str]:
+    failures = []
+    if tolerance.max_err_over_spread is not None and signal.err_over_spread > tolerance.max_err_over_spread:
+        failures.append(f"error / spread {signal.err_over_spread:.4f} > {tolerance.max_err_over_spread} (the "
+                        f"error is that share of what the output varies by across the query rows)")
+    agreement = signal.centered_argmax_agreement
+    if tolerance.min_centered_argmax_agreement is not None and agreement is not None \
+            and agreement < tolerance.min_centered_argmax_agreement:
+        failures.append(f"centred argmax agreement {agreement:.4f} < {tolerance.min_centered_argmax_agreement}")
+    correlation = signal.centered_correlation
+    if tolerance.min_centered_correlation is not None and correlation is not None \
+            and not correlation >= tolerance.min_centered_correlation:
+        failures.append(f"centred correlation {correlation:.6f} < {tolerance.min_centered_correlation}")
+    return failures
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -293,6 +369,29 @@ def pair_candidate(encode_path: Path, predict_path: Path, n_layers: int, *, quer
 # The loop
 
 
+def alone(inputs: Mapping[str, np.ndarray], table: int, row: int) -> dict[str, np.ndarray]:
+    """The contract inputs of one query row of one table, with that table's support set only."""
+    return {"x_support": inputs["x_support"][table:table + 1], "y_support": inputs["y_support"][table:table + 1],
+            "x_query": inputs["x_query"][table:table + 1, row:row + 1],
+            "padding_obs_support": inputs["padding_obs_support"][table:table + 1]}
+
+
+def batch_dependence(candidate: Candidate, inputs: Mapping[str, np.ndarray], output: np.ndarray) -> float:
+    """Max |a query row predicted alone - the same row in the batch|, over the first row of the first
+    table and the last row of the last table (two forwards): 0 up to float noise for an artifact
+    whose rows never see each other's numbers; dynamic per-tensor quantization is not one (inf when
+    the candidate fails on a single row)."""
+    tables, rows = inputs["x_query"].shape[:2]
+    worst = 0.0
+    for table, row in dict.fromkeys([(0, 0), (tables - 1, rows - 1)]):
+        try:
+            single = candidate.run(alone(inputs, table, row))
+        except Exception:  # noqa: BLE001 - a runtime that fails on one row depends on more than that row
+            return float("inf")
+        worst = max(worst, float(np.abs(single[0, 0].astype(np.float64) - output[table, row]).max(initial=0.0)))
+    return worst
+
+
 def run_cell(reference: CellReference, candidate: Candidate, *, tolerance: Tolerance, is_classifier: bool) -> CellResult:
     """One cell: the candidate on the reference's inputs, compared with upstream's output; and the
     rewrite's output compared with upstream's under `tolerance.max_abs`."""
@@ -307,6 +406,11 @@ def run_cell(reference: CellReference, candidate: Candidate, *, tolerance: Toler
         metrics, failures = Metrics.no_output(), [error]
     else:
         metrics, failures = compare_outputs(reference.upstream, output, is_classifier=is_classifier, tolerance=tolerance)
+        dependence = batch_dependence(candidate, reference.inputs, output)
+        metrics = dataclasses.replace(metrics, batch_dependence=dependence)
+        if tolerance.max_batch_dependence is not None and not dependence <= tolerance.max_batch_dependence:
+            failures.append(f"batch dependence {dependence:.3e} > {tolerance.max_batch_dependence:.1e}: a query row "
+                            "predicted alone differs from the same row predicted in the batch")
     if not reference.rewrite_vs_upstream_max_abs <= tolerance.max_abs:
         failures.append(
             f"our PyTorch rewrite (mitra_model.model.tab2d) differs from upstream Tab2D ({reference.upstream_version}): "
