@@ -37,8 +37,14 @@ WORK = REPO_ROOT / "artifacts" / "bench"
 SHAPES = [(1, 512, 32, 16), (2, 256, 16, 8), (1, 2048, 8, 4)]
 COMPOSITION_SHAPE = (2, 256, 16, 8)  # batch-composition dependence: a table alone vs in a batch of 2
 REDUCED = recipes.choices("precisions")  # every reduced precision the registry has (int8, fp16, int4, ...)
-ENGINES = ("upstream", "torch", "portable", "optimized", *REDUCED)
-FILES = {**FLAVOUR_FILES, **{precision: precision_file(precision) for precision in REDUCED}}
+# An option of a reduced precision against the configured one: engine -> (recipe, options)
+OPTION_ENGINES = {
+    "int8-tensor": ("int8", {"activations": "tensor"}),  # ORT's dynamic int8, one scale per tensor (before)
+    "int4-all4": ("int4", {"eight_bit": []}),  # every weight at 4 bits (before)
+}
+ENGINES = ("upstream", "torch", "portable", "optimized", *REDUCED, *OPTION_ENGINES)
+FILES = {**FLAVOUR_FILES, **{precision: precision_file(precision) for precision in REDUCED},
+         **{engine: f"model-{engine}.onnx" for engine in OPTION_ENGINES}}
 
 
 def prepare(task: str) -> Path:
@@ -61,6 +67,9 @@ def prepare(task: str) -> Path:
         if not (folder / FILES[precision]).exists():
             options = config.artifacts.options_for(recipes.recipe(precision))
             quantize_onnx(folder / FILES["optimized"], folder / FILES[precision], precision=precision, options=options)
+    for engine, (precision, options) in OPTION_ENGINES.items():
+        if not (folder / FILES[engine]).exists():
+            quantize_onnx(folder / FILES["optimized"], folder / FILES[engine], precision=precision, options=options)
     return folder
 
 
@@ -171,14 +180,17 @@ def main() -> None:
     parser.add_argument("--task", default="classification", choices=("classification", "regression"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", choices=ENGINES)
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated subset (torch and portable are always run: errors and ratios use them)")
     args = parser.parse_args()
+    chosen = [e for e in ENGINES if e in {"torch", "portable", *args.engines.split(",")}]
     folder = WORK / f"precision-{args.task}"
     if args.worker:
         worker(args.worker, folder)
         return
     prepare(args.task)
     engines_running = {engine: Engine(engine, [sys.executable, __file__, "--worker", engine, "--task", args.task])
-                       for engine in ENGINES}
+                       for engine in chosen}
     try:
         for engine in engines_running.values():
             engine.reply()  # ready: every model loaded before anything is timed
@@ -199,7 +211,7 @@ def main() -> None:
             "shapes": [{"shape": shape, "median_s": statistics.median(seconds[engine][i]), "runs_s": seconds[engine][i]}
                        for i, shape in enumerate(SHAPES)],
         }
-        for engine in ENGINES
+        for engine in chosen
     }
     for engine, result in engines.items():
         result["file_mb"] = (folder / FILES[engine]).stat().st_size / 1e6 if engine in FILES else None
@@ -244,6 +256,7 @@ def render(r: dict) -> str:
     from bench_core import machine_line
 
     m, engines = r["machine"], r["engines"]
+    reduced = [e for e in engines if e not in ("upstream", "torch", "portable", "optimized")]
     lines = [
         "# Precision and speed benchmark (full-size model)", "",
         f"{machine_line(m)} Task {r['task']}, synthetic full-size weights, identical inputs. Each engine "
@@ -273,11 +286,12 @@ def render(r: dict) -> str:
     lines += ["", "Speed-up ratios (median of per-repeat ratios; targets: optimized >= 1.3x PyTorch, int8 >= 1.8x "
               "portable):", "",
               "| shape | optimized vs upstream | optimized vs our PyTorch | portable vs our PyTorch | "
-              + " | ".join(f"{p} vs portable" for p in REDUCED) + " |", "|---" * (4 + len(REDUCED)) + "|"]
+              + " | ".join(f"{p} vs portable" for p in reduced) + " |", "|---" * (4 + len(reduced)) + "|"]
     pairs = [("upstream", "optimized"), ("torch", "optimized"), ("torch", "portable"),
-             *(("portable", precision) for precision in REDUCED)]
+             *(("portable", precision) for precision in reduced)]
     for i, shape in enumerate(SHAPES):
-        cells = " | ".join(f"{paired_ratio(engines, slow, fast, i):.2f}x" for slow, fast in pairs)
+        cells = " | ".join(f"{paired_ratio(engines, slow, fast, i):.2f}x" if slow in engines and fast in engines else "-"
+                           for slow, fast in pairs)
         lines.append(f"| {'x'.join(map(str, shape))} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import * as ort from 'onnxruntime-node';
 
 import {
-  MANIFEST_NAME, MANIFEST_SCHEMA_ID, POINTER_SCHEMA_ID, artifactKey, manifestKey, pointerKey, signatureKey, variantFolder,
+  MANIFEST_NAME, POINTER_SCHEMA_ID, READABLE_MANIFEST_SCHEMA_IDS, artifactKey, manifestKey, pointerKey, signatureKey, variantFolder,
 } from './lib/layout.mjs';
 import { SignatureError, checkFile, verifyPointer, verifyReleaseSignature } from './lib/signature.mjs';
 
@@ -137,7 +137,9 @@ async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }, t
   const signed = trustedPems.length ? await signedContent(s3, { bucket, prefix, variant }, pointer, trustedPems) : null;
   if (signed) checkFile(signed, MANIFEST_NAME, manifestSha);
   const manifest = parseJson(manifestBytes, pointer.manifest_key);
-  if (manifest.schema !== MANIFEST_SCHEMA_ID) throw new ReleaseError(`manifest schema ${JSON.stringify(manifest.schema)}, expected ${MANIFEST_SCHEMA_ID}`);
+  if (!READABLE_MANIFEST_SCHEMA_IDS.includes(manifest.schema)) {
+    throw new ReleaseError(`manifest schema ${JSON.stringify(manifest.schema)}, expected one of ${READABLE_MANIFEST_SCHEMA_IDS.join(', ')}`);
+  }
   if (manifest.variant !== variant || manifest.version !== pointer.version || manifest.manifest_version !== pointer.manifest_version) {
     throw new ReleaseError(`the manifest (${manifest.variant} ${manifest.version} #${manifest.manifest_version}) is not the release the pointer names`);
   }

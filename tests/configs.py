@@ -8,7 +8,7 @@ from typing import Any
 
 import toml
 
-from mitra_model.build.config import DEFAULT_CONFIG_PATH, load_config
+from mitra_model.build.config import DEFAULT_CONFIG_PATH, BuildConfig, load_config
 
 SMALL_CELLS = [
     {"name": "small", "batch": 1, "n_support": 20, "n_query": 4, "n_features": 3},
@@ -16,14 +16,35 @@ SMALL_CELLS = [
      "padded_support_rows": 4},
 ]
 
+# The signal bounds in config/mitra-build.toml were set on the full-size model (bench/results-signal.md;
+# test_signal checks them against those numbers). The tests' tiny models (2 layers, dim 64, random
+# weights) keep less of their signal at 4 bits: measured with the configured 8-bit roles, err/spread
+# up to 1.21 on the matrix and 0.97 on digits for the tiny classifier (seed 7), 0.66 on diabetes for
+# the tiny regressor. Tests judge tiny int4 artifacts by these; every other bound is the configured one.
+TINY_BOUNDS: dict[str, dict[str, float]] = {
+    "int4": {"max_err_over_spread": 2.0, "max_task_err_over_spread": 1.5, "min_centered_argmax_agreement": 0.5,
+             "min_centered_correlation": 0.9},
+}
+
+
+def with_tiny_bounds(config: BuildConfig) -> BuildConfig:
+    """`config` with TINY_BOUNDS in its verification tolerances."""
+    tolerances = {key: tolerance.model_copy(update=TINY_BOUNDS.get(key, {}))
+                  for key, tolerance in config.verification.tolerances.items()}
+    verification = config.verification.model_copy(update={"tolerances": tolerances})
+    return config.model_copy(update={"verification": verification})
+
 
 def write_config(path: Path, *, cells: list[dict[str, Any]] | None = None, store: dict[str, Any] | None = None,
                  variants: list[dict[str, Any]] | None = None, artifacts: dict[str, Any] | None = None,
                  execution: dict[str, Any] | None = None, schedule: dict[str, Any] | None = None,
                  consumers: dict[str, Any] | None = None, tolerances: dict[str, Any] | None = None) -> Path:
     """The default configuration with the matrix, store, variants, artifacts, execution, schedule or
-    consumers (merged into the default's) replaced, and verification tolerances added; validated."""
+    consumers (merged into the default's) replaced, TINY_BOUNDS applied and verification tolerances
+    added; validated."""
     raw = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    for key, bounds in TINY_BOUNDS.items():
+        raw["verification"]["tolerances"][key].update(bounds)
     raw["verification"]["cells"] = cells if cells is not None else SMALL_CELLS
     raw.pop("store", None)
     if store is not None:

@@ -16,6 +16,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from configs import with_tiny_bounds  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
 from mitra_model.build import recipes  # noqa: E402
 from mitra_model.build.config import BuildConfig, load_config  # noqa: E402
 from mitra_model.build.recipes import BuildContext  # noqa: E402
@@ -61,7 +63,8 @@ def node_modules() -> Path:
 
 @pytest.fixture(scope="session")
 def build_config() -> BuildConfig:
-    return load_config()
+    """The default configuration as the tiny test models are judged by it (configs.TINY_BOUNDS)."""
+    return with_tiny_bounds(load_config())
 
 
 @pytest.fixture(scope="session")

@@ -191,19 +191,20 @@ def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, 
     registered, the configuration plans it and the flow makes, checks, verifies, checks in Node and
     publishes it, with no other module touched."""
     from mitra_model.build import recipes
-    from mitra_model.build.options import RecipeOptions
+    from mitra_model.build.options import Int8Options
     from mitra_model.build.quantize import to_int8
     from mitra_model.release.pull import pull_release
 
-    class PerChannelOptions(RecipeOptions):
-        per_channel: bool = True  # what to_int8 reads: one weight scale per output column
+    class PerChannelOptions(Int8Options):  # to_int8 reads Int8Options' fields
+        per_channel: bool = True  # one weight scale per output column
 
     toy = recipes.register(recipes.reduced_precision(
         "int8-channel", converter=to_int8, options=PerChannelOptions, precision="int8",
         purpose="int8 weights with one scale per output column"))
     try:
         store = {"bucket": s3_store.bucket, "prefix": s3_store.prefix, "endpoint_url": s3_store.endpoint_url}
-        bounds = dict(load_config().verification.tolerances["int8"])
+        # one flip among the 4 rows of the 2-row padded cell, between near-tied random-weight classes, is 0.75
+        bounds = {**load_config().verification.tolerances["int8"].model_dump(exclude_none=True), "min_argmax_agreement": 0.75}
         config = write_config(
             tmp_path / "config.toml", store=store,
             variants=[{"name": "finetuned", "repo_id": REPO, "revision": "main", "task": "classification"}],

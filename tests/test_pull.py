@@ -189,6 +189,23 @@ def test_unsafe_or_unknown_manifest_is_refused(
     assert not (tmp_path / "evil").exists() and not Path("/tmp/evil.onnx").exists()
 
 
+def _as_v1(manifest: dict[str, Any]) -> None:
+    """What a release published before manifest v2 holds: no signal metrics, no task checks."""
+    manifest["schema"] = "mitra-build/manifest/v1"
+    for summary in manifest["verification"].values():
+        for key in ("max_err_over_spread", "max_batch_dependence", "tasks", "tasks_note"):
+            summary.pop(key, None)
+
+
+def test_a_release_with_a_v1_manifest_still_pulls(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
+    build, result = _published(s3_client, s3_store, tmp_path)
+    _plant(s3_client, s3_store, result, _as_v1)
+    pulled = _pull(s3_client, s3_store, tmp_path / "dest")
+    assert json.loads(pulled.manifest_path.read_text())["schema"] == "mitra-build/manifest/v1"
+    assert {name: path.read_bytes() for name, path in pulled.files.items()} == \
+        {name: (build / path.name).read_bytes() for name, path in pulled.files.items()}
+
+
 def test_unknown_pointer_schema_is_refused(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
     _published(s3_client, s3_store, tmp_path)
     key = layout.pointer_key(s3_store.prefix, VARIANT)

@@ -355,3 +355,23 @@ def test_int4_keeps_the_process_logging_alone(sources, tmp_path: Path) -> None:
     )
     assert done.stdout.split() == ["0", "WARNING"]
     assert "matmul_nbits_quantizer" not in done.stderr
+
+
+def test_int4_keeps_the_named_roles_at_8_bits(sources, tmp_path: Path) -> None:
+    """`eight_bit` keeps every MatMul whose name holds a pattern at 8 bits, and a weight read by two
+    MatMuls (support and query path) at the same bits in both."""
+    source = sources["classification", "optimized"]
+    result = quantize_onnx(source, tmp_path / "mixed.onnx", precision="int4", options={"eight_bit": ["/v", "attention2/o"]})
+    nbits = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nbits}
+    eight = {name for name, b in bits.items() if b == 8}
+    assert eight and set(bits.values()) == {4, 8} and result.details["eight_bit_matmuls"] == len(eight)
+    assert all("/v" in name or "attention2/o" in name for name in eight), eight
+    by_weight: dict[str, set[int]] = {}
+    for node in nbits:
+        by_weight.setdefault(node.input[1], set()).add(bits[node.name])
+    assert all(len(b) == 1 for b in by_weight.values())
+    assert result.size > quantize_onnx(source, tmp_path / "all4.onnx", precision="int4", options={"eight_bit": []}).size
+    with pytest.raises(ExportError, match=r"eight_bit \['attention9/z'\] matches no quantized MatMul"):
+        quantize_onnx(source, tmp_path / "bad.onnx", precision="int4", options={"eight_bit": ["attention9/z"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all4.onnx", "mixed.onnx"]

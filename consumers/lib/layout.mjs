@@ -9,7 +9,8 @@
 //
 // Plain ES module without imports: runs in Node.js and in a browser bundle.
 
-export const MANIFEST_SCHEMA_ID = 'mitra-build/manifest/v1';
+export const MANIFEST_SCHEMA_ID = 'mitra-build/manifest/v2';
+export const READABLE_MANIFEST_SCHEMA_IDS = ['mitra-build/manifest/v1', MANIFEST_SCHEMA_ID];
 export const POINTER_SCHEMA_ID = 'mitra-build/pointer/v1';
 export const MANIFEST_NAME = 'manifest.json';
 export const POINTER_NAME = 'latest.json';

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mitra_model.build import recipes
 from mitra_model.build.options import RecipeOptions
 from mitra_model.errors import ConfigError
+from mitra_model.model.architecture import LIMITS
 from mitra_model.model.kinds import DataKind, Shape, SizeConfig, SizeName, TaskName
 from mitra_model.release.store import StoreConfig
 
@@ -45,7 +46,7 @@ class ExportConfig(_Strict):
     trace_shape: Shape
 
 
-OptionValue = int | float | bool | str
+OptionValue = int | float | bool | str | list[str]
 
 
 class ArtifactsConfig(_Strict):
@@ -100,16 +101,31 @@ class Tolerance(_Strict):
     # The signal an artifact keeps: what the output varies by across a table's query rows (the part
     # that depends on the input), not its absolute error. A random-weight model predicts nearly one
     # class everywhere, so plain argmax agreement passes anything; these do not (verify.signal_metrics).
-    # RMS(artifact - reference) / the reference's spread across query rows (per class, pooled):
+    # RMS(artifact - reference) / the reference's spread across query rows (per class, pooled), on the
+    # matrix's cells (random inputs) and, unless the next bound is set, on the real tables:
     max_err_over_spread: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # the same on the task checks' real tables, whose rows vary the way a user's do
+    max_task_err_over_spread: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # classifier: argmax agreement after centring each class over the query rows
     min_centered_argmax_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     # regressor: correlation after centring each table over its query rows
     min_centered_correlation: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
     # signal metrics are judged on tables with at least this many query rows (fewer: too noisy to judge)
     signal_min_rows: int = Field(default=8, ge=2)
+    # regressor: its signal is judged where its outputs vary across the query rows by at least this (in
+    # the model's normalized target units, where the support's targets span 0..1); below it the model
+    # predicts nearly one value, int8's noise of a few 1e-3 is then most of the spread, and max_abs
+    # bounds the error. Logits are judged whatever their spread.
+    signal_min_spread: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # a query row predicted alone against the same row predicted in the cell's batch (max abs)
     max_batch_dependence: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+    def on_tables(self) -> Tolerance:
+        """The bounds a task check (a real table) is judged by."""
+        if self.max_task_err_over_spread is None:
+            return self
+        return self.model_copy(update={"max_err_over_spread": self.max_task_err_over_spread})
 
 
 class Cell(Shape):
@@ -127,14 +143,40 @@ class Cell(Shape):
         return self
 
 
+# The real tables of the task checks (tasks.py loads them from scikit-learn's bundled datasets).
+TableName = Literal["iris", "wine", "breast_cancer", "digits", "diabetes"]
+TABLE_TASKS: dict[str, TaskName] = {"iris": "classification", "wine": "classification",
+                                    "breast_cancer": "classification", "digits": "classification",
+                                    "diabetes": "regression"}
+
+
+class TaskCell(_Strict):
+    """A task check: one real table, split into support and query rows (tasks.load_table). A variant
+    runs the task checks of its own task (a classifier the classification tables)."""
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    dataset: TableName
+    support: int = Field(ge=2, le=LIMITS["n_support"])
+    queries: int = Field(ge=2, le=LIMITS["n_query"])
+
+    @property
+    def task(self) -> TaskName:
+        return TABLE_TASKS[self.dataset]
+
+
 class VerificationConfig(_Strict):
     seed: int
     tolerances: dict[str, Tolerance]
     cells: tuple[Cell, ...] = Field(min_length=1)
+    tasks: tuple[TaskCell, ...] = ()
+
+    def tasks_for(self, task: TaskName) -> tuple[TaskCell, ...]:
+        """The task checks a model of `task` runs (a classifier: the classification tables)."""
+        return tuple(t for t in self.tasks if t.task == task)
 
     @model_validator(mode="after")
     def _unique_names(self) -> VerificationConfig:
-        names = [cell.name for cell in self.cells]
+        names = [cell.name for cell in self.cells] + [task.name for task in self.tasks]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"cell names must be unique; repeated: {', '.join(duplicates)}")

@@ -49,6 +49,10 @@ class Int4Options(RecipeOptions):
     accuracy_level: int = Field(default=4, ge=0, le=4)
     # Symmetric drops the zero points (48.3 MB at block 32) but measured 97.2% argmax vs 99.4%.
     is_symmetric: bool = False
+    # Weights kept at 8 bits (MatMulNBits bits=8, same blocks): those of every MatMul whose node name
+    # contains one of these (e.g. "attention2/v" is every layer's feature-attention value projection).
+    # The sensitive few cost little: bench/results-precision.md measures each role's share of the error.
+    eight_bit: tuple[str, ...] = Field(default=(), strict=False)
 
     @field_validator("block_size")
     @classmethod

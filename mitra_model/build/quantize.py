@@ -367,10 +367,9 @@ def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: b
         out = node.output[0]
         nodes += [
             helper.make_node("Reshape", [x, shape_2d], [f"{p}_x2"], name=f"{p}_reshape_in"),
-            _reduce("ReduceMax", f"{p}_x2", f"{p}_max", axes),
-            _reduce("ReduceMin", f"{p}_x2", f"{p}_min", axes),
-            helper.make_node("Neg", [f"{p}_min"], [f"{p}_negmin"], name=f"{p}_negmin"),
-            helper.make_node("Max", [f"{p}_max", f"{p}_negmin", tiny], [f"{p}_amax"], name=f"{p}_amax"),
+            helper.make_node("Abs", [f"{p}_x2"], [f"{p}_abs"], name=f"{p}_abs"),
+            _reduce("ReduceMax", f"{p}_abs", f"{p}_max", axes),
+            helper.make_node("Max", [f"{p}_max", tiny], [f"{p}_amax"], name=f"{p}_amax"),
             helper.make_node("Div", [f"{p}_amax", levels], [f"{p}_scale"], name=f"{p}_scale"),
             helper.make_node("Shape", [f"{p}_scale"], [f"{p}_rows"], name=f"{p}_rows"),
             helper.make_node("ConstantOfShape", [f"{p}_rows"], [f"{p}_zp"], name=f"{p}_zp",
@@ -688,6 +687,12 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
     # The quantizer takes every MatMul with a constant weight (its nodes_to_include only adds to that),
     # so the rule is applied by excluding the rest: the K=1 embeddings and the output head.
     excluded = [node.name for node in graph.node if node.op_type == "MatMul" and node.name not in selected]
+    # A weight read by two MatMuls (support and query path) takes the same bits in both.
+    eight_bit_weights = {node.input[1] for node in graph.node
+                         if node.name in selected and any(part in node.name for part in options.eight_bit)}
+    if options.eight_bit and not eight_bit_weights:
+        raise ExportError(f"int4 option eight_bit {list(options.eight_bit)} matches no quantized MatMul of {source}")
+    eight_bit = {node.name for node in graph.node if node.name in selected and node.input[1] in eight_bit_weights}
     try:
         with _contained_logging("onnxruntime.quantization.matmul_nbits_quantizer"):
             # deferred: only the precision that uses it loads onnxruntime's quantizer
@@ -696,15 +701,20 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
                 MatMulNBitsQuantizer,
             )
 
-            config = DefaultWeightOnlyQuantConfig(
-                block_size=options.block_size, is_symmetric=options.is_symmetric,
-                accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",),
-            )
-            quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config)
-            # A weight read by two MatMuls (support and query path) is quantized for each under the
-            # same derived names; the quantizer's final clean_initializers drops the repeats.
-            quantizer.process()
-        quantized = quantizer.model.model
+            quantized = model
+            # 8 bits first: the 4-bit pass then sees those nodes as MatMulNBits and leaves them alone
+            for bits, skipped in ((8, selected - eight_bit), (4, set())):
+                if bits == 8 and not eight_bit:
+                    continue
+                config = DefaultWeightOnlyQuantConfig(
+                    block_size=options.block_size, is_symmetric=options.is_symmetric, bits=bits,
+                    accuracy_level=options.accuracy_level, op_types_to_quantize=("MatMul",),
+                )
+                quantizer = MatMulNBitsQuantizer(quantized, nodes_to_exclude=[*excluded, *skipped], algo_config=config)
+                # A weight read by two MatMuls (support and query path) is quantized for each under the
+                # same derived names; the quantizer's final clean_initializers drops the repeats.
+                quantizer.process()
+                quantized = quantizer.model.model
     except Exception as exc:  # the quantizer raises many unrelated types
         raise ExportError(f"int4 quantization of {source} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -713,7 +723,8 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
     details: dict[str, Any] = {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (com.microsoft.MatMulNBits)",
         "bits": 4,
-        **options.model_dump(),
+        **options.model_dump(mode="json"),
+        "eight_bit_matmuls": len(eight_bit),
         "identities_removed": identities,
         "quantized_matmuls": sum(node.op_type == "MatMulNBits" for node in out.node),
         "quantized_weights": len(weights),

@@ -24,7 +24,7 @@ from mitra_model import __version__
 from mitra_model.build.export import EXPORTER_SETTINGS, TensorSpec
 from mitra_model.build.recipes import ArtifactFile, Recipe
 from mitra_model.build.source import SourceInfo
-from mitra_model.build.verify import VerificationReport
+from mitra_model.build.verify import TaskResult, VerificationReport
 from mitra_model.errors import VerificationError
 from mitra_model.fileutil import PACKAGE_DIR, atomic_directory, sha256_file
 from mitra_model.model.snapshot import Snapshot
@@ -212,19 +212,52 @@ def draft_manifest(
         },
         "artifacts": [_manifest_entry(a, model_config, fp32_seconds) for a in artifacts],
         "verification": {
-            a.name: {
-                "passed": a.report.passed,
-                "precision": a.recipe.precision,
-                "cells": len(a.report.cells),
-                "failed_cells": sum(not c.passed for c in a.report.cells),
-                "max_abs_err": a.report.summary["max_abs_err"],
-                "onnx_seconds": a.report.summary["onnx_seconds"],
-                "tolerance": a.report.tolerance,
-                "report": verification_report_name(a.name),
-            }
-            for a in artifacts
+            a.name: _verification_entry(a, synthetic=source.synthetic or snapshot.synthetic) for a in artifacts
         },
     }
+
+
+# Beside the task scores of a random-weight build: what they can and cannot tell.
+SYNTHETIC_TASKS_NOTE = ("SYNTHETIC weights (random): the task scores of the artifact and of upstream sit near chance "
+                        "by construction; judge the artifact by err_over_spread and batch_dependence, its distance "
+                        "from upstream, not by its accuracy")
+
+
+def _verification_entry(a: BuiltArtifact, *, synthetic: bool) -> dict[str, Any]:
+    summary = a.report.summary
+    entry: dict[str, Any] = {
+        "passed": a.report.passed,
+        "precision": a.recipe.precision,
+        "cells": len(a.report.cells),
+        "failed_cells": sum(not c.passed for c in a.report.cells),
+        "max_abs_err": summary["max_abs_err"],
+        "onnx_seconds": summary["onnx_seconds"],
+        "tolerance": a.report.tolerance,
+        "report": verification_report_name(a.name),
+    }
+    for key in ("max_err_over_spread", "max_batch_dependence"):
+        if key in summary:
+            entry[key] = summary[key]
+    if a.report.tasks:
+        entry["tasks"] = [_task_record(t) for t in a.report.tasks]
+        if synthetic:
+            entry["tasks_note"] = SYNTHETIC_TASKS_NOTE
+    return entry
+
+
+def _task_record(task: TaskResult) -> dict[str, Any]:
+    metrics = task.metrics
+    record: dict[str, Any] = {
+        "name": task.name, "dataset": task.dataset, "passed": task.passed,
+        "rows": {"support": task.support_rows, "queries": task.query_rows, "features": task.features},
+        "classes": task.classes, "err_over_spread": metrics.err_over_spread, "batch_dependence": metrics.batch_dependence,
+        "scores": task.scores, "upstream_scores": task.upstream_scores, "chance_scores": task.chance_scores,
+    }
+    if metrics.centered_argmax_agreement is not None:
+        record["centered_argmax_agreement"] = metrics.centered_argmax_agreement
+    if metrics.centered_correlation is not None:
+        record["centered_correlation"] = metrics.centered_correlation
+    return record
 
 
 # What a report's summary says about the reference (upstream's version, rewrite vs upstream).

@@ -1,7 +1,9 @@
-"""The reference of a verification cell: upstream AutoGluon Tab2D's output, computed once per build.
+"""The reference of a verification cell or task check: upstream AutoGluon Tab2D's output, computed
+once per build.
 
 Every artifact of a build (each ONNX file, the support-cache pair) is compared with the same outputs:
-upstream's `Tab2D` (upstream.py) with the snapshot's weights, on the cell's inputs (inputs.make_inputs).
+upstream's `Tab2D` (upstream.py) with the snapshot's weights, on the cell's inputs (inputs.make_inputs)
+or a task check's real table (tasks.load_table).
 Those depend only on the weights, the cell, the seed and the code that computes them, so a cell's
 reference is computed once, stored as `<cell>-<key>.npz` in a cache folder (written atomically), and
 read back by every later artifact and by workers in other processes that share the folder.
@@ -23,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
 import torch.nn as nn
 
-from mitra_model.build.config import Cell
+from mitra_model.build.config import Cell, TaskCell
 from mitra_model.build.export import INPUT_NAMES, numpy_inputs
+from mitra_model.build.tasks import load_table
 from mitra_model.build.upstream import load_upstream, run_upstream, upstream_from_state, upstream_version
 from mitra_model.errors import ReferenceCacheError
 from mitra_model.fileutil import PACKAGE_DIR, atomic_file, sha256_file
@@ -40,7 +44,8 @@ REFERENCE_FORMAT = 1
 # The code whose change can change a reference (the rest of the package cannot).
 # The modules a reference depends on (relative to the package): a change to any is a new cache key.
 _CODE_FILES = ("model/tab2d.py", "model/kinds.py", "model/inputs.py", "build/export.py", "build/upstream.py",
-               "build/reference.py")
+               "build/reference.py", "build/tasks.py")
+Case = Cell | TaskCell  # a synthetic matrix cell, or a real table
 _ARRAYS = ("upstream", "rewrite")
 
 
@@ -50,7 +55,7 @@ class CellReference:
 
     Attributes:
         key: content key (weights, cell, seed, code); "" for a reference computed from a model in memory.
-        cell: the matrix cell.
+        cell: the matrix cell, or the task check (a real table).
         inputs: the four contract inputs (export.INPUT_NAMES), as every candidate is fed them.
         upstream: upstream Tab2D's output: THE reference every artifact is compared with.
         rewrite: our rewrite's (mitra_model.model.Tab2D) output on the same inputs.
@@ -61,7 +66,7 @@ class CellReference:
     """
 
     key: str
-    cell: Cell
+    cell: Case
     inputs: dict[str, np.ndarray]
     upstream: np.ndarray
     rewrite: np.ndarray
@@ -77,23 +82,28 @@ class CellReference:
         return self.upstream_seconds + self.rewrite_seconds
 
 
-def compute_reference(upstream: nn.Module, rewrite: Tab2D, cell: Cell, *, seed: int, key: str = "") -> CellReference:
+def case_inputs(case: Case, config: object, *, seed: int) -> dict[str, np.ndarray]:
+    """The contract inputs of a matrix cell (synthetic, salted by its name) or a task check (its table)."""
+    if isinstance(case, TaskCell):
+        return load_table(case, seed=seed).inputs
+    return make_inputs(case.as_tuple(), config=config, data=case.data, padded_support_rows=case.padded_support_rows,
+                       seed=seed, salt=case.name)
+
+
+def compute_reference(upstream: nn.Module, rewrite: Tab2D, cell: Case, *, seed: int, key: str = "") -> CellReference:
     """Run upstream and the rewrite (same weights) on the cell's inputs.
 
     Args:
         upstream: upstream Tab2D (upstream.load_upstream / upstream_from_state).
         rewrite: our Tab2D with the same weights.
-        cell: the matrix cell (its shape, data kind, padding; its name salts the inputs).
+        cell: the matrix cell (its shape, data kind, padding; its name salts the inputs) or task check.
         seed: the matrix seed.
         key: the content key to record (reference_key), "" for models in memory.
 
     Returns:
         The CellReference, not cached.
     """
-    inputs = make_inputs(
-        cell.as_tuple(), config=rewrite.config, data=cell.data, padded_support_rows=cell.padded_support_rows,
-        seed=seed, salt=cell.name,
-    )
+    inputs = case_inputs(cell, rewrite.config, seed=seed)
     started = time.perf_counter()
     upstream_out = run_upstream(upstream, *numpy_inputs(inputs)).numpy()
     upstream_seconds = time.perf_counter() - started
@@ -114,7 +124,7 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
 
 
-def model_reference(model: Tab2D, *, seed: int) -> Callable[[Cell], CellReference]:
+def model_reference(model: Tab2D, *, seed: int) -> Callable[[Case], CellReference]:
     """References for a model in memory (no snapshot folder, so no cache): upstream is built once
     with `model`'s weights, and each call computes one cell.
 
@@ -125,7 +135,7 @@ def model_reference(model: Tab2D, *, seed: int) -> Callable[[Cell], CellReferenc
     return lambda cell: compute_reference(upstream, model, cell, seed=seed)
 
 
-def reference_key(snapshot_dir: Path, cell: Cell, *, seed: int) -> str:
+def reference_key(snapshot_dir: Path, cell: Case, *, seed: int) -> str:
     """The content key of a cell's reference: weights and config.json (sha256), the cell's
     definition, the seed and the digest of the code that computes it."""
     folder = Path(snapshot_dir)
@@ -134,6 +144,7 @@ def reference_key(snapshot_dir: Path, cell: Cell, *, seed: int) -> str:
         "weights_sha256": _digest(folder / WEIGHTS_FILE),
         "config_sha256": _digest(folder / CONFIG_FILE),
         "cell": cell.model_dump(mode="json"),
+        "kind": _kind(cell),
         "seed": seed,
         "code": reference_code_digest(),
     }
@@ -143,18 +154,23 @@ def reference_key(snapshot_dir: Path, cell: Cell, *, seed: int) -> str:
 @functools.lru_cache(maxsize=1)
 def reference_code_digest() -> str:
     """SHA-256 over the upstream and torch versions and the source of the modules a reference depends on."""
-    digest = hashlib.sha256(f"{upstream_version()};torch=={torch.__version__};numpy=={np.__version__};".encode())
+    digest = hashlib.sha256(f"{upstream_version()};torch=={torch.__version__};numpy=={np.__version__};"
+                            f"scikit-learn=={sklearn.__version__};".encode())
     for name in _CODE_FILES:
         digest.update(name.encode() + b"\0" + (PACKAGE_DIR / name).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def reference_path(cache_dir: Path, cell: Cell, key: str) -> Path:
+def _kind(case: Case) -> str:
+    return "task" if isinstance(case, TaskCell) else "cell"
+
+
+def reference_path(cache_dir: Path, cell: Case, key: str) -> Path:
     """Where a cell's reference is cached: `<cache_dir>/<cell name>-<key>.npz`."""
     return Path(cache_dir) / f"{cell.name}-{key}.npz"
 
 
-def reference_for(snapshot_dir: Path, cell: Cell, *, seed: int, cache_dir: Path | None) -> CellReference:
+def reference_for(snapshot_dir: Path, cell: Case, *, seed: int, cache_dir: Path | None) -> CellReference:
     """A cell's reference: read from `cache_dir` when an earlier artifact computed it, else computed
     (upstream and the rewrite, loaded once per process) and written there atomically.
 
@@ -186,6 +202,7 @@ def save_reference(reference: CellReference, path: Path) -> None:
     """Write a reference as one .npz (arrays, plus its metadata as JSON), atomically."""
     meta = {
         "format": REFERENCE_FORMAT, "key": reference.key, "cell": reference.cell.model_dump(mode="json"),
+        "kind": _kind(reference.cell),
         "rewrite_vs_upstream_max_abs": reference.rewrite_vs_upstream_max_abs,
         "upstream_seconds": reference.upstream_seconds, "rewrite_seconds": reference.rewrite_seconds,
         "upstream_version": reference.upstream_version,
@@ -196,7 +213,7 @@ def save_reference(reference: CellReference, path: Path) -> None:
         np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
 
 
-def load_reference(path: Path, *, cell: Cell | None = None, key: str | None = None) -> CellReference:
+def load_reference(path: Path, *, cell: Case | None = None, key: str | None = None) -> CellReference:
     """Read a reference written by save_reference (marked `cached`).
 
     Args:
@@ -211,7 +228,7 @@ def load_reference(path: Path, *, cell: Cell | None = None, key: str | None = No
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {name: data[name] for name in data.files if name != "meta"}
-        stored_cell = Cell.model_validate(meta["cell"])
+        stored_cell = (TaskCell if meta.get("kind") == "task" else Cell).model_validate(meta["cell"])
         inputs = {name: arrays[f"input.{name}"] for name in INPUT_NAMES}
         upstream, rewrite = (arrays[name] for name in _ARRAYS)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:

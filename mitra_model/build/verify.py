@@ -27,10 +27,11 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from mitra_model.build.config import Cell, Tolerance
+from mitra_model.build.config import Cell, TaskCell, Tolerance
 from mitra_model.build.export import INPUT_NAMES
 from mitra_model.build.reference import CellReference, model_reference, reference_for
 from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, cache_names
+from mitra_model.build.tasks import TaskTable, chance_scores, load_table, task_scores
 from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.fileutil import sha256_file, write_bytes_atomic
 from mitra_model.model.snapshot import read_model_config
@@ -65,6 +66,7 @@ class Metrics:
     err_over_spread: float | None = _metric("max_err_over_spread", "<=", ".4f")
     centered_argmax_agreement: float | None = _metric("min_centered_argmax_agreement", ">=", ".4f")  # classifier
     centered_correlation: float | None = _metric("min_centered_correlation", ">=", ".6f")  # regressor
+    spread: float | None = _metric(fmt=".3e")  # the reference's, across the query rows (what err_over_spread divides by)
     # max |a row predicted alone - the same row in the batch|; None when not measured
     batch_dependence: float | None = _metric("max_batch_dependence")
 
@@ -133,12 +135,13 @@ def compare_outputs(
         if gated and not correlation >= tolerance.min_correlation:
             failures.append(f"correlation {correlation:.6f} < {tolerance.min_correlation}")
     signal = signal_metrics(reference, candidate, is_classifier=is_classifier) if finite else SignalMetrics()
-    if signal.err_over_spread is not None and reference.shape[1] >= tolerance.signal_min_rows:
+    judged = is_classifier or (signal.spread or 0.0) >= tolerance.signal_min_spread
+    if signal.err_over_spread is not None and reference.shape[1] >= tolerance.signal_min_rows and judged:
         failures += _signal_failures(signal, tolerance)
     metrics = Metrics(max_abs_err=max_abs, max_rel_err=max_rel, argmax_agreement=agreement, max_prob_err=prob_err,
                       correlation=correlation, err_over_spread=signal.err_over_spread,
                       centered_argmax_agreement=signal.centered_argmax_agreement,
-                      centered_correlation=signal.centered_correlation)
+                      centered_correlation=signal.centered_correlation, spread=signal.spread)
     return metrics, failures
 
 
@@ -245,6 +248,30 @@ class CellResult:
 
 
 @dataclass(frozen=True)
+class TaskResult:
+    """An artifact on a real table (a task check): its signal kept against upstream, judged like a
+    cell, and the task scored for it, for upstream and for chance (what ignoring the features scores)."""
+
+    name: str
+    dataset: str
+    support_rows: int
+    query_rows: int
+    features: int
+    classes: int  # 0: regression
+    metrics: Metrics  # the candidate against upstream, on the outputs the task reads
+    scores: dict[str, float]  # the candidate's: accuracy and log_loss, or r2 and rmse
+    upstream_scores: dict[str, float]
+    chance_scores: dict[str, float]
+    rewrite_vs_upstream_max_abs: float
+    onnx_seconds: float
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
 class VerificationReport:
     onnx_path: str  # the file verified (a support-cache pair: its predictor)
     onnx_sha256: str
@@ -252,21 +279,23 @@ class VerificationReport:
     tolerance: dict[str, float | None]
     cells: tuple[CellResult, ...]
     summary: dict[str, SummaryValue] = field(default_factory=dict)
+    tasks: tuple[TaskResult, ...] = ()  # the real tables
 
     @property
     def passed(self) -> bool:
-        return all(cell.passed for cell in self.cells)
+        return all(cell.passed for cell in self.cells) and all(task.passed for task in self.tasks)
 
     @property
     def failures(self) -> list[str]:
-        return [f"cell {c.name!r} {c.shape}: {failure}" for c in self.cells for failure in c.failures]
+        return ([f"cell {c.name!r} {c.shape}: {failure}" for c in self.cells for failure in c.failures]
+                + [f"task {t.name!r} ({t.dataset}): {failure}" for t in self.tasks for failure in t.failures])
 
     def to_json(self) -> str:
         """The report as JSON; each cell's metrics sit at the cell's top level (`cells[i].max_abs_err`)."""
         payload = asdict(self)
-        for cell, record in zip(self.cells, payload["cells"]):
+        for result, record in zip((*self.cells, *self.tasks), (*payload["cells"], *payload["tasks"])):
             record.update(record.pop("metrics"))
-            record["passed"] = cell.passed
+            record["passed"] = result.passed
         payload["passed"] = self.passed
         return json.dumps(payload, indent=2, sort_keys=True) + "\n"
 
@@ -284,6 +313,17 @@ class VerificationReport:
                 "result": "ok" if c.passed else "FAIL: " + "; ".join(c.failures),
             }
             for c in self.cells
+        ] + [
+            {
+                "cell": f"task:{t.name}", "B,S,Q,F": f"1,{t.support_rows},{t.query_rows},{t.features}", "data": t.dataset,
+                "padded": 0, **t.metrics.describe(self.tolerance),
+                "rewrite_vs_upstream": f"{t.rewrite_vs_upstream_max_abs:.2e} (<= {max_abs:g})",
+                "task": ", ".join(f"{k} {v:.3f} (upstream {t.upstream_scores[k]:.3f}, chance {t.chance_scores[k]:.3f})"
+                                  for k, v in t.scores.items()),
+                "onnx_s": round(t.onnx_seconds, 3),
+                "result": "ok" if t.passed else "FAIL: " + "; ".join(t.failures),
+            }
+            for t in self.tasks
         ]
 
     def to_markdown(self) -> str:
@@ -376,14 +416,15 @@ def alone(inputs: Mapping[str, np.ndarray], table: int, row: int) -> dict[str, n
             "padding_obs_support": inputs["padding_obs_support"][table:table + 1]}
 
 
-def batch_dependence(candidate: Candidate, inputs: Mapping[str, np.ndarray], output: np.ndarray) -> float:
+def batch_dependence(candidate: Candidate, inputs: Mapping[str, np.ndarray], output: np.ndarray, *,
+                     both_ends: bool = True) -> float:
     """Max |a query row predicted alone - the same row in the batch|, over the first row of the first
-    table and the last row of the last table (two forwards): 0 up to float noise for an artifact
-    whose rows never see each other's numbers; dynamic per-tensor quantization is not one (inf when
-    the candidate fails on a single row)."""
+    table and (`both_ends`) the last row of the last table, one forward each: 0 up to float noise for
+    an artifact whose rows never see each other's numbers; dynamic per-tensor quantization is not one
+    (inf when the candidate fails on a single row)."""
     tables, rows = inputs["x_query"].shape[:2]
     worst = 0.0
-    for table, row in dict.fromkeys([(0, 0), (tables - 1, rows - 1)]):
+    for table, row in dict.fromkeys([(0, 0), (tables - 1, rows - 1)] if both_ends else [(0, 0)]):
         try:
             single = candidate.run(alone(inputs, table, row))
         except Exception:  # noqa: BLE001 - a runtime that fails on one row depends on more than that row
@@ -424,6 +465,42 @@ def run_cell(reference: CellReference, candidate: Candidate, *, tolerance: Toler
     )
 
 
+def run_task(reference: CellReference, candidate: Candidate, *, tolerance: Tolerance, table: TaskTable) -> TaskResult:
+    """One real table: the candidate against upstream on the outputs the task reads (a classifier's
+    logits of the table's classes; the regressor's value), judged like a cell, and the task scored."""
+    task = reference.cell
+    started = time.perf_counter()
+    try:
+        output, error = candidate.run(reference.inputs), ""
+    except Exception as exc:  # a runtime failure is a failed check, not a crash
+        output, error = None, f"ONNX Runtime failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    onnx_seconds = time.perf_counter() - started
+    scores: dict[str, float] = {}
+    if output is None:
+        metrics, failures = Metrics.no_output(), [error]
+    else:
+        reads = (lambda raw: raw[..., : table.n_classes]) if table.is_classification else (lambda raw: raw)
+        metrics, failures = compare_outputs(reads(reference.upstream), reads(output),
+                                            is_classifier=table.is_classification, tolerance=tolerance.on_tables())
+        # one row: a real table's support side costs a whole forward per row predicted alone
+        dependence = batch_dependence(candidate, reference.inputs, output, both_ends=False)
+        metrics = dataclasses.replace(metrics, batch_dependence=dependence)
+        if tolerance.max_batch_dependence is not None and not dependence <= tolerance.max_batch_dependence:
+            failures.append(f"batch dependence {dependence:.3e} > {tolerance.max_batch_dependence:.1e}")
+        scores = task_scores(table, output)
+    if not reference.rewrite_vs_upstream_max_abs <= tolerance.max_abs:
+        failures.append(f"our PyTorch rewrite differs from upstream Tab2D: max abs "
+                        f"{reference.rewrite_vs_upstream_max_abs:.3e} > tolerance {tolerance.max_abs:.1e}")
+    support_rows, features = reference.inputs["x_support"].shape[1:]
+    return TaskResult(
+        name=task.name, dataset=task.dataset, support_rows=int(support_rows), query_rows=len(table.y_query),
+        features=int(features), classes=table.n_classes, metrics=metrics, scores=scores,
+        upstream_scores=task_scores(table, reference.upstream), chance_scores=chance_scores(table),
+        rewrite_vs_upstream_max_abs=reference.rewrite_vs_upstream_max_abs, onnx_seconds=onnx_seconds,
+        failures=tuple(failures),
+    )
+
+
 def verify_artifact(
     reference: Callable[[Cell], CellReference],
     candidate: Candidate,
@@ -433,9 +510,10 @@ def verify_artifact(
     precision: str,
     seed: int,
     is_classifier: bool,
-    on_cell: Callable[[CellResult], None] | None = None,
+    on_cell: Callable[[CellResult | TaskResult], None] | None = None,
+    tasks: Sequence[TaskCell] = (),
 ) -> VerificationReport:
-    """Every cell through `candidate`, compared with `reference(cell)`, in this process.
+    """Every cell and task check through `candidate`, compared with `reference(cell)`, in this process.
 
     Args:
         reference: a cell's inputs and upstream's output (reference.reference_for / model_reference).
@@ -445,7 +523,8 @@ def verify_artifact(
         precision: recorded in the report ("fp32", "int8", ...).
         seed: the matrix seed the reference was computed with (recorded in the summary).
         is_classifier: the model's outputs are logits.
-        on_cell: called with each cell's result as it finishes (progress).
+        on_cell: called with each cell's (and task check's) result as it finishes (progress).
+        tasks: the task checks (real tables), after the cells.
 
     Returns:
         The report, whether or not cells failed; `require_passed` turns failure into an error.
@@ -455,8 +534,13 @@ def verify_artifact(
         results.append(run_cell(reference(cell), candidate, tolerance=tolerance, is_classifier=is_classifier))
         if on_cell is not None:
             on_cell(results[-1])
+    checks: list[TaskResult] = []
+    for task in tasks:
+        checks.append(run_task(reference(task), candidate, tolerance=tolerance, table=load_table(task, seed=seed)))
+        if on_cell is not None:
+            on_cell(checks[-1])
     return make_report(candidate.path, precision=precision, tolerance=tolerance, results=results,
-                       summary={"seed": seed, **candidate.summary})
+                       summary={"seed": seed, **candidate.summary}, tasks=checks)
 
 
 def verify_cell(
@@ -500,6 +584,29 @@ def verify_cell(
     return run_cell(reference, candidate, tolerance=tolerance, is_classifier=config.label_is_class)
 
 
+def verify_task(
+    snapshot_dir: Path,
+    paths: tuple[Path, ...],
+    task: TaskCell,
+    *,
+    kind: CandidateKind,
+    tolerance: Tolerance,
+    seed: int,
+    reference_dir: Path | None,
+    query_batches: int = QUERY_BATCHES,
+) -> TaskResult:
+    """One task check from files alone (like `verify_cell`, for a real table)."""
+    wanted = {"graph": 1, "pair": 2}
+    if kind not in wanted or len(paths) != wanted[kind]:
+        raise ConfigError(f"verify_task: kind {kind!r} with {len(paths)} path(s); expected kind 'graph' with "
+                          "(model.onnx,) or 'pair' with (encode-support.onnx, predict-query.onnx)")
+    config, _ = read_model_config(Path(snapshot_dir))
+    reference = reference_for(Path(snapshot_dir), task, seed=seed, cache_dir=reference_dir)
+    files = tuple(str(p) for p in paths)
+    candidate = _cached_candidate(kind, files, tuple(_stamp(Path(p)) for p in files), config.n_layers, query_batches)
+    return run_task(reference, candidate, tolerance=tolerance, table=load_table(task, seed=seed))
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat()  # a rewritten file gets a new cache entry
     return stat.st_size, stat.st_mtime_ns
@@ -520,6 +627,7 @@ def make_report(
     tolerance: Tolerance,
     results: Sequence[CellResult],
     summary: Mapping[str, SummaryValue] | None = None,
+    tasks: Sequence[TaskResult] = (),
 ) -> VerificationReport:
     """Assemble cell results (in matrix order) into a report.
 
@@ -537,10 +645,19 @@ def make_report(
         "rewrite_vs_upstream_max_abs": max(r.rewrite_vs_upstream_max_abs for r in results),
         "reference_seconds": sum(r.torch_seconds for r in results),
         "reference_cached_cells": sum(r.reference_cached for r in results),
+        "tasks": len(tasks),
+        "failed_tasks": sum(not t.passed for t in tasks),
     }
+    signal = [r.metrics.err_over_spread for r in (*results, *tasks) if r.metrics.err_over_spread is not None]
+    if signal:
+        totals["max_err_over_spread"] = max(signal)
+    dependence = [r.metrics.batch_dependence for r in (*results, *tasks) if r.metrics.batch_dependence is not None]
+    if dependence:
+        totals["max_batch_dependence"] = max(dependence)
     return VerificationReport(
         onnx_path=str(onnx_path), onnx_sha256=sha256_file(Path(onnx_path)), precision=precision,
         tolerance=tolerance.model_dump(), cells=tuple(results), summary={**totals, **(summary or {})},
+        tasks=tuple(tasks),
     )
 
 
@@ -556,9 +673,11 @@ def verify_onnx(
     tolerance: Tolerance,
     precision: str = "fp32",
     seed: int = 0,
-    on_cell: Callable[[CellResult], None] | None = None,
+    on_cell: Callable[[CellResult | TaskResult], None] | None = None,
+    tasks: Sequence[TaskCell] = (),
 ) -> VerificationReport:
-    """Every cell through `onnx_path` (ONNX Runtime) against upstream Tab2D with `model`'s weights.
+    """Every cell (and task check) through `onnx_path` (ONNX Runtime) against upstream Tab2D with
+    `model`'s weights.
 
     Returns:
         The report, whether or not cells failed; `require_passed` turns failure into an error.
@@ -568,7 +687,7 @@ def verify_onnx(
     """
     return verify_artifact(
         model_reference(model, seed=seed), graph_candidate(onnx_path), cells=cells, tolerance=tolerance,
-        precision=precision, seed=seed, is_classifier=model.config.label_is_class, on_cell=on_cell,
+        precision=precision, seed=seed, is_classifier=model.config.label_is_class, on_cell=on_cell, tasks=tasks,
     )
 
 
@@ -582,7 +701,8 @@ def verify_support_cache(
     seed: int = 0,
     query_batches: int = QUERY_BATCHES,
     precision: str = "fp32",
-    on_cell: Callable[[CellResult], None] | None = None,
+    on_cell: Callable[[CellResult | TaskResult], None] | None = None,
+    tasks: Sequence[TaskCell] = (),
 ) -> VerificationReport:
     """The support-cache pair (pair_candidate) against upstream Tab2D with `model`'s weights.
 
@@ -598,7 +718,7 @@ def verify_support_cache(
         model_reference(model, seed=seed),
         pair_candidate(encode_path, predict_path, model.config.n_layers, query_batches=query_batches),
         cells=cells, tolerance=tolerance, precision=precision, seed=seed,
-        is_classifier=model.config.label_is_class, on_cell=on_cell,
+        is_classifier=model.config.label_is_class, on_cell=on_cell, tasks=tasks,
     )
 
 

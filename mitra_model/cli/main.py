@@ -171,7 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # deferred: a command loads only its own toolchain, so the slim install runs ls/pull and --help
     from mitra_model.build.check import read_identity, require_exported_from
     from mitra_model.build.config import load_config
-    from mitra_model.build.verify import require_passed, verify_onnx, write_report
+    from mitra_model.build.verify import TaskResult, require_passed, verify_onnx, write_report
     from mitra_model.model.snapshot import WEIGHTS_FILE, load_model, read_snapshot
 
     config = load_config(args.config)
@@ -184,16 +184,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _say(f"{args.onnx} says it is {precision}: judging it by [verification.tolerances.{precision}]")
     model, _ = load_model(args.snapshot)
     cells = config.verification.cells
+    tasks = config.verification.tasks_for(model.config.task.value.lower())  # the real tables of its task
     done = 0
 
-    def show(cell) -> None:  # noqa: ANN001 - CellResult
+    def show(result) -> None:  # noqa: ANN001 - CellResult | TaskResult
         nonlocal done
         done += 1
-        status = "ok" if cell.passed else "FAIL " + "; ".join(cell.failures)
-        _say(f"[{done}/{len(cells)}] {cell.name} {cell.shape}: max abs {cell.max_abs_err:.2e} ({cell.onnx_seconds:.2f} s) {status}")
+        status = "ok" if result.passed else "FAIL " + "; ".join(result.failures)
+        signal = result.metrics.err_over_spread
+        what = f"task {result.name} ({result.dataset})" if isinstance(result, TaskResult) else f"{result.name} {result.shape}"
+        _say(f"[{done}/{len(cells) + len(tasks)}] {what}: max abs {result.metrics.max_abs_err:.2e}, error/spread "
+             f"{'-' if signal is None else format(signal, '.4f')} {status}")
 
     report = verify_onnx(model, args.onnx, cells=cells, tolerance=tolerance, precision=precision,
-                         seed=config.verification.seed, on_cell=show)
+                         seed=config.verification.seed, on_cell=show, tasks=tasks)
     if args.report:
         write_report(report, args.report, args.markdown)
     # --json: stdout is exactly one JSON document (the progress lines above went to stderr).

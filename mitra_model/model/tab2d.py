@@ -133,16 +133,19 @@ class Tab2DQuantileEmbeddingX(nn.Module):
         x_support = torch.where(padding_obs_support.unsqueeze(-1), PADDING_SENTINEL, x_support)
         rank = bucketize_strict(x_support.transpose(1, 2), boundaries, N_QUANTILES)  # (B, F, S)
 
-        padding = padding_obs_support.unsqueeze(-1)  # (B, S, 1)
+        # Column statistics are summed along the last axis, (B, F, S): ONNX Runtime reduces a middle
+        # axis with a loop that depends on B, so a table's mean would change in its last bits with the
+        # number of tables sent together; along the last axis each (table, column) sums the same way.
+        padding = padding_obs_support.unsqueeze(1)  # (B, 1, S)
         n_valid = (~padding_obs_support).sum(dim=1)  # (B,)
         count = n_valid.view(-1, 1, 1).to(torch.float32)  # (B, 1, 1)
-        support = torch.where(padding, 0.0, rank.transpose(1, 2).to(torch.float32) / count)  # (B, S, F)
-        mean = support.sum(dim=1, keepdim=True) / count  # (B, 1, F)
+        support = torch.where(padding, 0.0, rank.to(torch.float32) / count)  # (B, F, S)
+        mean = support.sum(dim=-1, keepdim=True) / count  # (B, F, 1)
         support = torch.where(padding, 0.0, support - mean)
-        var = (support * support).sum(dim=1, keepdim=True) / count  # (B, 1, F)
-        std = var.sqrt()  # (B, 1, F), 0 exactly where var is
-        stats = SupportStatistics(boundaries, n_valid, mean.squeeze(1), std.squeeze(1))  # (B, 1, F) -> (B, F)
-        return standardize(support, std), stats
+        var = (support * support).sum(dim=-1, keepdim=True) / count  # (B, F, 1)
+        std = var.sqrt()  # (B, F, 1), 0 exactly where var is
+        stats = SupportStatistics(boundaries, n_valid, mean.squeeze(-1), std.squeeze(-1))  # (B, F, 1) -> (B, F)
+        return standardize(support, std).transpose(1, 2), stats  # (B, S, F)
 
     def embed_query(self, stats: SupportStatistics, x_query: torch.Tensor) -> torch.Tensor:
         # x_query (B, Q, F) -> (B, Q, F), ranked and standardized by the support's statistics
@@ -385,9 +388,15 @@ class Tab2D(nn.Module):
         Returns:
             (B, Q, C) for classification, (B, Q) for single-output regression.
         """
+        # One extra copy of the last query row, dropped at the end: ONNX Runtime multiplies a one-row
+        # attention (Lq = 1) with a different kernel than several rows, which changes a row's output in
+        # its last bits when it is sent alone, and int8's rounding of activations turns those bits into
+        # 1e-3. From two rows on, each output row is computed the same whatever the row count, so a row
+        # predicted alone or in any batch gets the same numbers (verify.batch_dependence checks it).
+        query = torch.cat([query, query[:, -1:]], dim=1)  # (B, Q + 1, T, D)
         for layer, (k, v) in zip(self.layers, key_values, strict=True):
             query = layer(query, k, v)
-        out = self.final_layer(self.final_layer_norm(query[:, :, 0]))  # (B, Q, C), label token only
+        out = self.final_layer(self.final_layer_norm(query[:, :-1, 0]))  # (B, Q, C), label token only
         if self.config.label_is_class:
             return out
         return out[..., 0]  # (B, Q): single-output regression

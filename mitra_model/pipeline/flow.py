@@ -30,12 +30,12 @@ from mitra_model.build import reference as references
 from mitra_model.build import source as sources
 from mitra_model.build import verify as verification
 from mitra_model.build.check import check_onnx
-from mitra_model.build.config import BuildConfig, Cell, Tolerance, Variant, config_digest, load_config
+from mitra_model.build.config import BuildConfig, Cell, TaskCell, Tolerance, Variant, config_digest, load_config
 from mitra_model.build.config import artifacts_root as artifacts_root_from
 from mitra_model.build.recipes import BuildContext, Made, Recipe
-from mitra_model.build.verify import CellResult, VerificationReport
+from mitra_model.build.verify import CellResult, TaskResult, VerificationReport
 from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
-from mitra_model.model.snapshot import Snapshot
+from mitra_model.model.snapshot import Snapshot, read_model_config
 from mitra_model.pipeline import plumbing
 from mitra_model.release import keys as signing_keys
 from mitra_model.release.log import latest_release
@@ -79,9 +79,9 @@ def check(recipe: Recipe, made: Made, snapshot: Snapshot) -> None:
 
 
 @task(name="reference-cell", cache_policy=NO_CACHE, task_run_name="reference-{cell.name}")
-def reference_cell(snapshot_dir: Path, cell: Cell, seed: int, cache_dir: Path) -> None:
-    """Upstream's Tab2D and our rewrite on one cell's inputs, computed once per build and cached for
-    every artifact's verification."""
+def reference_cell(snapshot_dir: Path, cell: Cell | TaskCell, seed: int, cache_dir: Path) -> None:
+    """Upstream's Tab2D and our rewrite on one cell's (or real table's) inputs, computed once per
+    build and cached for every artifact's verification."""
     reference = references.reference_for(snapshot_dir, cell, seed=seed, cache_dir=cache_dir)
     get_run_logger().info("reference %s: upstream vs rewrite max abs %.2e", cell.name, reference.rewrite_vs_upstream_max_abs)
 
@@ -97,31 +97,52 @@ def verify_cell(snapshot_dir: Path, paths: tuple[Path, ...], cell: Cell, recipe_
     return result
 
 
+@task(name="verify-task", cache_policy=NO_CACHE, task_run_name="verify-{recipe_name}-task-{task.name}")
+def verify_task(snapshot_dir: Path, paths: tuple[Path, ...], task: TaskCell, recipe_name: str, kind: str,
+                tolerance: Tolerance, seed: int, reference_dir: Path) -> TaskResult:
+    plumbing.attach_log_bridge()  # this task may run in a Dask worker: its library logs reach the UI too
+    result = verification.verify_task(snapshot_dir, paths, task, kind=kind, tolerance=tolerance, seed=seed,
+                                      reference_dir=reference_dir)
+    scores = ", ".join(f"{k} {v:.3f} (upstream {result.upstream_scores[k]:.3f}, chance {result.chance_scores[k]:.3f})"
+                       for k, v in result.scores.items())
+    _, synthetic = read_model_config(snapshot_dir)
+    get_run_logger().info("%s task %s (%s): error/spread %s, %s%s %s", recipe_name, task.name, task.dataset,
+                          f"{result.metrics.err_over_spread:.4f}" if result.metrics.err_over_spread is not None else "-",
+                          scores, f" [{builds.SYNTHETIC_TASKS_NOTE}]" if synthetic else "",
+                          "ok" if result.passed else "FAIL " + "; ".join(result.failures))
+    return result
+
+
 @task(name="verification-report", cache_policy=NO_CACHE, task_run_name="report-{recipe.name}")
-def verification_report(recipe: Recipe, made: Made, tolerance: Tolerance, results: list[CellResult]) -> VerificationReport:
+def verification_report(recipe: Recipe, made: Made, tolerance: Tolerance, results: list[CellResult],
+                        tasks: list[TaskResult]) -> VerificationReport:
     summary = {"query_batches": verification.QUERY_BATCHES} if recipe.verify_as == "pair" else None
     return verification.make_report(made.files[-1], precision=recipe.precision, tolerance=tolerance, results=results,
-                                    summary=summary)
+                                    summary=summary, tasks=tasks)
 
 
-def verify(recipe: Recipe, made: Made, snapshot: Snapshot, config: BuildConfig, reference_dir: Path,
-           storage: WritableFileSystem | None, board: plumbing.VariantBoard) -> list[builds.BuiltArtifact]:
-    """The matrix as one task per cell on the configured task runner (threads here, or Dask); with a
-    result storage, each cell's result is persisted there by whichever worker ran it."""
+def verify(recipe: Recipe, made: Made, snapshot: Snapshot, config: BuildConfig, tasks: tuple[TaskCell, ...],
+           reference_dir: Path, storage: WritableFileSystem | None,
+           board: plumbing.VariantBoard) -> list[builds.BuiltArtifact]:
+    """The matrix and the task checks as one task each on the configured task runner (threads here,
+    or Dask); with a result storage, each result is persisted there by whichever worker ran it."""
     tolerance = config.verification.tolerance(recipe.tolerance)
-    cells = list(config.verification.cells)
     limit = config.execution.task_timeout_s
-    # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
-    cell_task = verify_cell.with_options(timeout_seconds=limit) if storage is None else verify_cell.with_options(
-        result_storage=storage, result_storage_key=plumbing.CELL_RESULT_KEY, cache_policy=None, timeout_seconds=limit)
-    futures = cell_task.map(unmapped(snapshot.path), unmapped(made.files), cells, unmapped(recipe.name),
-                            unmapped(recipe.verify_as), unmapped(tolerance), unmapped(config.verification.seed),
-                            unmapped(reference_dir))
-    results = []
-    for future in futures:
-        results.append(future.result())
-        board.step(f"verifying {recipe.name}")
-    report = verification_report(recipe, made, tolerance, results)
+    shared = (unmapped(recipe.name), unmapped(recipe.verify_as), unmapped(tolerance),
+              unmapped(config.verification.seed), unmapped(reference_dir))
+    futures = {}
+    for kind, prefect_task, cases in (("cells", verify_cell, config.verification.cells), ("tasks", verify_task, tasks)):
+        # The key names where the result goes (Prefect ignores result_storage_key under NO_CACHE)
+        run = prefect_task.with_options(timeout_seconds=limit) if storage is None else prefect_task.with_options(
+            result_storage=storage, result_storage_key=plumbing.RESULT_KEYS[kind], cache_policy=None,
+            timeout_seconds=limit)
+        futures[kind] = run.map(unmapped(snapshot.path), unmapped(made.files), list(cases), *shared) if cases else []
+    results = {kind: [] for kind in futures}
+    for kind, pending in futures.items():
+        for future in pending:
+            results[kind].append(future.result())
+            board.step(f"verifying {recipe.name}")
+    report = verification_report(recipe, made, tolerance, results["cells"], results["tasks"])
     board.verified(recipe.name, report)  # shown failed or not
     verification.require_passed(report)
     return builds.built_artifacts(recipe, made.files, report, made.details)
@@ -215,7 +236,9 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         return {"variant": variant.name, "status": "up-to-date", "version": version, "synthetic": source.synthetic,
                 "build_dir": None, "published": store.url(latest["manifest_key"]) if store and latest else None}
     planned = config.artifacts.planned()
-    board = plumbing.VariantBoard(variant.name, total_steps=len(config.verification.cells) * (1 + len(planned)))
+    tasks = config.verification.tasks_for(variant.task)  # the real tables of this model's task
+    cases = (*config.verification.cells, *tasks)
+    board = plumbing.VariantBoard(variant.name, total_steps=len(cases) * (1 + len(planned)))
     if decision.action == "built-locally":
         folder = builds.build_dir(artifacts, variant.name, version)
         return finish(variant, version, folder, decision.manifest, store, "up-to-date" if store is None else "published",
@@ -228,8 +251,8 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
     work = builds.fresh_work_dir(artifacts, variant.name, version)
     storage = plumbing.result_storage(config)
     reference_dir = artifacts / "cache" / "reference"
-    for cell in config.verification.cells:  # once per build; every artifact below is compared with these
-        reference_cell.with_options(timeout_seconds=limit)(snapshot_files.path, cell, config.verification.seed,
+    for case in cases:  # once per build; every artifact below is compared with these
+        reference_cell.with_options(timeout_seconds=limit)(snapshot_files.path, case, config.verification.seed,
                                                            reference_dir)
         board.step("computing the reference")
     made: dict[str, Made] = {}
@@ -239,7 +262,7 @@ def build_variant(variant_name: str, revision: str, config: BuildConfig, artifac
         made[recipe.name] = make_artifact.with_options(timeout_seconds=limit)(recipe, snapshot_files, config, work,
                                                                               parent)
         check(recipe, made[recipe.name], snapshot_files)
-        verified = verify(recipe, made[recipe.name], snapshot_files, config, reference_dir, storage, board)
+        verified = verify(recipe, made[recipe.name], snapshot_files, config, tasks, reference_dir, storage, board)
         if config.consumers.runtimes():
             verified = consumer_check.with_options(timeout_seconds=limit)(recipe, verified, snapshot_files, config,
                                                                           work)

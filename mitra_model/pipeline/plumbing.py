@@ -37,8 +37,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from mitra_model.build.config import BuildConfig, ExecutionConfig, load_config
 from mitra_model.build.verify import VerificationReport
 
-# Persisted cell results: one object per flow run, artifact and cell under the store's results folder.
-CELL_RESULT_KEY = "verify-cell/{flow_run.id}/{parameters[recipe_name]}/{parameters[cell].name}"
+# Persisted results: one object per flow run, artifact and cell (or task check) under the store's results folder.
+RESULT_KEYS = {"cells": "verify-cell/{flow_run.id}/{parameters[recipe_name]}/{parameters[cell].name}",
+               "tasks": "verify-task/{flow_run.id}/{parameters[recipe_name]}/{parameters[task].name}"}
 RESULT_STORAGE_BLOCK = "mitra-build-results"  # the S3Bucket block document on the Prefect server
 
 

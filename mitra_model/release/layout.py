@@ -26,7 +26,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-MANIFEST_SCHEMA_ID = "mitra-build/manifest/v1"
+# v2 (issue 21): each artifact's verification also records the signal kept (error over spread, batch
+# dependence) and the task checks on real tables; a v1 manifest lacks them and still pulls.
+MANIFEST_SCHEMA_ID = "mitra-build/manifest/v2"
+READABLE_MANIFEST_SCHEMA_IDS = ("mitra-build/manifest/v1", MANIFEST_SCHEMA_ID)
 POINTER_SCHEMA_ID = "mitra-build/pointer/v1"  # latest.json and the release records
 PULL_STATE_SCHEMA_ID = "mitra-build/pull-state/v2"  # .<DEST>.mitra/state.json
 

@@ -31,8 +31,8 @@ from mitra_model.errors import (
 )
 from mitra_model.release import layout
 from mitra_model.release.layout import (
-    MANIFEST_SCHEMA_ID,
     POINTER_SCHEMA_ID,
+    READABLE_MANIFEST_SCHEMA_IDS,
     SIGNATURE_NAME,
 )
 from mitra_model.release.local import LocalRelease
@@ -263,10 +263,10 @@ def checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> dic
     doc = _json(raw, what)
     if not isinstance(doc, dict):
         raise PullError(f"{what} is not a JSON object")
-    if doc.get("schema") != MANIFEST_SCHEMA_ID:
+    if doc.get("schema") not in READABLE_MANIFEST_SCHEMA_IDS:
         raise PullError(
             f"{what} has schema id {doc.get('schema')!r}; this mitra-build only reads "
-            f"{MANIFEST_SCHEMA_ID!r}. Upgrade mitra-build to pull it."
+            f"{', '.join(map(repr, READABLE_MANIFEST_SCHEMA_IDS))}. Upgrade mitra-build to pull it."
         )
     problems: list[str] = []
     artifacts = doc.get("artifacts") if isinstance(doc.get("artifacts"), list) else []
