@@ -19,8 +19,10 @@
 // pointer must carry a valid, unexpired signature by a trusted key (its signed fields are the ones
 // used), the release signature it pins (<version>/release.sig, by sha256) must verify, and
 // manifest.json and the artifact must be exactly what it signs (checked before and after the
-// download). A refusal is one line on stderr and exit code 2. (The Python puller also refuses a
-// pointer older than the release log; this example does not walk the log.)
+// download). A refusal is one line on stderr and exit code 2. Like the Python puller, a pointer older
+// than the release log (record manifest_version + 1 exists: rolled back, or frozen at an old
+// release) is refused (exit 2). Without --trusted-key a signed release is still pulled, with a notice
+// on stderr that its signature was not checked and "signature_checked": false in the JSON line.
 // Prints one JSON line on stdout ({"verified": true, "synthetic": false, ..., "prediction": {...}});
 // a release whose manifest says source.synthetic (random weights) is announced as SYNTHETIC on
 // stderr and in that line. Errors go to stderr with exit code 1 (bad options and signature
@@ -30,11 +32,12 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { GetObjectCommand, HeadObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import * as ort from 'onnxruntime-node';
 
 import {
-  MANIFEST_NAME, POINTER_SCHEMA_ID, READABLE_MANIFEST_SCHEMA_IDS, artifactKey, manifestKey, pointerKey, signatureKey, variantFolder,
+  MANIFEST_NAME, POINTER_SCHEMA_ID, READABLE_MANIFEST_SCHEMA_IDS, artifactKey, manifestKey, pointerKey, releaseRecordKey, signatureKey,
+  variantFolder,
 } from './lib/layout.mjs';
 import { SignatureError, checkFile, verifyPointer, verifyReleaseSignature } from './lib/signature.mjs';
 
@@ -86,6 +89,25 @@ async function getBytes(s3, bucket, key) {
   }
 }
 
+async function exists(s3, bucket, key) {
+  try {
+    await s3.send(new HeadObjectCommand({ Bucket: bucket, Key: key }));
+    return true;
+  } catch (error) {
+    if (error.name === 'NotFound' || error.name === 'NoSuchKey' || error.$metadata?.httpStatusCode === 404) return false;
+    throw new ReleaseError(`HEAD s3://${bucket}/${key} failed: ${error.name}: ${error.message}`);
+  }
+}
+
+/** The pointer must name the newest release: release records are claimed consecutively, so record
+ * manifest_version + 1 existing means the pointer was rolled back (trust.refuse_stale_pointer). */
+async function refuseStalePointer(s3, { bucket, prefix, variant }, pointer) {
+  const next = releaseRecordKey(prefix, variant, pointer.manifest_version + 1);
+  if (await exists(s3, bucket, next)) {
+    throw new SignatureError('rollback', `${pointerKey(prefix, variant)} names manifest_version ${pointer.manifest_version}, but the release log already holds s3://${bucket}/${next}: the pointer was rolled back or is frozen at an old release. Nothing was pulled.`);
+  }
+}
+
 function parseJson(bytes, what) {
   try {
     return JSON.parse(new TextDecoder().decode(bytes));
@@ -128,6 +150,8 @@ async function pullVerified(s3, { bucket, prefix, variant, artifact: wanted }, t
   if (pointer.schema !== POINTER_SCHEMA_ID) throw new ReleaseError(`${pinKey}: schema ${JSON.stringify(pointer.schema)}, expected ${POINTER_SCHEMA_ID}`);
   if (pointer.variant !== variant || !SAFE_NAME.test(pointer.version ?? '')) throw new ReleaseError(`${pinKey}: bad variant/version ${pointer.variant}/${pointer.version}`);
   if (pointer.manifest_key !== manifestKey(prefix, variant, pointer.version)) throw new ReleaseError(`${pinKey}: unexpected manifest_key ${pointer.manifest_key}`);
+  if (!Number.isInteger(pointer.manifest_version) || pointer.manifest_version < 1) throw new ReleaseError(`${pinKey}: bad manifest_version ${pointer.manifest_version}`);
+  await refuseStalePointer(s3, { bucket, prefix, variant }, pointer);
 
   const manifestBytes = await getBytes(s3, bucket, pointer.manifest_key);
   const manifestSha = await sha256Hex(manifestBytes);
@@ -247,6 +271,11 @@ async function main() {
     const release = await pullVerified(s3, { ...args, prefix: args.prefix.replace(/^\/+|\/+$/g, '') }, trustedPems);
     process.stderr.write(`verified ${args.variant} ${release.manifest.version} (manifest_version ${release.manifest.manifest_version}): `
       + `${release.entry.file} ${release.entry.size} bytes, sha256 ${release.entry.sha256}\n`);
+    const signed = Boolean(release.pointer.signature_key);
+    if (signed && !release.signedBy) {
+      process.stderr.write(`notice: ${args.variant} ${release.manifest.version} is signed, but its signature was NOT checked: `
+        + 'no trusted key was given. Check it with --trusted-key release-signing.pub.\n');
+    }
     const synthetic = release.manifest.source?.synthetic === true;
     if (synthetic) {
       process.stderr.write(`SYNTHETIC release: ${args.variant} ${release.manifest.version} has RANDOM weights, `
@@ -264,6 +293,8 @@ async function main() {
       version: release.manifest.version,
       manifest_version: release.manifest.manifest_version,
       manifest_sha256: release.manifestSha,
+      signed,
+      signature_checked: release.signedBy !== null,
       signed_by: release.signedBy,
       artifact: { name: release.entry.name, file: release.entry.file, size: release.entry.size, sha256: release.entry.sha256 },
       runtime: { name: 'onnxruntime-node', version: ort.env.versions.node },

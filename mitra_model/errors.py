@@ -144,3 +144,13 @@ class ExpiredPointerError(SignatureError):
 
 class RollbackError(SignatureError):
     """The pointer names an older release than one known to exist (rollback)."""
+
+
+def error_code(exc: BaseException) -> str:
+    """A stable, machine-readable name of an error for `--json` output: the exception class's name in
+    snake case without "Error" (ChecksumMismatchError -> "checksum_mismatch"; any other exception:
+    "internal")."""
+    if not isinstance(exc, MitraBuildError):
+        return "internal"
+    name = type(exc).__name__.removesuffix("Error") or "mitra_build"
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))

@@ -173,11 +173,15 @@ def make_build(
     artifacts: tuple[tuple[str, str, int, str], ...] = DEFAULT_ARTIFACTS,
     passed: bool = True,
     version: str | None = None,
+    real_files: dict[str, Path] | None = None,
+    task: str | None = None,
 ) -> Path:
     """Write a fake build dir: random artifact bytes (from `seed`) and a draft manifest.
 
     `artifacts` rows are (name, file, size, precision). The version is derived from the content
-    (like the real pipeline) unless given, so the same seed gives the same version.
+    (like the real pipeline) unless given, so the same seed gives the same version. `real_files`
+    (artifact name -> a file) replaces an artifact's random bytes by a real file's, and `task`
+    ("CLASSIFICATION" / "REGRESSION") records the model's task, for tests that run the artifacts.
     """
     rng = random.Random(seed)
     build = root / f"build-{variant}-{seed}-{uuid.uuid4().hex[:6]}"
@@ -189,7 +193,8 @@ def make_build(
     ]
     entries = []
     for name, file, size, precision in artifacts:
-        data = rng.randbytes(size)
+        data = rng.randbytes(size) if name not in (real_files or {}) else (real_files or {})[name].read_bytes()
+        size = len(data)
         (build / file).write_bytes(data)
         entries.append(
             {
@@ -237,6 +242,8 @@ def make_build(
             for _, _, _, precision in artifacts
         },
     }
+    if task is not None:
+        manifest["model"] = {"task": task}
     (build / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return build
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from mitra_model.release.client import (
 )
 from mitra_model.release.publish import PublishResult, publish_build
 from mitra_model.release.rules import canonical_json
-from mitra_model.release.store import StoreConfig, describe_client_error, redact_secrets
+from mitra_model.release.store import StoreConfig, describe_client_error, make_s3_client, redact_secrets
 
 pytestmark = [pytest.mark.usefixtures("time_limit"),
               pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")]
@@ -96,7 +97,8 @@ def test_release_urls_parse_and_refuse_bad_ones() -> None:
     assert parse_release_url("s3://b1x", variant_required=False).variant is None
     for bad, fragment in [("http://x/y", "not a release URL"), ("s3://b1x", "names no variant"),
                           ("s3://b1x/p/..@1", "variant"), ("s3://b1x/p/v@../x", "version"),
-                          ("s3://b1x/v?x=1", "not a release URL")]:
+                          ("s3://b1x/v?x=1", "not a release URL"), ("s3://b1x//v", "empty path segment"),
+                          ("s3://b1x/p/v/", "empty path segment"), ("s3://b1x/p//v@latest", "empty path segment")]:
         with pytest.raises(PullError, match=fragment):
             parse_release_url(bad)
     with pytest.raises(PullError, match="not a valid S3 bucket name"):
@@ -124,12 +126,15 @@ def test_ls_lists_variants_and_releases(s3_store: StoreConfig, s3_client: Any, t
     assert releases[0].date.startswith("20")
 
     code, out, err = _cli(capsys, "ls", f"s3://{s3_store.bucket}/{s3_store.prefix}", "--endpoint-url", endpoint)
-    assert code == 0 and out.splitlines() == ["mitra-classifier\t2 releases", "mitra-regressor\t1 release"]
+    assert code == 0 and [line.split() for line in out.splitlines()] == [
+        ["VARIANT", "RELEASES"], ["mitra-classifier", "2"], ["mitra-regressor", "1"]]
     code, out, _ = _cli(capsys, "ls", _url(s3_store), "--endpoint-url", endpoint)
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
     assert code == 0 and len(lines) == 2
+    assert header.split() == ["#", "VERSION", "DATE", "(UTC)", "SOURCE", "SIGNED", "FLAGS", "FILES"]
     assert "SYNTHETIC" in lines[0] and "latest" in lines[1] and second.version in lines[1]
-    assert "fp32=model.onnx (5.9 KiB)" in lines[1]
+    assert "fp32=model.onnx (5.9 KiB)" in lines[1] and lines[1].split()[5] == "no"  # unsigned
+    assert lines[1].split()[4] == releases[1].source_revision[:12] and releases[1].source_revision
     code, out, err = _cli(capsys, "ls", _url(s3_store), "--endpoint-url", endpoint, "--json")
     doc = json.loads(out)  # one JSON document, nothing else on stdout
     assert code == 0 and [r["manifest_version"] for r in doc["releases"]] == [1, 2]
@@ -595,6 +600,10 @@ def test_node_example_verifies_signed_releases_with_trusted_keys(
     revert_release(s3_client, s3_store, VARIANT, versions[0], signer)
     done = example("--trusted-key", str(tmp_path / "k.pub"))
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["version"] == f"{versions[0]}.revert-2"
+    done = example()  # no key: pulled, but never silently
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0 and (line["signed"], line["signature_checked"]) == (True, False)
+    assert "signature was NOT checked" in done.stderr
     # ... and an object the signature does not cover is refused after download.
     key = layout.artifact_key(s3_store.prefix, VARIANT, versions[0], "model.onnx")
     stored = s3_client.get_object(Bucket=s3_store.bucket, Key=key)["Body"].read()
@@ -602,3 +611,234 @@ def test_node_example_verifies_signed_releases_with_trusted_keys(
     done = example("--trusted-key", str(tmp_path / "k.pub"))
     assert done.returncode == 2 and "release signature signs" in done.stderr and "    at " not in done.stderr
     assert example().returncode == 1  # without keys: the manifest's sha256 still refuses it (exit 1, as before)
+
+    # A pointer rolled back to release 1 while the log holds 3 releases: refused, as the Python pull does
+    record = s3_client.get_object(Bucket=s3_store.bucket,
+                                  Key=layout.release_record_key(s3_store.prefix, VARIANT, 1))["Body"].read()
+    put_raw(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT), record)
+    done = example()
+    assert done.returncode == 2 and "rolled back" in done.stderr and "    at " not in done.stderr
+
+
+# -- signatures are never skipped silently ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from mitra_model.release.keys import Signer, generate_keypair
+
+    root = tmp_path_factory.mktemp("consumer-keys")
+    generate_keypair(root / "release.pem", root / "release.pub")
+    return {"signer": Signer.from_file(root / "release.pem"), "pub": root / "release.pub", "private": root / "release.pem"}
+
+
+@pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")
+def test_a_signed_release_pulled_without_a_key_says_its_signature_was_not_checked(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, signing_keys: dict[str, Any],
+) -> None:
+    from mitra_model.release.client import UncheckedSignatureWarning
+
+    monkeypatch.delenv("MITRA_TRUSTED_KEYS", raising=False)
+    monkeypatch.delenv("MITRA_REQUIRE_SIGNATURE", raising=False)
+    publish_build(make_build(tmp_path, seed=3), client=s3_client, store=s3_store, signer=signing_keys["signer"])
+    endpoint = s3_store.endpoint_url or ""
+    with pytest.warns(UncheckedSignatureWarning, match="is signed, but its signature was NOT checked"):
+        unchecked = pull_release_url(_url(s3_store), tmp_path / "api", endpoint_url=endpoint)
+    assert unchecked.signed is True and unchecked.signature_checked is False
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncheckedSignatureWarning)
+        by_path = pull_release_url(_url(s3_store), tmp_path / "path", endpoint_url=endpoint,
+                                   trusted_keys=[signing_keys["pub"]])  # a path, not PEM bytes
+        monkeypatch.setenv("MITRA_TRUSTED_KEYS", str(signing_keys["pub"]))
+        by_env = pull_release_url(_url(s3_store), tmp_path / "env", endpoint_url=endpoint)
+    assert by_path.signature_checked and by_env.signature_checked
+    monkeypatch.delenv("MITRA_TRUSTED_KEYS")
+
+    code, out, err = _cli(capsys, "pull", _url(s3_store), "--dest", str(tmp_path / "cli"), "--endpoint-url", endpoint,
+                          "--json")
+    answer = json.loads(out)
+    assert code == 0 and answer["signed"] is True and answer["signature_checked"] is False
+    assert "notice:" in err and "--trusted-key" in err
+
+
+def test_require_signature_refuses_a_pull_without_a_trusted_key(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, signing_keys: dict[str, Any],
+) -> None:
+    from mitra_model.errors import UnsignedReleaseError
+
+    monkeypatch.delenv("MITRA_TRUSTED_KEYS", raising=False)
+    publish_build(make_build(tmp_path, seed=4), client=s3_client, store=s3_store, signer=signing_keys["signer"])
+    endpoint = s3_store.endpoint_url or ""
+    with pytest.raises(UnsignedReleaseError, match="--require-signature / \\$MITRA_REQUIRE_SIGNATURE=1"):
+        pull_release_url(_url(s3_store), tmp_path / "api", endpoint_url=endpoint, require_signature=True)
+    monkeypatch.setenv("MITRA_REQUIRE_SIGNATURE", "1")
+    code, out, err = _cli(capsys, "pull", _url(s3_store), "--dest", str(tmp_path / "cli"), "--endpoint-url", endpoint)
+    assert code == 2 and "no trusted key was given" in err and "Traceback" not in err
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
+    checked = pull_release_url(_url(s3_store), tmp_path / "ok", endpoint_url=endpoint, trusted_keys=[signing_keys["pub"]])
+    assert checked.signature_checked
+
+
+@pytest.mark.parametrize("key, fragment", [
+    ("private", "is a private key: pass the public half"),
+    ("truncated", "starts like a PEM public key but does not parse: it is truncated"),
+    ("pem-text", "is PEM text in a str: pass it as bytes"),
+    ("number", "is a int: pass a public key file's path"),
+    ("missing", "Cannot read the trusted public key"),
+])
+def test_a_trusted_key_of_the_wrong_kind_says_what_was_passed(signing_keys: dict[str, Any], key: str,
+                                                               fragment: str, tmp_path: Path) -> None:
+    from mitra_model.errors import SigningKeyError
+    from mitra_model.release.keys import trusted_keys_from
+
+    given = {"private": signing_keys["private"].read_bytes(), "pem-text": signing_keys["pub"].read_text(),
+             "truncated": signing_keys["pub"].read_bytes()[:60],
+             "number": 7, "missing": tmp_path / "nope.pub"}[key]
+    with pytest.raises(SigningKeyError, match=re.escape(fragment)):
+        trusted_keys_from([given])
+    assert trusted_keys_from([signing_keys["pub"], signing_keys["pub"].read_bytes()]) == \
+        (signing_keys["pub"].read_bytes(),) * 2
+
+
+# -- offline use of what was verified -----------------------------------------------------------
+
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens: connection refused at once
+
+
+@pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")
+def test_offline_returns_the_copy_verified_earlier_without_touching_the_store(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _publish(s3_client, s3_store, tmp_path)
+    dest = tmp_path / "dest"
+    online = pull_release_url(_url(s3_store), dest, endpoint_url=s3_store.endpoint_url, client=s3_client)
+    offline = pull_release_url(_url(s3_store), dest, endpoint_url=DEAD_ENDPOINT, offline=True)
+    assert (offline.version, offline.files, offline.downloaded_bytes) == (online.version, online.files, 0)
+    monkeypatch.setenv("MITRA_OFFLINE", "1")
+    with pytest.raises(PullError, match="offline \\(MITRA_OFFLINE=1 / --offline\\): .* holds no verified copy"):
+        pull_release_url(_url(s3_store), tmp_path / "never-pulled", endpoint_url=DEAD_ENDPOINT)
+    code, out, err = _cli(capsys, "pull", _url(s3_store), "--dest", str(dest), "--endpoint-url", DEAD_ENDPOINT)
+    assert code == 0 and "store not contacted" in out and "sha256 was verified" in out
+
+
+@pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")
+def test_a_store_that_cannot_be_reached_returns_the_verified_copy_with_a_warning(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mitra_model.errors import StoreUnreachableError
+    from mitra_model.release.client import OfflineCopyWarning
+
+    monkeypatch.delenv("MITRA_OFFLINE", raising=False)
+    _publish(s3_client, s3_store, tmp_path)
+    cache = tmp_path / "cache"
+    path = pull_artifact(_url(s3_store), "int8", cache_dir=cache, endpoint_url=s3_store.endpoint_url, client=s3_client)
+    version = json.loads((path.parent / "manifest.json").read_text())["version"]
+    dead = make_s3_client(parse_release_url(_url(s3_store)).store(DEAD_ENDPOINT))
+    with pytest.warns(OfflineCopyWarning, match=f"cannot be reached .* using the copy of {VARIANT} {version}"):
+        again = pull_artifact(_url(s3_store), "int8", cache_dir=cache, endpoint_url=s3_store.endpoint_url, client=dead)
+    assert again == path and again.read_bytes() == path.read_bytes()
+    with pytest.raises(StoreUnreachableError):  # never verified here: nothing to fall back on
+        pull_artifact(_url(s3_store), "fp32", cache_dir=cache, endpoint_url=s3_store.endpoint_url, client=dead)
+
+
+def test_errors_are_in_the_users_words_and_json_on_stdout_with_json(
+    s3_store: StoreConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a consumer can change (a flag, a variable, a config key), never a class or function name."""
+    url = f"s3://{s3_store.bucket}-missing/{s3_store.prefix}/{VARIANT}"
+    code, out, err = _cli(capsys, "pull", url, "--dest", str(tmp_path / "d"), "--endpoint-url",
+                          s3_store.endpoint_url or "", "--json")
+    answer = json.loads(out)["error"]
+    assert code == 2 and answer["command"] == "pull" and answer["code"] == "store"
+    assert "does not exist at this endpoint" in answer["message"] and "s3://BUCKET" in answer["message"]
+    assert "ensure_bucket" not in err and "StoreConfig" not in err
+
+    code, out, _ = _cli(capsys, "pull", _url(s3_store), "--dest", str(tmp_path / "d"), "--endpoint-url", DEAD_ENDPOINT,
+                        "--json")
+    answer = json.loads(out)["error"]
+    assert code == 2 and answer["code"] == "store_unreachable" and "--endpoint-url, $AWS_ENDPOINT_URL" in answer["message"]
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    code, out, _ = _cli(capsys, "pull", _url(s3_store), "--dest", str(tmp_path / "d"), "--endpoint-url",
+                        s3_store.endpoint_url or "", "--json")
+    message = json.loads(out)["error"]["message"]
+    assert code == 2 and message.startswith("No S3 credentials were found") and "refused" not in message
+    assert "pulling and listing only read" in message
+
+
+@pytest.mark.parametrize("where", ["pointer", "release-record", "release-signature"])
+def test_deeply_nested_signed_documents_are_one_paragraph_with_a_trusted_key(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    signing_keys: dict[str, Any], where: str,
+) -> None:
+    result = publish_build(make_build(tmp_path, seed=5), client=s3_client, store=s3_store,
+                           signer=signing_keys["signer"])
+    key = {"pointer": layout.pointer_key(s3_store.prefix, VARIANT),
+           "release-record": layout.release_record_key(s3_store.prefix, VARIANT, result.manifest_version),
+           "release-signature": result.signature_key}[where]
+    put_raw(s3_client, s3_store, key, b"[" * 100_000 + b"]" * 100_000)
+    url = _url(s3_store, f"@{result.version}" if where == "release-record" else "")
+    code, out, err = _cli(capsys, "pull", url, "--dest", str(tmp_path / "dest"), "--endpoint-url",
+                          s3_store.endpoint_url or "", "--trusted-key", str(signing_keys["pub"]), "--quiet")
+    _one_paragraph(code, out, err)
+    assert "Traceback" not in err and "RecursionError" not in err
+    assert not (tmp_path / "dest").exists()
+
+
+@pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")
+def test_files_a_user_saved_in_the_bookkeeping_folder_are_never_deleted(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    _publish(s3_client, s3_store, tmp_path)
+    side = tmp_path / ".dest.mitra"
+    (side / "sub").mkdir(parents=True)
+    (side / "notes.txt").write_text("mine")
+    (side / "sub" / "more.txt").write_text("mine too")
+    code, out, err = _cli_pull(capsys, s3_store, tmp_path / "dest")
+    _one_paragraph(code, out, err)
+    assert "holds files mitra-build did not write (notes.txt, sub)" in err
+    assert (side / "notes.txt").read_text() == "mine" and (side / "sub" / "more.txt").exists()
+    assert not (tmp_path / "dest").exists()
+    (side / "notes.txt").unlink()
+    shutil.rmtree(side / "sub")
+    assert _cli_pull(capsys, s3_store, tmp_path / "dest")[0] == 0
+    assert _cli_pull(capsys, s3_store, tmp_path / "dest")[0] == 0  # its own files are its own
+
+
+def test_a_dest_name_too_long_for_the_filesystem_is_one_paragraph(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    _publish(s3_client, s3_store, tmp_path)
+    code, out, err = _cli_pull(capsys, s3_store, tmp_path / ("d" * 251))
+    _one_paragraph(code, out, err)
+    assert "its name is 251 bytes long" in err and "at most 248 bytes" in err
+    assert not any(p.name.startswith(("ddd", ".ddd")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")
+def test_a_no_op_pull_says_what_it_checked_and_verify_re_hashes(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file tampered with its mtime kept passes the size-and-mtime check of a no-op pull, which says
+    so; --verify re-hashes, finds it and downloads it again."""
+    build, _ = _publish(s3_client, s3_store, tmp_path)
+    dest = tmp_path / "dest"
+    assert _cli_pull(capsys, s3_store, dest)[0] == 0
+    int8 = (dest / "model-int8.onnx").resolve()
+    before = int8.stat()
+    int8.write_bytes(bytes(b ^ 0xFF for b in int8.read_bytes()))
+    os.utime(int8, ns=(before.st_atime_ns, before.st_mtime_ns))
+    code, out, _ = _cli_pull(capsys, s3_store, dest)
+    assert code == 0 and "size and mtime it had when its sha256 was verified (--verify re-hashes)" in out
+    assert "sha256 verified" not in out.replace("its sha256 was verified", "")
+    code, out, _ = _cli(capsys, "pull", _url(s3_store), "--dest", str(dest), "--endpoint-url",
+                        s3_store.endpoint_url or "", "--quiet", "--verify")
+    assert code == 0 and "downloaded" in out
+    assert (dest / "model-int8.onnx").read_bytes() == (build / "model-int8.onnx").read_bytes()

@@ -11,6 +11,7 @@ Every command runs under an audit hook that logs each file opened, created, rena
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -298,7 +299,8 @@ def test_the_base_install_pulls_without_the_toolchain(slim_venv: Path, tmp_path:
     says what is missing, and a build command names the extra instead of failing with a traceback."""
     run = functools.partial(subprocess.run, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MITRA_BUILD_CONFIG")})
-    code = ("import sys, mitra_model.release.pull, mitra_model.cli.release_commands, mitra_model.cli.main\n"
+    code = ("import sys, mitra_model.release.pull, mitra_model.release.recheck, mitra_model.cli.release_commands, "
+            "mitra_model.cli.main\n"
             "print(sorted(m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'prefect') if m in sys.modules))")
     done = run([str(slim_venv / "bin" / "python"), "-c", code])
     assert done.returncode == 0, done.stderr
@@ -308,6 +310,14 @@ def test_the_base_install_pulls_without_the_toolchain(slim_venv: Path, tmp_path:
     export = run([str(slim_venv / "bin" / "mitra-build"), "export", "--snapshot", "s", "--output", "m.onnx"])
     assert export.returncode == 2 and "Traceback" not in export.stderr
     assert "needs the [build] extra" in export.stderr and "pip install 'mitra-build[build]'" in export.stderr
+    pulled = tmp_path / "pulled"  # what `pull --artifact int8` leaves: re-checked offline in the base install
+    pulled.mkdir()
+    (pulled / "model-int8.onnx").write_bytes(b"int8 bytes")
+    (pulled / "manifest.json").write_text(json.dumps({"variant": "mitra-classifier", "version": "v1", "artifacts": [
+        {"name": "int8", "file": "model-int8.onnx", "sha256": hashlib.sha256(b"int8 bytes").hexdigest()},
+        {"name": "fp32", "file": "model.onnx", "sha256": "0" * 64}]}))
+    check = run([str(slim_venv / "bin" / "mitra-build"), "check-release", str(pulled)])
+    assert check.returncode == 0 and "int8 re-hashed" in check.stdout and "not pulled: fp32" in check.stdout
 
 
 def test_the_base_install_loads_the_packaged_config(slim_venv: Path, tmp_path: Path) -> None:

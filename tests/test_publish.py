@@ -503,8 +503,11 @@ def test_unreachable_endpoint_raises_store_unreachable_error(tmp_path: Path, s3_
 
 
 def test_pull_of_missing_variant_is_a_clean_error(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
-    with pytest.raises(PullError, match="nothing was published yet"):
+    with pytest.raises(PullError, match="nothing was published under that name. .* has no released variant"):
         pull_release(VARIANT, dest=tmp_path / "dest", client=s3_client, store=s3_store)
+    publish_build(make_build(tmp_path, seed=2), client=s3_client, store=s3_store)
+    with pytest.raises(PullError, match=f"No release of 'mitra-clasifier' .* Variants released there: {VARIANT}\\."):
+        pull_release("mitra-clasifier", dest=tmp_path / "dest", client=s3_client, store=s3_store)
 
 
 def test_missing_bucket_is_a_clear_error(s3_server: LocalS3Server, tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ def test_unreleased_version_cannot_be_pulled(s3_store: StoreConfig, s3_client: A
 
     with pytest.raises(PullError, match="was never released"):
         _pull(s3_client, s3_store, tmp_path / "dest", version=version)
-    with pytest.raises(PullError, match="nothing was published yet"):
+    with pytest.raises(PullError, match="nothing was published under that name"):
         _pull(s3_client, s3_store, tmp_path / "dest")
     # Re-running the publish completes it; then both ways work.
     publish_build(build, client=s3_client, store=s3_store)
@@ -254,3 +254,14 @@ def test_bad_variant_or_version_argument(s3_store: StoreConfig, s3_client: Any, 
         pull_release(bad, dest=tmp_path / "d", client=s3_client, store=s3_store)
     with pytest.raises(PullError):
         _pull(s3_client, s3_store, tmp_path / "d", version=bad)
+
+
+def test_a_manifest_with_30k_bad_entries_gets_a_short_message(s3_store: StoreConfig, s3_client: Any,
+                                                                 tmp_path: Path) -> None:
+    _, result = _published(s3_client, s3_store, tmp_path)
+    entry = {"name": "x", "file": "../evil", "size": 1, "sha256": "0" * 64, "s3_key": "k"}
+    _plant(s3_client, s3_store, result, lambda m: m.update(artifacts=[dict(entry, name=f"x{i}") for i in range(30_000)]))
+    with pytest.raises(PullError) as caught:
+        _pull(s3_client, s3_store, tmp_path / "dest")
+    message = str(caught.value)
+    assert len(message) < 5_000 and message.count("\n  - ") == 10 and "... and 29990 more" in message

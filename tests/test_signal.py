@@ -93,7 +93,7 @@ def test_a_table_with_more_than_ten_classes_is_refused(monkeypatch: pytest.Monke
     twelve = np.repeat(np.arange(12), 20)
     monkeypatch.setitem(task_tables._LOADERS, "digits",
                         lambda return_X_y: (np.random.default_rng(0).normal(size=(240, 5)), twelve))
-    with pytest.raises(ConfigError, match="task 'many': digits has 12 classes; Mitra predicts at most 10"):
+    with pytest.raises(ConfigError, match="task 'many': digits: y has 12 classes; Mitra predicts at most 10"):
         task_tables.load_table(TaskCell(name="many", dataset="digits", support=150, queries=60), seed=0)
     with pytest.raises(ConfigError, match="task 'big': digits has 240 rows, fewer than support 200 \\+ queries 60"):
         task_tables.load_table(TaskCell(name="big", dataset="digits", support=200, queries=60), seed=0)

@@ -32,6 +32,7 @@ from mitra_model.errors import (
     ExpiredPointerError,
     NotSignedContentError,
     PublishError,
+    PullError,
     RollbackError,
     SigningKeyError,
     StoreDocumentError,
@@ -684,3 +685,59 @@ def test_cli_keygen_revert_and_refresh_pointer(
     code, _, err = _cli(capsys, "refresh-pointer", "--config", str(config), "--variant", VARIANT,
                         "--signing-key", str(tmp_path / "missing.pem"))
     assert code == 2 and "Cannot read the signing key file" in err and "Traceback" not in err
+
+
+def test_check_release_re_checks_a_partial_pull_offline(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `model_signing verify` refuses ("Missing files"): an int8-only folder, re-hashed and checked
+    against its signature with no network."""
+    monkeypatch.delenv("MITRA_TRUSTED_KEYS", raising=False)
+    monkeypatch.delenv("MITRA_REQUIRE_SIGNATURE", raising=False)
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=31)
+    dest = tmp_path / "dest"
+    _pull(s3_client, s3_store, dest, [keys["pub"]], artifacts=["int8"])
+    pub = str(keys["dir"] / "good.pub")
+    assert main(["check-release", str(dest), "--trusted-key", pub, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["checked"] == ["int8"] and answer["missing"] == ["fp32"]
+    assert answer["signature_checked"] is True and answer["signed_by"] == keys["signer"].key_id
+
+    assert main(["check-release", str(dest)]) == 0  # no key: digests only, and a notice says so
+    out, err = capsys.readouterr()
+    assert "int8 re-hashed" in out and "signature was NOT checked" in err
+    assert main(["check-release", str(dest), "--require-signature"]) == 2
+    assert "no trusted key was given" in capsys.readouterr().err
+
+    int8 = dest / "model-int8.onnx"
+    before = int8.stat()
+    int8.resolve().write_bytes(_same_size_other_bytes(int8.read_bytes()))
+    os.utime(int8.resolve(), ns=(before.st_atime_ns, before.st_mtime_ns))  # a tamperer keeps the mtime
+    assert main(["check-release", str(dest), "--trusted-key", pub]) == 2
+    assert "changed after it was pulled" in capsys.readouterr().err
+
+
+def test_a_replaced_signature_is_blamed_on_what_pins_it(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    first = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=33)
+    second = _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=34)
+    put_raw(s3_client, s3_store, second.signature_key, _get(s3_client, s3_store, first.signature_key))
+    with pytest.raises(BadSignatureError, match=r"but the signed pointer \(latest.json\) pins .* replaced in the store"):
+        _pull(s3_client, s3_store, tmp_path / "latest", [keys["pub"]])
+    with pytest.raises(BadSignatureError, match="but its release record pins .* replaced in the store"):
+        _pull(s3_client, s3_store, tmp_path / "pinned", [keys["pub"]], version=second.version)
+
+
+def test_another_variants_signed_pointer_is_named_as_such_not_as_a_rollback(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=40)
+    _publish(tmp_path, s3_client, s3_store, keys["signer"], seed=41)
+    publish_build(make_build(tmp_path, variant="mitra-regressor", seed=42), client=s3_client, store=s3_store,
+                  signer=keys["signer"])
+    other = _get(s3_client, s3_store, layout.pointer_key(s3_store.prefix, "mitra-regressor"))
+    put_raw(s3_client, s3_store, layout.pointer_key(s3_store.prefix, VARIANT), other)
+    with pytest.raises(PullError, match="is the signed pointer of 'mitra-regressor', not of 'mitra-classifier'"):
+        _pull(s3_client, s3_store, tmp_path / "dest", [keys["pub"]])

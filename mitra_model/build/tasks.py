@@ -7,23 +7,10 @@ scikit-learn's bundled datasets (`load_*`: no download) into support rows (the "
 conditions on) and query rows (the rows it predicts). Every artifact is compared with upstream's Tab2D
 on these inputs by the signal-aware metrics (verify.signal_metrics), and both are scored on the task.
 
-How the inputs are prepared, and where each step comes from (AutoGluon 1.6.3,
-autogluon/tabular/models/mitra/sklearn_interface.py and _internal/data/preprocessor.py):
-- the split: up to `support` / `queries` rows, stratified by class for classification
-  (sklearn.model_selection.train_test_split with the matrix seed);
-- labels: encoded as 0..n-1 in sorted order of the support rows' labels (AutoGluon's label encoder;
-  the Preprocessor asserts `y < n_classes`), at most 10 classes (the model's 10 logits:
-  sklearn_interface.DEFAULT_CLASSES); the logits of the classes a table does not have are dropped
-  (Preprocessor.extract_correct_classes);
-- features: NaNs imputed with the support rows' mean (Preprocessor.impute_nan_features_with_mean),
-  features constant on the support rows dropped (Preprocessor.determine_which_features_are_singular),
-  float32; no quantile transform, feature-count scaling or random transforms (off in
-  sklearn_interface._create_config: the model's own quantile embedding normalises the features);
-- regression targets: scaled to [0, 1] by the support rows' min and max (Preprocessor.normalize_y), and
-  predictions scaled back (undo_normalize_y);
-- not reproduced: the wrapper's random augmentations (random_mirror_x flips a random set of features'
-  signs, random_mirror_regression predicts 1 - y half the time). Each fit draws them anew; the task
-  check uses the identity draw, so every build computes the same numbers.
+The split: up to `support` / `queries` rows, stratified by class for classification
+(sklearn.model_selection.train_test_split with the matrix seed). Then the rows are prepared as
+upstream's AutoGluon wrapper prepares them, by the same code the Python estimator uses
+(mitra_model.runtime.prepare, which names each step's source).
 """
 
 from __future__ import annotations
@@ -39,8 +26,7 @@ from sklearn.model_selection import train_test_split
 
 from mitra_model.build.config import TABLE_TASKS, TableName, TaskCell
 from mitra_model.errors import ConfigError
-
-MAX_CLASSES = 10  # the model's output logits (sklearn_interface.DEFAULT_CLASSES)
+from mitra_model.runtime.prepare import TableError, model_inputs, prepare_support
 
 _LOADERS: dict[TableName, Callable[..., Any]] = {
     "iris": datasets.load_iris,
@@ -106,33 +92,18 @@ def load_table(task: TaskCell, *, seed: int) -> TaskTable:
         x, y, train_size=task.support, test_size=task.queries, random_state=seed,
         stratify=y if classification else None,
     )
-    mean = np.nanmean(x_support, axis=0)
-    x_support, x_query = (np.where(np.isnan(part), mean, part) for part in (x_support, x_query))
-    varying = np.array([len(np.unique(column)) > 1 for column in x_support.T])
-    x_support, x_query = x_support[:, varying], x_query[:, varying]
-    n_classes, y_range = 0, None
+    try:
+        support = prepare_support(x_support, y_support, classification=classification, max_rows=task.support)
+    except TableError as exc:
+        raise ConfigError(f"task {task.name!r}: {task.dataset}: {exc}") from None
     if classification:
-        classes = np.unique(y_support)
-        if len(classes) > MAX_CLASSES:
-            raise ConfigError(f"task {task.name!r}: {task.dataset} has {len(classes)} classes; Mitra predicts at "
-                              f"most {MAX_CLASSES}")
-        n_classes = len(classes)
-        y_support, y_query = np.searchsorted(classes, y_support), np.searchsorted(classes, y_query)
-        y_model = y_support.astype(np.int64)
-    else:
-        low, high = float(y_support.min()), float(y_support.max())
-        y_range = (low, high)
-        y_model = ((y_support - low) / (high - low)).astype(np.float32)
-    inputs = {
-        "x_support": x_support[None].astype(np.float32),
-        "y_support": y_model[None],
-        "x_query": x_query[None].astype(np.float32),
-        "padding_obs_support": np.zeros((1, len(x_support)), dtype=bool),
-    }
+        y_query = np.searchsorted(support.classes, y_query)
+    inputs = model_inputs(support, support.features(x_query))
     digest = hashlib.sha256(b"".join(inputs[name].tobytes() for name in sorted(inputs))
                             + np.asarray(y_query).tobytes()).hexdigest()
-    return TaskTable(task=task, inputs=inputs, y_query=np.asarray(y_query), n_classes=n_classes, y_range=y_range,
-                     features_dropped=int((~varying).sum()), digest=digest)
+    return TaskTable(task=task, inputs=inputs, y_query=np.asarray(y_query),
+                     n_classes=0 if support.classes is None else len(support.classes), y_range=support.y_range,
+                     features_dropped=int((~support.keep).sum()), digest=digest)
 
 
 def task_scores(table: TaskTable, raw: np.ndarray) -> dict[str, float]:

@@ -4,6 +4,7 @@ messages on stderr (no traceback) and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -18,7 +19,7 @@ from pathlib import Path
 from mitra_model import __version__
 from mitra_model.build import recipes
 from mitra_model.cli.local_s3 import DEFAULT_S3_PORT, GRPC_OFFSET, MAX_S3_PORT
-from mitra_model.errors import MitraBuildError, ToolMissingError, VerificationError
+from mitra_model.errors import MitraBuildError, ToolMissingError, VerificationError, error_code
 from mitra_model.fileutil import refuse_overwriting_inputs
 
 EXIT_ERROR = 2  # bad input or a failed stage
@@ -421,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_error(args: argparse.Namespace, exc: MitraBuildError) -> None:
+    """With --json, stdout still holds one JSON document: the error, with a stable code."""
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps({"error": {"code": error_code(exc), "command": args.command,
+                                               "message": str(exc)}}) + "\n")
+        sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -428,10 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_extras(args.command)
         return args.func(args)
     except VerificationError as exc:
-        _say(f"mitra-build {args.command}: {exc}")
+        _say(f"mitra-build {args.command}: {exc}")  # with --json, stdout already holds the report ("passed": false)
         return EXIT_VERIFICATION_FAILED
     except MitraBuildError as exc:
         _say(f"mitra-build {args.command}: error: {exc}")
+        _json_error(args, exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
         _say(f"mitra-build {args.command}: interrupted; no partial output was left in place")

@@ -64,11 +64,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json({"url": args.url, "variant": parsed.variant, "releases": [r.to_json() for r in releases]})
             return 0
+        rows = [("#", "VERSION", "DATE (UTC)", "SOURCE", "SIGNED", "FLAGS", "FILES")]
         for r in releases:
-            flags = " ".join(f for f in ("latest" if r.latest else "", "SYNTHETIC" if r.synthetic else "") if f)
+            flags = " ".join(f for f in ("latest" if r.latest else "", "SYNTHETIC" if r.synthetic else "",
+                                         "revert" if r.reverted else "") if f)
             files = ", ".join(f"{a.name}={a.file} ({_size(a.size)})" for a in r.artifacts)
             problem = f"  PROBLEM: {r.problem}" if r.problem else ""
-            print(f"{r.manifest_version:>4}  {r.version}  {r.date}  {flags or '-'}  {files}{problem}")
+            rows.append((str(r.manifest_version), r.version, r.date[:19].replace("T", " "), r.source_revision[:12] or "-",
+                         "yes" if r.signed else "no", flags or "-", files + problem))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
         return 0
     variants = list_variants(args.url, endpoint_url=args.endpoint_url, client=client)
     if args.json:
@@ -76,8 +82,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     if not variants:
         _say(f"no variant with a release under {args.url}")
+    if variants:
+        width = max(len("VARIANT"), *(len(v.name) for v in variants))
+        print(f"{'VARIANT'.ljust(width)}  RELEASES")
     for v in variants:
-        print(f"{v.name}\t{v.releases} release{'s' if v.releases != 1 else ''}")
+        print(f"{v.name.ljust(width)}  {v.releases}")
     return 0
 
 
@@ -130,8 +139,8 @@ def trusted_keys(args: argparse.Namespace) -> tuple[bytes, ...]:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     # deferred: a command loads only what it runs (boto3 alone costs 0.3 s of start-up)
-    from mitra_model.release.client import parse_release_url
-    from mitra_model.release.pull import pull_release
+    from mitra_model.release.client import offline_mode, parse_release_url, pull_or_use_copy, unchecked_signature_notice
+    from mitra_model.release.keys import signature_required
     from mitra_model.release.store import make_s3_client
 
     if args.url and args.variant:
@@ -148,13 +157,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
     else:
         raise MitraBuildError(f"name the release to pull: mitra-build pull {URL_HELP} --dest DIR")
     keys = trusted_keys(args)
-    result = pull_release(
-        variant, version=version, dest=args.dest, client=make_s3_client(store), store=store,
+    offline = args.offline or offline_mode()
+    result, stale = pull_or_use_copy(
+        variant, version, Path(args.dest), store=store, client=None if offline else make_s3_client(store),
         progress=not (args.quiet or args.json), artifacts=args.artifact, refuse_synthetic=args.refuse_synthetic,
-        trusted_keys=keys,
+        trusted_keys=keys, require_signature=bool(args.require_signature) or signature_required(), offline=offline,
+        verify=args.verify,
     )
+    if stale is not None:
+        _say(f"warning: {stale}")
     if result.synthetic:
         _say(synthetic_banner(variant, result.version))
+    if result.signed and not result.signature_checked:
+        _say(f"notice: {unchecked_signature_notice(variant, result.version)}")
     if args.json:
         _emit_json({
             "variant": variant,
@@ -166,20 +181,57 @@ def cmd_pull(args: argparse.Namespace) -> int:
             "manifest": str(result.manifest_path),
             "files": {name: str(path) for name, path in sorted(result.files.items())},
             "downloaded_bytes": result.downloaded_bytes,
-            "verified": True,
+            "verified": True,  # every file's size and sha256 against the manifest the pointer pins
+            "signed": result.signed,
+            "signature_checked": result.signature_checked,
             "signed_by": result.signed_by,
         })
         return 0
-    what = "already up to date" if result.downloaded_bytes == 0 else f"downloaded {_size(result.downloaded_bytes)}"
+    if result.downloaded_bytes:
+        what = f"downloaded {_size(result.downloaded_bytes)}; every file's size and sha256 verified"
+    else:  # nothing re-hashed: say what was checked
+        where = "store not contacted; " if offline else "store unreachable; " if stale is not None else ""
+        checked = ("every file re-hashed: its sha256 matches" if args.verify else
+                   "every file has the size and mtime it had when its sha256 was verified (--verify re-hashes)")
+        what = f"{'the copy verified earlier' if where else 'already up to date'}: {where}{checked}"
     marker = "  [SYNTHETIC: random weights]" if result.synthetic else ""
     print(f"pulled {variant} {result.version} (manifest_version {result.manifest_version}) into {args.dest} "
-          f"({what}); every file's size and sha256 verified{marker}")
+          f"({what}){marker}")
     for name, path in sorted(result.files.items()):
         print(f"  {name}: {path}")
     print(f"  manifest: {result.manifest_path} (sha256 {result.manifest_sha256})")
     if result.signed_by is not None:
         print(f"  signature: {Path(args.dest) / SIGNATURE_NAME} (release signature and signed pointer "
               f"verified, key id {result.signed_by[:16]}...)")
+    return 0
+
+
+def cmd_check_release(args: argparse.Namespace) -> int:
+    # deferred: a command loads only what it runs
+    from mitra_model.release.client import unchecked_signature_notice
+    from mitra_model.release.keys import signature_required
+    from mitra_model.release.pull import require_trusted_keys
+    from mitra_model.release.recheck import check_release_folder
+
+    keys = trusted_keys(args)
+    if args.require_signature or signature_required():
+        require_trusted_keys(str(args.dest), keys)
+    found = check_release_folder(args.dest, trusted_keys=keys)
+    if found.synthetic:
+        _say(synthetic_banner(found.variant, found.version))
+    if found.signed and found.signed_by is None:
+        _say(f"notice: {unchecked_signature_notice(found.variant, found.version)}")
+    if args.json:
+        _emit_json({"dest": str(args.dest), "variant": found.variant, "version": found.version,
+                    "checked": list(found.present), "missing": list(found.missing), "synthetic": found.synthetic,
+                    "signed": found.signed, "signature_checked": found.signed_by is not None,
+                    "signed_by": found.signed_by})
+        return 0
+    print(f"{args.dest}: {found.variant} {found.version}: {', '.join(found.present)} re-hashed, each matches the "
+          f"manifest's sha256" + (f"; not pulled: {', '.join(found.missing)}" if found.missing else ""))
+    if found.signed_by is not None:
+        print(f"  signature: {SIGNATURE_NAME} verified (key id {found.signed_by[:16]}...), it signs the manifest "
+              "and every file checked")
     return 0
 
 
@@ -308,8 +360,37 @@ def add_release_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     pull.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PUB",
                       help="accept only releases signed by this public key (PEM; repeatable: any one of "
                            "them). Default: $MITRA_TRUSTED_KEYS, else [signing] trusted_keys of the "
-                           "configuration file in use; none: signatures are not checked")
+                           "configuration file in use; none: signatures are not checked (a signed "
+                           "release then gets a notice)")
+    pull.add_argument("--verify", action="store_true",
+                      help="re-hash the files DEST already holds (a no-op pull otherwise trusts each file's "
+                           "recorded size and mtime); a file that changed is downloaded again")
+    pull.add_argument("--offline", action="store_true",
+                      help="use the copy DEST last verified, never the store (default: $MITRA_OFFLINE=1); "
+                           "online, a store that cannot be reached falls back to it with a warning")
+    pull.add_argument("--require-signature", action="store_true", default=None,
+                      help="refuse any release whose signature is not checked against a trusted key "
+                           "(default: $MITRA_REQUIRE_SIGNATURE=1)")
     pull.set_defaults(func=cmd_pull)
+
+    check = sub.add_parser(
+        "check-release", parents=[common], formatter_class=formatter,
+        help="re-check a pulled folder offline: every file's sha256, and its signature",
+        description="Re-hash every artifact a pulled folder (DEST of `mitra-build pull`) holds against its "
+                    "manifest and, with a trusted key, check the manifest and those files against the "
+                    "release signature. No network; a partial pull (--artifact) is fine: the artifacts "
+                    "it lacks are listed, not failed. Exit 2 on any mismatch.",
+        epilog="examples:\n  mitra-build check-release ./mitra --trusted-key release-signing.pub\n"
+               "  mitra-build check-release ./mitra --json",
+    )
+    check.add_argument("dest", type=Path, help="the pulled folder")
+    check.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PUB",
+                       help="check the signature with this public key (repeatable). Default: $MITRA_TRUSTED_KEYS, "
+                            "else [signing] trusted_keys of the configuration file in use")
+    check.add_argument("--require-signature", action="store_true",
+                       help="fail unless the signature is checked with a trusted key ($MITRA_REQUIRE_SIGNATURE=1)")
+    check.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    check.set_defaults(func=cmd_check_release)
 
     keygen = sub.add_parser(
         "keygen", parents=[common], formatter_class=formatter,

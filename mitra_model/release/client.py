@@ -31,10 +31,17 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
-from mitra_model.errors import ChecksumMismatchError, MitraBuildError, PullError, StoreDocumentError
+from mitra_model.errors import (
+    ChecksumMismatchError,
+    MitraBuildError,
+    PullError,
+    StoreDocumentError,
+    StoreUnreachableError,
+)
 from mitra_model.release import layout
+from mitra_model.release.keys import TRUSTED_KEYS_ENV, TrustedKey, signature_required, trusted_keys_from
 from mitra_model.release.objects import read_document
-from mitra_model.release.pull import PullResult, pull_release
+from mitra_model.release.pull import PullResult, pull_release, require_trusted_keys, verified_copy
 from mitra_model.release.rules import (
     LATEST,
     Pointer,
@@ -56,6 +63,23 @@ DEFAULT_CACHE_DIR = Path("~/.cache/mitra-build")
 
 class SyntheticReleaseWarning(UserWarning):
     """A pulled release has SYNTHETIC (random) weights: fine for tests, useless for predictions."""
+
+
+class UncheckedSignatureWarning(UserWarning):
+    """A signed release was pulled without a trusted key: its signature was not checked."""
+
+
+class OfflineCopyWarning(UserWarning):
+    """The store could not be reached: the last verified copy in DEST was returned instead."""
+
+
+OFFLINE_ENV = "MITRA_OFFLINE"  # "1": use the last verified copy, never the store (like HF_HUB_OFFLINE)
+
+
+def offline_mode(environ: Any = None) -> bool:
+    """$MITRA_OFFLINE is set to 1 / true / yes."""
+    env = os.environ if environ is None else environ
+    return env.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,9 @@ def parse_release_url(url: str, *, variant_required: bool = True) -> ReleaseURL:
         path, version = path.rsplit("@", 1)
         if version != LATEST and (problem := segment_problem(version, "version")):
             raise PullError(f"{url!r}: {problem}")
+    if "//" in path or (path.endswith("/") and path != "/"):
+        raise PullError(f"{url!r} has an empty path segment ('//' or a trailing '/'): write "
+                        f"s3://BUCKET/PREFIX/VARIANT[@VERSION], e.g. {example}")
     segments = [s for s in path.split("/") if s]
     if not segments:
         if variant_required:
@@ -139,6 +166,9 @@ class ReleaseInfo:
         synthetic: the release's weights are SYNTHETIC (random).
         latest: the pointer names this release.
         problem: why the release could not be read (its other fields may then be partial).
+        source_revision: the source's resolved commit (hub) or folder (a local snapshot).
+        signed: the release carries a signature (`release.sig`, pinned by its record).
+        reverted: this release re-publishes an earlier one (`mitra-build revert`).
     """
 
     variant: str
@@ -149,6 +179,9 @@ class ReleaseInfo:
     artifacts: tuple[ArtifactInfo, ...]
     latest: bool = False
     problem: str | None = None
+    source_revision: str = ""
+    signed: bool = False
+    reverted: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,7 +283,7 @@ def _release_info(client: Any, store: StoreConfig, variant: str, listed: dict[st
     try:
         record = read_document(client, store, listed["Key"])
         pin = Pointer.model_validate(record[0] if record else None)
-        base = dataclasses.replace(base, version=pin.version)
+        base = dataclasses.replace(base, version=pin.version, signed=pin.signature_key is not None)
         if pin.manifest_version != number or pin.variant != variant:
             raise PullError(f"{store.url(listed['Key'])} claims {pin.variant} manifest_version {pin.manifest_version}")
         if pin.manifest_key != layout.manifest_key(store.prefix, variant, pin.version):
@@ -271,6 +304,8 @@ def _release_info(client: Any, store: StoreConfig, variant: str, listed: dict[st
         synthetic=is_synthetic(manifest),
         artifacts=tuple(ArtifactInfo(a["name"], a["file"], a["size"]) for a in manifest["artifacts"]),
         latest=pin.manifest_sha256 == latest_sha,
+        source_revision=str(manifest["source"].get("resolved_commit") or manifest["source"].get("path") or ""),
+        reverted=".revert-" in pin.version,  # maintenance.revert_version_id
     )
 
 
@@ -298,7 +333,9 @@ def pull_release_url(
     refuse_synthetic: bool = False,
     progress: bool = False,
     client: Any = None,
-    trusted_keys: Sequence[bytes] = (),
+    trusted_keys: Sequence[TrustedKey] = (),
+    require_signature: bool | None = None,
+    offline: bool | None = None,
 ) -> PullResult:
     """Pull the release a URL names into `dest` (see `mitra_model.pull.pull_release`).
 
@@ -310,8 +347,15 @@ def pull_release_url(
         refuse_synthetic: raise PullError, before downloading anything, for a SYNTHETIC release.
         progress: one tqdm progress bar on stderr.
         client: a boto3 S3 client to reuse (default: a new one).
-        trusted_keys: PEM public keys (`keys.load_trusted_keys`); with any, only releases
-            signed by one of them are accepted, and every file is checked against the signature.
+        trusted_keys: public key file paths or PEM bytes (none: those $MITRA_TRUSTED_KEYS names); with
+            any, only releases signed by one of them are accepted, and every file is checked against
+            the signature.
+        require_signature: refuse to pull without a trusted key (None: $MITRA_REQUIRE_SIGNATURE).
+            Without it, a signed release pulled with no key warns (UncheckedSignatureWarning) and
+            the result says `signature_checked` False.
+        offline: return the copy DEST last verified without touching the store (None:
+            $MITRA_OFFLINE). Online, a store that cannot be reached while DEST holds a verified copy
+            returns that copy with an OfflineCopyWarning naming its version.
 
     Returns:
         The PullResult; `synthetic` is True for a release with random weights, which also emits
@@ -323,11 +367,16 @@ def pull_release_url(
     """
     parsed = parse_release_url(url)
     store = parsed.store(endpoint_url)
-    result = pull_release(
-        parsed.variant or "", version=parsed.version, dest=Path(dest), client=client or _client(store),
-        store=store, progress=progress, artifacts=artifacts, refuse_synthetic=refuse_synthetic,
-        trusted_keys=trusted_keys,
-    )
+    result, stale = pull_or_use_copy(
+        parsed.variant or "", parsed.version, Path(dest), store=store, client=client, progress=progress,
+        artifacts=artifacts, refuse_synthetic=refuse_synthetic, trusted_keys=trusted_keys_from(trusted_keys),
+        require_signature=signature_required() if require_signature is None else require_signature,
+        offline=offline_mode() if offline is None else offline)
+    if stale is not None:
+        warnings.warn(OfflineCopyWarning(stale), stacklevel=2)
+    if result.signed and not result.signature_checked:
+        warnings.warn(UncheckedSignatureWarning(unchecked_signature_notice(parsed.variant or "", result.version)),
+                      stacklevel=2)
     if result.synthetic:
         warnings.warn(
             SyntheticReleaseWarning(
@@ -338,6 +387,54 @@ def pull_release_url(
             stacklevel=2,
         )
     return result
+
+
+def unchecked_signature_notice(variant: str, version: str) -> str:
+    """What a consumer reads when a signed release was pulled without a trusted key."""
+    return (f"{variant} {version} is signed, but its signature was NOT checked: no trusted key was given. "
+            f"Check it with --trusted-key KEY.pub / trusted_keys=[...] (or ${TRUSTED_KEYS_ENV}); "
+            "--require-signature (or $MITRA_REQUIRE_SIGNATURE=1) refuses any pull without one.")
+
+
+def pull_or_use_copy(variant: str, version: str, dest: Path, *, store: StoreConfig, client: Any, progress: bool,
+                     artifacts: Sequence[str] | None, refuse_synthetic: bool, trusted_keys: tuple[bytes, ...],
+                     require_signature: bool, offline: bool, verify: bool = False) -> tuple[PullResult, str | None]:
+    """`pull_release`, or the copy DEST last verified: when `offline`, or when the store cannot be
+    reached. Returns the result and, for a copy used because the store is down, what to warn.
+
+    Raises:
+        PullError: offline with no verified copy of the wanted artifacts in DEST, or as `pull_release`.
+        StoreUnreachableError: the store is down and DEST holds no verified copy.
+    """
+    if require_signature:  # offline too
+        require_trusted_keys(variant, trusted_keys)
+
+    def copy() -> PullResult | None:
+        found = verified_copy(dest, variant, artifacts=artifacts, trusted_keys=trusted_keys, rehash=verify)
+        if found is None or version not in (LATEST, found.version):
+            return None
+        if refuse_synthetic and found.synthetic:
+            raise PullError(f"{variant} {found.version} in {dest} is a SYNTHETIC release: refused as asked "
+                            "(refuse_synthetic / --refuse-synthetic)")
+        return found
+
+    if offline:
+        found = copy()
+        if found is None:
+            raise PullError(f"offline ({OFFLINE_ENV}=1 / --offline): {dest} holds no verified copy of {variant}"
+                            f"@{version} ({', '.join(artifacts or ['every artifact'])}); pull it once online, or "
+                            f"unset {OFFLINE_ENV}")
+        return found, None
+    try:
+        return pull_release(variant, version=version, dest=dest, client=client or _client(store), store=store,
+                            progress=progress, artifacts=artifacts, refuse_synthetic=refuse_synthetic,
+                            trusted_keys=trusted_keys, require_signature=require_signature, verify=verify), None
+    except StoreUnreachableError as exc:
+        found = copy()
+        if found is None:
+            raise
+        return found, (f"{store.url()} cannot be reached ({str(exc).splitlines()[0]}); using the copy of {variant} "
+                       f"{found.version} (manifest_version {found.manifest_version}) verified earlier in {dest}")
 
 
 def default_cache_dir() -> Path:
@@ -370,7 +467,9 @@ def pull_artifact(
     refuse_synthetic: bool = False,
     progress: bool = False,
     client: Any = None,
-    trusted_keys: Sequence[bytes] = (),
+    trusted_keys: Sequence[TrustedKey] = (),
+    require_signature: bool | None = None,
+    offline: bool | None = None,
 ) -> Path:
     """The local path of one verified artifact of a release, downloading it only when needed.
 
@@ -385,8 +484,11 @@ def pull_artifact(
         refuse_synthetic: raise PullError for a SYNTHETIC release (otherwise: a warning).
         progress: one tqdm progress bar on stderr.
         client: a boto3 S3 client to reuse.
-        trusted_keys: PEM public keys; with any, the release must be signed by one of them (see
-            `pull_release_url`).
+        trusted_keys: public key file paths or PEM bytes (none: those $MITRA_TRUSTED_KEYS names); with
+            any, the release must be signed by one of them (see `pull_release_url`).
+        require_signature: refuse to pull without a trusted key (None: $MITRA_REQUIRE_SIGNATURE).
+        offline: the cached verified copy, without touching the store (None: $MITRA_OFFLINE); a
+            store that cannot be reached returns the cached copy too, with a warning.
 
     Returns:
         The artifact's path under the cache (through the release symlink, so it stays valid
@@ -400,5 +502,5 @@ def pull_artifact(
     dest = cache_dest(url, cache_dir=cache_dir, endpoint_url=endpoint_url)
     result = pull_release_url(url, dest, artifacts=[artifact], endpoint_url=endpoint_url,
                               refuse_synthetic=refuse_synthetic, progress=progress, client=client,
-                              trusted_keys=trusted_keys)
+                              trusted_keys=trusted_keys, require_signature=require_signature, offline=offline)
     return result.files[artifact]

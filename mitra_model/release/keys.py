@@ -74,6 +74,12 @@ def load_public_key(pem: bytes, what: str) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
+        if b"PRIVATE KEY" in pem:
+            raise SigningKeyError(f"{what} is a private key: pass the public half of the signing key pair "
+                                  "(e.g. release-signing.pub)") from None
+        if b"-----BEGIN PUBLIC KEY-----" in pem:
+            raise SigningKeyError(f"{what} starts like a PEM public key but does not parse: it is truncated or "
+                                  "damaged. Copy the whole file again (it ends with '-----END PUBLIC KEY-----').") from None
         raise SigningKeyError(
             f"{what} is not a PEM public key (expected '-----BEGIN PUBLIC KEY-----'). Pass the "
             "public half of the signing key pair (e.g. release-signing.pub), not the private key."
@@ -277,6 +283,13 @@ def signer_from_environment(key_file: Path | None = None, *, environ: Mapping[st
 
 
 TRUSTED_KEYS_ENV = "MITRA_TRUSTED_KEYS"  # a consumer's public key files, separated by os.pathsep
+REQUIRE_SIGNATURE_ENV = "MITRA_REQUIRE_SIGNATURE"  # "1": refuse any pull whose signature is not checked
+
+
+def signature_required(environ: Mapping[str, str] | None = None) -> bool:
+    """$MITRA_REQUIRE_SIGNATURE is set to 1 / true / yes."""
+    env = os.environ if environ is None else environ
+    return env.get(REQUIRE_SIGNATURE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def trusted_key_paths_from_env(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
@@ -314,6 +327,37 @@ def load_trusted_keys(paths: Sequence[Path]) -> tuple[bytes, ...]:
         load_public_key(pem, f"The trusted key {path}")
         keys.append(pem)
     return tuple(keys)
+
+
+TrustedKey = str | os.PathLike[str] | bytes
+
+
+def trusted_keys_from(keys: Sequence[TrustedKey] = (), environ: Mapping[str, str] | None = None) -> tuple[bytes, ...]:
+    """The PEM bytes of the trusted keys an API caller passed, as paths or PEM bytes; with none passed,
+    those $MITRA_TRUSTED_KEYS names (like the CLI).
+
+    Raises:
+        SigningKeyError: an entry is neither a readable public key file nor PEM public key bytes; the
+            message says what was passed (a path, text, a private key) and what is expected.
+    """
+    if isinstance(keys, (str, bytes, os.PathLike)):
+        keys = [keys]  # one key passed bare, not in a list
+    if not keys:
+        return load_trusted_keys(trusted_key_paths_from_env(environ))
+    pems = []
+    for number, key in enumerate(keys, 1):
+        if isinstance(key, bytes):
+            load_public_key(key, f"Trusted key #{number} (PEM bytes)")
+            pems.append(key)
+        elif isinstance(key, (str, os.PathLike)):
+            if isinstance(key, str) and key.lstrip().startswith("-----BEGIN"):
+                raise SigningKeyError(f"Trusted key #{number} is PEM text in a str: pass it as bytes "
+                                      "(pem.encode()) or pass the key file's path")
+            pems += load_trusted_keys([Path(key).expanduser()])
+        else:
+            raise SigningKeyError(f"Trusted key #{number} is a {type(key).__name__}: pass a public key file's path "
+                                  "(str or Path) or its PEM bytes")
+    return tuple(pems)
 
 
 # -- DSSE ---------------------------------------------------------------------------------------

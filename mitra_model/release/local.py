@@ -39,6 +39,7 @@ from mitra_model.errors import (
     OutputError,
     PullError,
 )
+from mitra_model.fileutil import sha256_file
 from mitra_model.release import layout
 from mitra_model.release.layout import (
     LOCK_FILE,
@@ -109,7 +110,17 @@ class Dest:
         absolute = Path(os.path.abspath(dest))
         if absolute.name in ("", ".", ".."):
             raise OutputError(f"cannot pull into {dest}: name a folder, e.g. ./mitra")
-        return cls(path=dest, side=absolute.with_name(layout.side_folder_name(absolute.name)))
+        side = layout.side_folder_name(absolute.name)
+        try:
+            limit = os.pathconf(absolute.parent, "PC_NAME_MAX") if absolute.parent.exists() else 255
+        except (OSError, ValueError):
+            limit = 255
+        if len(os.fsencode(side)) > limit:
+            raise OutputError(
+                f"cannot pull into {dest}: its name is {len(os.fsencode(absolute.name))} bytes long, and pull keeps "
+                f"{side[:12]}... beside it, which must fit this filesystem's {limit}-byte limit: use a name of at most "
+                f"{limit - len(os.fsencode(side)) + len(os.fsencode(absolute.name))} bytes (nothing was written).")
+        return cls(path=dest, side=absolute.with_name(side))
 
     def link_target(self, folder: str) -> str:
         return f"{self.side.name}/{folder}"  # relative: DEST's parent can move
@@ -202,10 +213,11 @@ class LocalRelease:
 
     folder: str | None
     record: ReleaseRecord | None
+    rehash: bool = False  # --verify: a file is trusted only if its bytes hash to its sha256 again
 
     def trusted(self, dest: Dest, file: str, sha256: str) -> Path | None:
         """The path of `file` in DEST's folder when the state vouches for it (same sha256, same
-        size and mtime_ns as when it was verified), else None. No hashing."""
+        size and mtime_ns as when it was verified), else None. No hashing, unless `rehash`."""
         if self.folder is None or self.record is None:
             return None
         known = self.record.files.get(file)
@@ -216,12 +228,40 @@ class LocalRelease:
             st = path.stat(follow_symlinks=False)
         except OSError:
             return None
-        return path if (st.st_size, st.st_mtime_ns) == (known.size, known.mtime_ns) else None
+        if (st.st_size, st.st_mtime_ns) != (known.size, known.mtime_ns):
+            return None
+        return path if not self.rehash or sha256_file(path) == sha256 else None
+
+
+def refuse_foreign_files(dest: Dest, state: PullState | None) -> None:
+    """Refuse to manage a bookkeeping folder that holds files pull did not write: a later pull would
+    tidy them away.
+
+    Raises:
+        OutputError: naming the entries.
+    """
+    if not dest.side.is_dir():
+        return
+    known = set(state.releases) if state is not None else set()
+
+    def ours(entry: Path) -> bool:
+        return (entry.name in (STATE_FILE, LOCK_FILE) or entry.name in known
+                or entry.name.startswith((STAGING_PREFIX, LINK_PREFIX))
+                or (entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST_NAME).is_file()))
+
+    foreign = sorted(entry.name for entry in dest.side.iterdir() if not ours(entry))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(
+            f"cannot pull into {dest.path}: its bookkeeping folder {dest.side} holds files mitra-build did not "
+            f"write ({shown}), which a pull would delete. Move them out, or pull into another --dest "
+            "(nothing was written).")
 
 
 def read_local(dest: Dest, variant: str) -> tuple[LocalRelease, PullState | None]:
     folder = dest.current()
     state = read_state(dest) if dest.side.is_dir() else None
+    refuse_foreign_files(dest, state)
     if state is not None and state.variant != variant:
         raise PullError(f"{dest.path} already holds variant {state.variant!r}; pull {variant!r} into another folder")
     record = state.releases.get(folder) if (state is not None and folder is not None) else None

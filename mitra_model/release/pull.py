@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -33,10 +34,13 @@ from mitra_model.errors import (
     MitraBuildError,
     OutputError,
     PullError,
+    UnsignedReleaseError,
 )
 from mitra_model.fileutil import normal_permissions
+from mitra_model.release.keys import REQUIRE_SIGNATURE_ENV, TRUSTED_KEYS_ENV
 from mitra_model.release.layout import (
     MANIFEST_NAME,
+    POINTER_NAME,
     SIGNATURE_NAME,
 )
 from mitra_model.release.local import (
@@ -62,7 +66,7 @@ from mitra_model.release.rules import (
     segment_problem,
     sha256_bytes,
 )
-from mitra_model.release.signature import SignedContent
+from mitra_model.release.signature import SignedContent, verify_release_signature
 from mitra_model.release.store import (
     StoreConfig,
 )
@@ -89,6 +93,8 @@ class PullResult:
         synthetic: the manifest says the weights are SYNTHETIC (random, not a real checkpoint).
         signed_by: id of the trusted key whose release signature every file was checked against
             (`keys.public_key_id`); None when the pull was not asked to verify signatures.
+        signed: the release carries a signature (its pointer or release record pins one), whether
+            or not this pull checked it.
         downloaded_bytes: bytes fetched for artifacts by this call (0: nothing changed).
     """
 
@@ -99,30 +105,13 @@ class PullResult:
     manifest_sha256: str
     synthetic: bool = False
     signed_by: str | None = None
+    signed: bool = False
     downloaded_bytes: int = field(default=0, compare=False)
 
-
-# -- the pull state, beside DEST ----------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    @property
+    def signature_checked(self) -> bool:
+        """Every file was checked against the release signature with a trusted key."""
+        return self.signed_by is not None
 
 
 # -- public entry point -------------------------------------------------------------------------
@@ -139,6 +128,8 @@ def pull_release(
     artifacts: Sequence[str] | None = None,
     refuse_synthetic: bool = False,
     trusted_keys: Sequence[bytes] = (),
+    require_signature: bool = False,
+    verify: bool = False,
 ) -> PullResult:
     """Download and verify one release of `variant` into `dest`, switching DEST in one step.
 
@@ -156,6 +147,10 @@ def pull_release(
             checked. Otherwise the pointer and the release must be signed by one of them, and
             every file must be what the release signature signs (see the module docstring);
             `release.sig` is then written into DEST too.
+        require_signature: refuse to pull without a trusted key (UnsignedReleaseError), so a
+            signature is never skipped by omission.
+        verify: re-hash the files DEST already holds instead of trusting their recorded size and
+            mtime; a file that changed is downloaded again.
 
     Returns:
         PullResult naming the verified files under `dest`. Pulling what `dest` already holds
@@ -179,8 +174,11 @@ def pull_release(
     if version != LATEST and (problem := segment_problem(version, "version")):
         raise PullError(f"Cannot pull: {problem}")
     trusted = tuple(trusted_keys)
+    if require_signature:
+        require_trusted_keys(variant, trusted)
     target = Dest.of(dest)
     local, _ = read_local(target, variant)
+    local = dataclasses.replace(local, rehash=verify)
 
     raw, pin = fetch_pinned_manifest(client, store, variant, version, trusted=trusted, local=local)
     manifest = checked_manifest(raw, pin, store)
@@ -188,7 +186,8 @@ def pull_release(
     if version == LATEST and not trusted:  # with keys, checked against the signed pointer already
         refuse_stale_pointer(client, store, variant, pin)
     refuse_older_than_dest(target, local, manifest, manifest_sha)
-    signature = verified_signature(client, store, pin, trusted) if trusted else None
+    pinned_by = f"the signed pointer ({POINTER_NAME})" if version == LATEST else "its release record"
+    signature = verified_signature(client, store, pin, trusted, pinned_by=pinned_by) if trusted else None
     if signature is not None:
         signature.content.check_file(MANIFEST_NAME, manifest_sha)
     synthetic = is_synthetic(manifest)
@@ -215,6 +214,7 @@ def pull_release(
         manifest_sha256=manifest_sha,
         synthetic=synthetic,
         signed_by=signature.content.key_id if signature is not None else None,
+        signed=bool(pin.get("signature_key")),
     )
     complete = artifacts is None
     if (same and all(local.trusted(target, a["file"], a["sha256"]) for a in wanted)
@@ -225,12 +225,73 @@ def pull_release(
         return result
     try:
         downloaded = _install(target, variant, raw, manifest, manifest_sha, wanted, client, store, progress,
-                              signature=signature, complete=complete)
+                              signature=signature, complete=complete, rehash=verify)
     except MitraBuildError:
         raise
     except OSError as exc:  # full disk, read-only folder, a file in the way
         raise _cannot_pull(target, exc) from None
     return dataclasses.replace(result, downloaded_bytes=downloaded)
+
+
+def require_trusted_keys(variant: str, trusted: Sequence[bytes]) -> None:
+    """Refuse a pull asked to check the signature (--require-signature) that has no key to check it with.
+
+    Raises:
+        UnsignedReleaseError: no trusted key.
+    """
+    if not trusted:
+        raise UnsignedReleaseError(
+            f"Cannot pull {variant}: a checked signature is required (--require-signature / "
+            f"${REQUIRE_SIGNATURE_ENV}=1) but no trusted key was given. Pass --trusted-key KEY.pub (or set "
+            f"${TRUSTED_KEYS_ENV}); nothing was downloaded.")
+
+
+def verified_copy(dest: Path, variant: str, *, artifacts: Sequence[str] | None = None,
+                  trusted_keys: Sequence[bytes] = (), rehash: bool = False) -> PullResult | None:
+    """The release DEST holds, as its last pull verified it, without touching the store.
+
+    Every wanted file must still have the size and mtime it had when verified (no hashing, like a
+    no-op pull, unless `rehash`); with trusted keys, DEST's `release.sig` must verify and sign the manifest and every
+    wanted file.
+
+    Returns:
+        The PullResult (downloaded_bytes 0), or None when DEST holds no verified copy of them.
+
+    Raises:
+        PullError: DEST holds another variant, or its release has no artifact of a wanted name.
+        SignatureError: with trusted keys, DEST's signature is missing or refused.
+    """
+    target = Dest.of(dest)
+    local, _ = read_local(target, variant)
+    local = dataclasses.replace(local, rehash=rehash)
+    if local.folder is None or local.record is None:
+        return None
+    folder = target.side / local.folder
+    try:
+        raw = (folder / MANIFEST_NAME).read_bytes()
+        manifest = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if sha256_bytes(raw) != local.record.manifest_sha256:
+        return None
+    wanted = _select(manifest, artifacts)
+    if any(local.trusted(target, a["file"], a["sha256"]) is None for a in wanted):
+        return None
+    signed_by = None
+    if trusted_keys:
+        try:
+            bundle = (folder / SIGNATURE_NAME).read_bytes()
+        except OSError:
+            bundle = None
+        content = verify_release_signature(bundle, trusted_keys)
+        content.check_files(_taken(wanted, local.record.manifest_sha256), complete=artifacts is None)
+        signed_by = content.key_id
+    return PullResult(
+        version=local.record.version, manifest_version=local.record.manifest_version,
+        files={a["name"]: target.path / a["file"] for a in wanted}, manifest_path=target.path / MANIFEST_NAME,
+        manifest_sha256=local.record.manifest_sha256, synthetic=is_synthetic(manifest), signed_by=signed_by,
+        signed=(folder / SIGNATURE_NAME).exists() or signed_by is not None,
+    )
 
 
 def _cannot_pull(dest: Dest, exc: OSError) -> OutputError:
@@ -283,30 +344,13 @@ def _select(manifest: dict[str, Any], names: Sequence[str] | None) -> list[dict[
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-# -- the manifest -------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # -- staging and the switch ---------------------------------------------------------------------
 
 
 def _install(
     dest: Dest, variant: str, raw: bytes, manifest: dict[str, Any], manifest_sha: str,
     wanted: list[dict[str, Any]], client: Any, store: StoreConfig, progress: bool,
-    *, signature: VerifiedSignature | None, complete: bool,
+    *, signature: VerifiedSignature | None, complete: bool, rehash: bool = False,
 ) -> int:
     """Stage `wanted` + the manifest (+ release.sig) beside DEST, verify, then switch DEST to it.
     Returns the bytes downloaded. On any failure DEST is unchanged and the staging work is removed."""
@@ -317,6 +361,7 @@ def _install(
     try:
         with locked(dest):
             local, state = read_local(dest, variant)  # again, under the lock: another pull may have finished
+            local = dataclasses.replace(local, rehash=rehash)
             refuse_older_than_dest(dest, local, manifest, manifest_sha)
             tidy(dest, keep=local.folder)
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dest.side))

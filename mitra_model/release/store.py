@@ -203,11 +203,13 @@ def is_auth_error(exc: ClientError) -> bool:
     return error_code(exc) in AUTH_ERROR_CODES or http_status(exc) == 403
 
 
-def _auth_error(client: Any, store: StoreConfig, action: str, detail: str) -> StoreAuthError:
+def _auth_error(client: Any, store: StoreConfig, action: str, detail: str | None) -> StoreAuthError:
+    """`detail` None: no credentials were found at all (nothing was refused)."""
+    what = (f"No S3 credentials were found for {action} at {endpoint_of(client)}" if detail is None else
+            f"The S3 store at {endpoint_of(client)} refused the credentials for {action} ({detail})")
     return StoreAuthError(
-        f"The S3 store at {endpoint_of(client)} refused the credentials for {action} "
-        f"({detail}). Set {CREDENTIAL_VARS} to a key that may read and write bucket "
-        f"{store.bucket!r}."
+        f"{what}. Set {CREDENTIAL_VARS} to a key that may read bucket {store.bucket!r}: "
+        "pulling and listing only read; publishing also writes."
     )
 
 
@@ -226,18 +228,18 @@ def store_errors(client: Any, store: StoreConfig, action: str) -> Iterator[None]
             raise _auth_error(client, store, action, f"{error_code(exc) or 'HTTP 403'}") from exc
         raise
     except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise _auth_error(client, store, action, "no complete credentials were found") from exc
+        raise _auth_error(client, store, action, None) from exc
     except (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError) as exc:
         raise StoreUnreachableError(
             f"Could not reach the S3 store at {endpoint_of(client)} for {action} "
-            f"({type(exc).__name__}). Is the server running? Check "
-            "StoreConfig.endpoint_url (or AWS_ENDPOINT_URL) and the network."
+            f"({type(exc).__name__}). Is the server running? Check the endpoint (--endpoint-url, "
+            "$AWS_ENDPOINT_URL, or [store] endpoint_url in the configuration) and the network."
         ) from exc
     except (ReadTimeoutError, ResponseStreamingError) as exc:
         raise StoreUnreachableError(
             f"The S3 store at {endpoint_of(client)} stopped answering during {action} "
-            f"({type(exc).__name__}). Retry, or raise "
-            "StoreConfig.read_timeout_s for slow links."
+            f"({type(exc).__name__}). Retry, or raise [store] read_timeout_s in the configuration "
+            "for slow links."
         ) from exc
 
 
@@ -318,8 +320,9 @@ def describe_client_error(exc: ClientError, store: StoreConfig, client: Any = No
     code = error_code(exc) or f"HTTP {http_status(exc)}"
     if code == "NoSuchBucket":
         return (
-            f"NoSuchBucket: bucket {store.bucket!r} does not exist at this endpoint; create it "
-            "(`ensure_bucket` for a local store) or fix StoreConfig.bucket"
+            f"NoSuchBucket: bucket {store.bucket!r} does not exist at this endpoint: check the bucket in "
+            "the release URL (s3://BUCKET/...) or [store] bucket in the configuration, and the endpoint "
+            "(--endpoint-url / $AWS_ENDPOINT_URL)"
         )
     detail = str(exc.response.get("Error", {}).get("Message", "") or "").strip()
     return redact_secrets(f"{code}: {detail}" if detail else code, client)

@@ -53,6 +53,7 @@ from mitra_model.release.store import (
     StoreConfig,
     describe_client_error,
     is_not_found,
+    list_common_prefixes,
     list_objects,
     store_errors,
 )
@@ -72,6 +73,10 @@ def _verified_pointer(
 ) -> dict[str, Any]:
     """The signed pointer's fields, after its signature, its expiry and rollback were checked."""
     pointer = verify_pointer(raw, trusted, datetime.now(UTC))
+    if pointer.variant != variant:  # a validly signed pointer of another variant, put in this one's place
+        raise PullError(
+            f"{store.url(layout.pointer_key(store.prefix, variant))} is the signed pointer of {pointer.variant!r}, not "
+            f"of {variant!r}: it was copied over this variant's pointer. Refusing to follow it; nothing was pulled.")
     try:
         newest = newest_release_record(client, store, variant, after=pointer.manifest_version)
     except StoreDocumentError as exc:  # e.g. the signed pointer names a record that does not exist
@@ -82,14 +87,19 @@ def _verified_pointer(
     return pointer.model_dump(by_alias=True, exclude={"expires", "dsse", "key_id"})
 
 
-def verified_signature(client: Any, store: StoreConfig, pin: dict[str, Any], trusted: tuple[bytes, ...]) -> VerifiedSignature:
-    """Read the release signature the (verified) pointer or release record pins, and verify it."""
+def verified_signature(client: Any, store: StoreConfig, pin: dict[str, Any], trusted: tuple[bytes, ...], *,
+                       pinned_by: str = "its release record") -> VerifiedSignature:
+    """Read the release signature the (verified) pointer or release record pins, and verify it.
+
+    Args:
+        pinned_by: what `pin` is, for messages: "its release record" (@VERSION) or "the signed pointer".
+    """
     variant, version = pin["variant"], pin["version"]
     what = f"{variant} {version} (manifest_version {pin['manifest_version']})"
     key, pinned = pin.get("signature_key"), pin.get("signature_sha256")
     if key is None or pinned is None:
         raise UnsignedReleaseError(
-            f"{what} is not signed (its release record names no {SIGNATURE_NAME}), and trusted keys "
+            f"{what} is not signed ({pinned_by} names no {SIGNATURE_NAME}), and trusted keys "
             "are configured. Refusing it; nothing was pulled. The publisher must sign it (publish "
             "with a signing key, or `mitra-build revert` to a signed release); or pull without "
             "trusted keys to accept unsigned releases."
@@ -97,7 +107,7 @@ def verified_signature(client: Any, store: StoreConfig, pin: dict[str, Any], tru
     expected = layout.signature_key(store.prefix, variant, version)
     if key != expected:
         raise BadSignatureError(
-            f"The release record of {what} names the signature {store.url(key)}, not "
+            f"{pinned_by[0].upper()}{pinned_by[1:]} of {what} names the signature {store.url(key)}, not "
             f"{store.url(expected)}: it was tampered with. Refusing it; nothing was pulled."
         )
     bundle = _read(client, store, key)
@@ -109,7 +119,7 @@ def verified_signature(client: Any, store: StoreConfig, pin: dict[str, Any], tru
     actual = sha256_bytes(bundle)
     if actual != pinned:
         raise BadSignatureError(
-            f"{store.url(key)} has sha256 {actual}, but its release record pins {pinned}: the "
+            f"{store.url(key)} has sha256 {actual}, but {pinned_by} pins {pinned}: the "
             "signature was replaced in the store. Refusing the release; nothing was pulled."
         )
     return VerifiedSignature(bundle=bundle, sha256=actual, content=verify_release_signature(bundle, trusted))
@@ -177,6 +187,18 @@ def _checked_pointer(raw: bytes, what: str) -> dict[str, Any]:
     return Pointer.model_validate(doc).model_dump(by_alias=True)
 
 
+def _variants_here(client: Any, store: StoreConfig) -> str:
+    """What a user who misspelt a variant reads: the variants this bucket and prefix do have."""
+    try:
+        names = [n for n in list_common_prefixes(client, store, store.prefix) if segment_problem(n, "variant") is None
+                 and _read(client, store, layout.pointer_key(store.prefix, n)) is not None]
+    except Exception:  # noqa: BLE001 - a listing refused or failing must not hide the first error
+        return "Check the variant's name in the URL."
+    if not names:
+        return f"{store.url(store.prefix)} has no released variant: check the bucket and prefix of the URL."
+    return f"Variants released there: {', '.join(names)}."
+
+
 def fetch_pinned_manifest(
     client: Any, store: StoreConfig, variant: str, version: str, *, trusted: tuple[bytes, ...], local: LocalRelease
 ) -> tuple[bytes, dict[str, Any]]:
@@ -186,7 +208,8 @@ def fetch_pinned_manifest(
         pin_key = layout.pointer_key(store.prefix, variant)
         pin_raw = _read(client, store, pin_key)
         if pin_raw is None:
-            raise PullError(f"No release of {variant!r} in {store.url(pin_key)}: nothing was published yet")
+            raise PullError(f"No release of {variant!r} in {store.url(pin_key)}: nothing was published under "
+                            f"that name. {_variants_here(client, store)}")
         if trusted:
             pin = _verified_pointer(client, store, variant, pin_raw, trusted, local)
         else:
@@ -258,6 +281,15 @@ def _artifact_key_problem(key: str, store: StoreConfig, variant: str, file: str)
     return f"s3_key {key!r} is not {example!r} (another variant, prefix or file name)"
 
 
+MAX_LISTED_PROBLEMS = 10  # a hostile manifest can have 100k bad entries: the message names the first few
+
+
+def _listed(problems: list[str]) -> str:
+    shown = "".join(f"\n  - {p[:300]}" for p in problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
 def checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> dict[str, Any]:
     what = f"Manifest {store.url(pin['manifest_key'])}"
     doc = _json(raw, what)
@@ -283,9 +315,9 @@ def checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> dic
         if problem := _artifact_key_problem(artifact["s3_key"], store, pin["variant"], file):
             problems.append(f"artifacts[{index}]: {problem}")
     if problems:
-        raise PullError(f"{what} names unsafe files; nothing was pulled:\n  - " + "\n  - ".join(problems))
+        raise PullError(f"{what} names unsafe files; nothing was pulled:" + _listed(problems))
     if errors := manifest_schema_errors(doc):
-        raise PullError(f"{what} does not match the manifest schema:\n  - " + "\n  - ".join(errors))
+        raise PullError(f"{what} does not match the manifest schema:" + _listed(errors))
     for field_name in ("variant", "version", "manifest_version"):
         if doc[field_name] != pin[field_name]:
             raise PullError(f"{what} says {field_name}={doc[field_name]!r}, but its pointer says {pin[field_name]!r}")
