@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--task", default="classification", choices=("classification", "regression"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", choices=ENGINES)
+    parser.add_argument("--output-prefix", type=Path, default=REPO_ROOT / "bench" / "results-precision",
+                        help="writes PREFIX.md and PREFIX.json")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset (torch and portable are always run: errors and ratios use them)")
     args = parser.parse_args()
@@ -226,8 +228,8 @@ def main() -> None:
     from bench_core import machine  # same folder
 
     results = {"machine": machine(), "task": args.task, "repeats": args.repeats, "engines": engines}
-    (REPO_ROOT / "bench" / "results-precision.json").write_text(json.dumps(results, indent=2) + "\n")
-    (REPO_ROOT / "bench" / "results-precision.md").write_text(render(results))
+    Path(f"{args.output_prefix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(f"{args.output_prefix}.md").write_text(render(results))
     print(render(results))
 
 

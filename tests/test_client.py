@@ -4,6 +4,7 @@ hostile destinations and documents, secret redaction, and the Node example's sur
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -24,7 +25,7 @@ from botocore.exceptions import ClientError
 from s3_fixtures import TEST_SECRET_KEY, CrashingClient, make_build, put_raw, read_json_object
 
 from mitra_model.cli.main import main
-from mitra_model.errors import OutputError, PullError
+from mitra_model.errors import OutputError, PullError, StoreUnreachableError
 from mitra_model.release import layout, pull, transfer
 from mitra_model.release.client import (
     SyntheticReleaseWarning,
@@ -842,3 +843,86 @@ def test_a_no_op_pull_says_what_it_checked_and_verify_re_hashes(
                         s3_store.endpoint_url or "", "--quiet", "--verify")
     assert code == 0 and "downloaded" in out
     assert (dest / "model-int8.onnx").read_bytes() == (build / "model-int8.onnx").read_bytes()
+
+
+# -- a hung server ------------------------------------------------------------------------------
+
+
+class StallingProxy:
+    """A TCP proxy to the S3 server that forwards everything, except that the response to a GET of an
+    .onnx object stops after its first bytes: the connection stays open and silent, as a hung server's."""
+
+    def __init__(self, backend: str) -> None:
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(backend)
+        self._backend = (parts.hostname, parts.port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint_url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._sockets: list[Any] = [self._server]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            backend = socket.create_connection(self._backend)
+            self._sockets += [client, backend]
+            stall = threading.Event()
+            threading.Thread(target=self._requests, args=(client, backend, stall), daemon=True).start()
+            threading.Thread(target=self._responses, args=(backend, client, stall), daemon=True).start()
+
+    def _requests(self, source: Any, target: Any, stall: Any) -> None:
+        while data := self._recv(source):
+            if data.startswith(b"GET ") and b".onnx" in data.split(b"\r\n", 1)[0]:
+                stall.set()
+            target.sendall(data)
+
+    def _responses(self, source: Any, target: Any, stall: Any) -> None:
+        sent = 0
+        while data := self._recv(source):
+            if stall.is_set():
+                if sent > 0:
+                    self._stop.wait()  # silent from here on, the connection open
+                    return
+                data = data[:400]  # the headers and a few bytes, then nothing
+            target.sendall(data)
+            sent += len(data) if stall.is_set() else 0
+
+    @staticmethod
+    def _recv(sock: Any) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        self._stop.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_server_that_stalls_mid_download_ends_the_pull_without_writing_anything(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path,
+) -> None:
+    _publish(s3_client, s3_store, tmp_path, artifacts=(("fp32", "model.onnx", 300_000, "fp32"),))
+    proxy = StallingProxy(s3_store.endpoint_url or "")
+    store = s3_store.model_copy(update={"endpoint_url": proxy.endpoint_url, "read_timeout_s": 2.0})
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnreachableError, match="sent no byte of .*model.onnx for 2 s: it stalled"):
+            pull.pull_release(VARIANT, dest=tmp_path / "dest", client=make_s3_client(store), store=store,
+                              progress=False)
+    finally:
+        proxy.close()
+    assert time.monotonic() - started < 15  # one stall (2 s) and the blocked read's own timeout, not retries
+    assert not (tmp_path / "dest").exists() and not any((tmp_path / ".dest.mitra").glob("*/model.onnx"))

@@ -4,6 +4,7 @@ the full model's."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -177,3 +178,28 @@ def test_the_readme_estimator_snippet_runs_as_written(tiny_artifacts, s3_server,
         client.delete_bucket(Bucket=bucket)
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and "SYNTHETIC" in done.stderr
+
+
+GENERIC_CHECKS = ("check_get_params_invariance", "check_set_params", "check_dont_overwrite_parameters",
+                  "check_fit2d_predict1d", "check_n_features_in", "check_estimators_dtypes", "check_fit_score_takes_y",
+                  "check_methods_sample_order_invariance", "check_methods_subset_invariance", "check_fit_idempotent",
+                  "check_estimators_pickle")
+CLASSIFIER_CHECKS = ("check_classifiers_classes", "check_classifiers_one_label")
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_scikit_learns_estimator_checks_that_apply_to_an_in_context_model(tiny_artifacts, tmp_path: Path,
+                                                                         task: str) -> None:
+    """scikit-learn's own checks, those that make sense for a model that learns in context: not the
+    ones that expect a trained model's accuracy (random weights) or sklearn's NotFittedError class.
+    Row order and subsets not changing a row's prediction is Mitra's batch independence."""
+    import sklearn.utils.estimator_checks as checks
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(tiny_artifacts.path(task, "fp32").read_bytes())
+    (folder / "manifest.json").write_text(json.dumps({"model": {"task": task.upper()}, "version": "v1", "source": {},
+                                                      "artifacts": [{"name": "fp32", "file": "model.onnx"}]}))
+    estimator = (MitraClassifier if task == "classification" else MitraRegressor)(folder, artifact="fp32")
+    for name in GENERIC_CHECKS + (CLASSIFIER_CHECKS if task == "classification" else ()):
+        getattr(checks, name)(type(estimator).__name__, estimator)

@@ -13,9 +13,12 @@ Each precision is a recipe of the registry (`recipes.reduced_precision`) naming 
 (`to_int8`, `to_fp16`, `to_int4`) and the typed options it takes (`options.py`: unknown keys and
 mistyped values are a ConfigError when the configuration loads).
 
-- int8: `onnxruntime.quantization.quantize_dynamic`, QInt8 weights (one scale per tensor), uint8
-  activations quantized per call (`DynamicQuantizeLinear` + `MatMulInteger`, standard ONNX ops).
-  The TorchScript export feeds most weights through `Identity` nodes, and the quantizer skips a MatMul
+- int8: int8 weights (one scale per tensor, or per output column) and uint8 activations quantized at
+  run time with one scale per row (`_quantize_rows`: QuantizeLinear per row, MatMulInteger,
+  DequantizeLinear per row), so a row's output never depends on the rest of the batch; ONNX Runtime's
+  `quantize_dynamic` (one activation scale per tensor: DynamicQuantizeLinear + MatMulInteger) remains
+  as `activations = "tensor"`. Both standard ONNX ops.
+  The TorchScript export feeds most weights through `Identity` nodes, and a quantizer skips a MatMul
   whose weight is not an initializer, leaving every fp32 weight in the file (331 MB from 303 MB); so the
   Identities on initializers are removed first by a small graph pass (no ORT optimizer round trip:
   the file stays plain ONNX and byte-reproducible). The result is checked to hold no fp32 copy of a
@@ -31,7 +34,8 @@ mistyped values are a ConfigError when the configuration loads).
   around most nodes and it is slower than fp32.
 - int4: weight-only, `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` with
   `DefaultWeightOnlyQuantConfig`: each selected MatMul becomes a `com.microsoft.MatMulNBits` (4-bit
-  weights, one scale and zero point per `block_size` input rows of a column); activations stay
+  weights, one scale and zero point per `block_size` input rows of a column; the roles named by the
+  `eight_bit` option at 8 bits); activations stay
   float32 at the node's edges, and with `accuracy_level=4` the kernel quantizes them to int8 per block
   inside (without it, no faster than fp32 here). Built from the optimized flavour (a contrib op
   already, so the file needs ONNX Runtime; onnxruntime-node 1.30 ran the tiny int4 files identically

@@ -88,7 +88,8 @@ class StoreConfig(BaseModel):
     endpoint_url: str | None = None
     region: str = "us-east-1"
     connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
-    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # a stall: no byte for this long ends the request, and a download (transfer._wait_or_stall)
+    read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     max_attempts: int = Field(default=3, ge=1, le=10)
 
     @field_validator("bucket")

@@ -4,6 +4,7 @@ file's size checked before and after, its SHA-256 hashed while the others still 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,27 @@ from tqdm import tqdm
 from mitra_model.errors import (
     ChecksumMismatchError,
     PullError,
+    StoreUnreachableError,
 )
 from mitra_model.fileutil import sha256_file
 from mitra_model.release.signature import SignedContent
 from mitra_model.release.store import (
     StoreConfig,
     describe_client_error,
+    endpoint_of,
     is_not_found,
     redact_secrets,
     store_errors,
 )
 
 # aws-cli's defaults (10 requests in flight, 8 MiB parts); 16 MiB parts halve the requests.
+# One attempt per part: s3transfer retries a broken stream without checking for cancellation, so a
+# hung server cost one read_timeout_s per attempt (5 by default) after the pull had already given up.
+# botocore still retries each request (max_attempts); a stream cut mid-way fails the pull, which a
+# re-run resumes from nothing, atomically.
 TRANSFER_CONFIG = TransferConfig(
-    multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=10, use_threads=True
+    multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=10, use_threads=True,
+    num_download_attempts=1,
 )
 
 
@@ -51,17 +59,25 @@ def check_stored_size(client: Any, store: StoreConfig, artifact: dict[str, Any])
         )
 
 
+class _StallWatch:
+    """When the downloads last received a byte (any of them)."""
+
+    def __init__(self) -> None:
+        self.last_byte = time.monotonic()
+
+
 class _Subscriber(BaseSubscriber):
     """Tells s3transfer the size (no extra HEAD; no byte past the manifest's size is requested),
     feeds the one progress bar, and starts hashing a file as soon as it is complete."""
 
-    def __init__(self, size: int, bar: tqdm | None, lock: threading.Lock, on_complete: Any) -> None:
-        self._size, self._bar, self._lock, self._on_complete = size, bar, lock, on_complete
+    def __init__(self, size: int, bar: tqdm | None, lock: threading.Lock, on_complete: Any, watch: _StallWatch) -> None:
+        self._size, self._bar, self._lock, self._on_complete, self._watch = size, bar, lock, on_complete, watch
 
     def on_queued(self, future: Any, **kwargs: Any) -> None:
         future.meta.provide_transfer_size(self._size)
 
     def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._watch.last_byte = time.monotonic()
         if self._bar is not None:
             with self._lock:
                 self._bar.update(bytes_transferred)
@@ -94,14 +110,16 @@ def download_all(
                 hashes[file].set_result(hasher.submit(sha256_file, staging / file))
             return done
 
+        watch = _StallWatch()
         try:
             with create_transfer_manager(client, TRANSFER_CONFIG) as manager:
                 futures = [
                     (a, manager.download(store.bucket, a["s3_key"], str(staging / a["file"]),
-                                         subscribers=[_Subscriber(a["size"], bar, lock, hash_when_done(a["file"]))]))
+                                         subscribers=[_Subscriber(a["size"], bar, lock, hash_when_done(a["file"]), watch)]))
                     for a in artifacts
                 ]
                 for artifact, future in futures:
+                    _wait_or_stall(client, store, artifact, future, watch)
                     _transfer_result(client, store, artifact, future)
         finally:
             if bar is not None:
@@ -119,6 +137,25 @@ def download_all(
                     f"{store.url(key)} has sha256 {actual}, the manifest pins {artifact['sha256']}: the "
                     "object was modified in the store. Nothing was pulled."
                 )
+
+
+def _wait_or_stall(client: Any, store: StoreConfig, artifact: dict[str, Any], future: Any, watch: _StallWatch) -> None:
+    """Wait for a download; end the pull when no byte has come for `read_timeout_s`.
+
+    A stalled socket read times out after read_timeout_s, but s3transfer would then retry it, each
+    retry stalling as long again (a hung server held a pull for 16 minutes): one stall is enough.
+    Leaving the transfer manager cancels the rest; a read still blocked ends at its own timeout.
+
+    Raises:
+        StoreUnreachableError: naming the object, the stall and the setting.
+    """
+    while not future.done():
+        if time.monotonic() - watch.last_byte > store.read_timeout_s:
+            raise StoreUnreachableError(
+                f"The S3 store at {endpoint_of(client)} sent no byte of {store.url(artifact['s3_key'])} for "
+                f"{store.read_timeout_s:g} s: it stalled. Nothing was pulled; retry, or raise [store] "
+                "read_timeout_s for very slow links.")
+        time.sleep(0.05)
 
 
 def _transfer_result(client: Any, store: StoreConfig, artifact: dict[str, Any], future: Any) -> None:

@@ -40,6 +40,7 @@ class NotFittedError(ValueError, AttributeError):
 
 class _MitraEstimator:
     _task: ClassVar[str]
+    _estimator_type: ClassVar[str]
 
     def __init__(self, release: str | Path, artifact: str = "int8", *, trusted_keys: Sequence[str | Path | bytes] = (),
                  endpoint_url: str | None = None, max_support_rows: int = MAX_SUPPORT_ROWS, random_state: int = 0,
@@ -90,6 +91,21 @@ class _MitraEstimator:
             delattr(self, fitted)
         return self
 
+    def __sklearn_tags__(self) -> Any:
+        # deferred: only scikit-learn calls this, so it is installed then; the [runtime] extra does not need it
+        from sklearn.base import BaseEstimator
+        from sklearn.utils import ClassifierTags, RegressorTags
+
+        tags = BaseEstimator.__sklearn_tags__(self)
+        tags.estimator_type = self._estimator_type
+        tags.target_tags.required = True
+        tags.input_tags.allow_nan = True  # imputed with the support rows' means, as upstream's wrapper does
+        if self._estimator_type == "classifier":
+            tags.classifier_tags = ClassifierTags()
+        else:
+            tags.regressor_tags = RegressorTags()
+        return tags
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.release!r}, artifact={self.artifact!r})"
 
@@ -123,25 +139,36 @@ class _MitraEstimator:
         self.n_features_in_ = len(support.keep)
         self.synthetic_ = bool(manifest.get("source", {}).get("synthetic"))
         self.version_ = manifest.get("version")
-        sessions = [self._session(files[name]) for name in wanted]
-        if use_pair:
+        self.files_ = tuple(files[name] for name in wanted)  # one graph, or the encode/predict pair
+        self._runner = self._make_runner()  # the pair encodes the support set here, once
+        return self
+
+    def _make_runner(self) -> Any:
+        """x_query (Q, F') -> the model's raw output for the fitted support set."""
+        support = self.support_
+        sessions = [self._session(path) for path in self.files_]
+        if len(sessions) == 2:
             encoder, predictor = sessions
             inputs = model_inputs(support, support.x[:0])
             cache = encoder.run(None, {i.name: inputs[i.name] for i in encoder.get_inputs()})
-            self._predict_one = _pair_runner(dict(zip((o.name for o in encoder.get_outputs()), cache)), predictor)
-        else:
-            (graph,) = sessions
-            self._predict_one = lambda x_query: graph.run(None, model_inputs(support, x_query))[0]
-        return self
+            return _pair_runner(dict(zip((o.name for o in encoder.get_outputs()), cache)), predictor)
+        (graph,) = sessions
+        return lambda x_query: graph.run(None, model_inputs(support, x_query))[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ONNX Runtime sessions do not pickle: an unpickled estimator opens them again at its first predict
+        return {name: value for name, value in vars(self).items() if name != "_runner"}
 
     def _raw(self, X: Any) -> np.ndarray:  # noqa: N803
         if not hasattr(self, "support_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(X_support, y_support) first")
+        if getattr(self, "_runner", None) is None:
+            self._runner = self._make_runner()
         x_query = self.support_.features(X)
         if not len(x_query):
-            return self.support_.outputs(self._predict_one(self.support_.x[:1]))[:0]
+            return self.support_.outputs(self._runner(self.support_.x[:1]))[:0]
         chunks = [x_query[start:start + QUERY_BATCH_ROWS] for start in range(0, len(x_query), QUERY_BATCH_ROWS)]
-        return np.concatenate([self.support_.outputs(self._predict_one(chunk)) for chunk in chunks])
+        return np.concatenate([self.support_.outputs(self._runner(chunk)) for chunk in chunks])
 
     # -- loading ---------------------------------------------------------------------------------
 

@@ -135,5 +135,6 @@ def _matrix(x: np.ndarray, name: str) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise TableError(f"{name} must be numeric (encode categorical columns first): {exc}") from None
     if x.ndim != 2:
-        raise TableError(f"{name} must be 2-D (rows, features), got shape {x.shape}")
+        raise TableError(f"{name} must be 2-D (rows, features), got shape {x.shape}. Reshape your data: "
+                         f"{name}.reshape(-1, 1) for a single feature, {name}.reshape(1, -1) for a single row")
     return x
