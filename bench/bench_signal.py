@@ -119,7 +119,9 @@ def measure(task: str, snapshot: Path, name: str, path: Path) -> dict[str, Any]:
 
 def render(results: dict[str, Any], machine_text: str) -> str:
     def f(value: float | None, fmt: str = ".4f") -> str:
-        return "–" if value is None else format(value, fmt)
+        if value is None:
+            return "–"
+        return format(value, ".1e" if fmt == ".4f" and 0 < abs(value) < 1e-3 else fmt)
 
     lines = ["# Signal benchmark: what each artifact keeps of upstream's input-dependent output (full size)", "",
              f"{machine_text} Date: {results['date']}. Synthetic full-size weights (seed 0); references are upstream "

@@ -4,6 +4,7 @@ not depend on the rest of the batch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from mitra_model.build import tasks as task_tables
-from mitra_model.build.config import TaskCell, Tolerance
+from mitra_model.build.config import TaskCell, Tolerance, load_config
 from mitra_model.build.recipes import quantize_onnx
 from mitra_model.build.support_cache import export_support_cache
 from mitra_model.build.verify import (
@@ -197,3 +198,19 @@ def test_the_int8_pair_is_the_int8_full_model(tiny_snapshots, build_config, tmp_
     for seed, shape_ in enumerate(((1, 64, 16, 8), (3, 48, 8, 5))):
         inputs = make_inputs(shape_, config=model.config, data="mixed", seed=seed, salt="pair")
         assert np.abs(whole.run(inputs) - split.run(inputs)).max() <= 1e-5
+
+
+def test_the_configured_bounds_hold_what_was_measured_at_full_size() -> None:
+    """config/mitra-build.toml's signal bounds against bench/results-signal.json (the full-size models):
+    a bound tightened below its measurement, or a measurement that got worse, is caught here."""
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results-signal.json").read_text())
+    config = load_config()
+    for task, rows in recorded["tasks"].items():
+        for row in rows:
+            tolerance = config.verification.tolerance("fp32" if row["candidate"] == "fp32-ort" else row["candidate"])
+            where = f"{task} {row['candidate']}"
+            assert row["matrix"]["max_err_over_spread"] <= tolerance.max_err_over_spread, where
+            assert row["matrix"]["max_batch_dependence"] <= tolerance.max_batch_dependence, where
+            for name, table in row["tasks"].items():
+                assert table["err_over_spread"] <= tolerance.on_tables().max_err_over_spread, f"{where} {name}"
+                assert table["batch_dependence"] <= tolerance.max_batch_dependence, f"{where} {name}"
