@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from configs import write_config
 from s3_fixtures import TEST_SECRET_KEY, CrashingClient, make_build, put_raw, read_json_object
 
 from mitra_model.cli.main import main
@@ -681,6 +682,13 @@ def test_require_signature_refuses_a_pull_without_a_trusted_key(
     assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
     checked = pull_release_url(_url(s3_store), tmp_path / "ok", endpoint_url=endpoint, trusted_keys=[signing_keys["pub"]])
     assert checked.signature_checked
+
+    monkeypatch.delenv("MITRA_REQUIRE_SIGNATURE")  # the same from the configuration file in use
+    config = write_config(tmp_path / "config.toml")
+    config.write_text(config.read_text() + "\n[signing]\nrequire_signature = true\n")
+    code, out, err = _cli(capsys, "pull", _url(s3_store), "--dest", str(tmp_path / "by-config"), "--endpoint-url",
+                          endpoint, "--config", str(config))
+    assert code == 2 and "no trusted key was given" in err and not (tmp_path / "by-config").exists()
 
 
 @pytest.mark.parametrize("key, fragment", [

@@ -255,6 +255,9 @@ class SigningConfig(_Strict):
     # public keys `mitra-build pull` trusts (PEM files; relative to this file); also --trusted-key
     # and $MITRA_TRUSTED_KEYS. With any trusted key, unsigned releases are refused.
     trusted_keys: tuple[Path, ...] = ()
+    # `mitra-build pull` and `check-release` refuse to run without a trusted key (also
+    # --require-signature and $MITRA_REQUIRE_SIGNATURE=1)
+    require_signature: bool = False
 
 
 ConsumerRuntime = Literal["onnxruntime-node", "onnxruntime-web"]

@@ -29,11 +29,12 @@ import onnxruntime as ort
 
 from mitra_model.build.config import Cell, TaskCell, Tolerance
 from mitra_model.build.export import INPUT_NAMES
-from mitra_model.build.reference import CellReference, model_reference, reference_for
+from mitra_model.build.reference import Case, CellReference, model_reference, reference_for
 from mitra_model.build.support_cache import ENCODE_INPUT_NAMES, cache_names
 from mitra_model.build.tasks import TaskTable, chance_scores, load_table, task_scores
 from mitra_model.errors import ConfigError, VerificationError
 from mitra_model.fileutil import sha256_file, write_bytes_atomic
+from mitra_model.model.architecture import MitraConfig
 from mitra_model.model.snapshot import read_model_config
 from mitra_model.model.tab2d import Tab2D
 
@@ -573,14 +574,8 @@ def verify_cell(
         ConfigError: `kind` unknown, or the wrong number of paths for it.
         ReferenceCacheError, SnapshotError, UpstreamMissingError: see reference.reference_for.
     """
-    wanted = {"graph": 1, "pair": 2}
-    if kind not in wanted or len(paths) != wanted[kind]:
-        raise ConfigError(f"verify_cell: kind {kind!r} with {len(paths)} path(s); expected kind 'graph' with "
-                          "(model.onnx,) or 'pair' with (encode-support.onnx, predict-query.onnx)")
-    config, _ = read_model_config(Path(snapshot_dir))
-    reference = reference_for(Path(snapshot_dir), cell, seed=seed, cache_dir=reference_dir)
-    files = tuple(str(p) for p in paths)
-    candidate = _cached_candidate(kind, files, tuple(_stamp(Path(p)) for p in files), config.n_layers, query_batches)
+    config, reference, candidate = _from_files("verify_cell", snapshot_dir, paths, cell, kind=kind, seed=seed,
+                                               reference_dir=reference_dir, query_batches=query_batches)
     return run_cell(reference, candidate, tolerance=tolerance, is_classifier=config.label_is_class)
 
 
@@ -596,15 +591,24 @@ def verify_task(
     query_batches: int = QUERY_BATCHES,
 ) -> TaskResult:
     """One task check from files alone (like `verify_cell`, for a real table)."""
+    _, reference, candidate = _from_files("verify_task", snapshot_dir, paths, task, kind=kind, seed=seed,
+                                          reference_dir=reference_dir, query_batches=query_batches)
+    return run_task(reference, candidate, tolerance=tolerance, table=load_table(task, seed=seed))
+
+
+def _from_files(caller: str, snapshot_dir: Path, paths: tuple[Path, ...], case: Case, *, kind: CandidateKind,
+                seed: int, reference_dir: Path | None, query_batches: int) -> tuple[MitraConfig, CellReference, Candidate]:
+    """The model config, the case's (cached) reference and the candidate, from paths alone (what a
+    Dask worker receives)."""
     wanted = {"graph": 1, "pair": 2}
     if kind not in wanted or len(paths) != wanted[kind]:
-        raise ConfigError(f"verify_task: kind {kind!r} with {len(paths)} path(s); expected kind 'graph' with "
+        raise ConfigError(f"{caller}: kind {kind!r} with {len(paths)} path(s); expected kind 'graph' with "
                           "(model.onnx,) or 'pair' with (encode-support.onnx, predict-query.onnx)")
     config, _ = read_model_config(Path(snapshot_dir))
-    reference = reference_for(Path(snapshot_dir), task, seed=seed, cache_dir=reference_dir)
+    reference = reference_for(Path(snapshot_dir), case, seed=seed, cache_dir=reference_dir)
     files = tuple(str(p) for p in paths)
     candidate = _cached_candidate(kind, files, tuple(_stamp(Path(p)) for p in files), config.n_layers, query_batches)
-    return run_task(reference, candidate, tolerance=tolerance, table=load_table(task, seed=seed))
+    return config, reference, candidate
 
 
 def _stamp(path: Path) -> tuple[int, int]:

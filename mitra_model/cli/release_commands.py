@@ -137,10 +137,20 @@ def trusted_keys(args: argparse.Namespace) -> tuple[bytes, ...]:
     return load_trusted_keys(paths)
 
 
+def signature_demanded(args: argparse.Namespace) -> bool:
+    """--require-signature, $MITRA_REQUIRE_SIGNATURE=1, or [signing] require_signature of the file in use."""
+    # deferred: a command loads only what it runs
+    from mitra_model.release.keys import signature_required
+
+    if args.require_signature or signature_required():
+        return True
+    config = _config_in_use(args)
+    return bool(config is not None and config.signing.require_signature)
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     # deferred: a command loads only what it runs (boto3 alone costs 0.3 s of start-up)
     from mitra_model.release.client import offline_mode, parse_release_url, pull_or_use_copy, unchecked_signature_notice
-    from mitra_model.release.keys import signature_required
     from mitra_model.release.store import make_s3_client
 
     if args.url and args.variant:
@@ -161,7 +171,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     result, stale = pull_or_use_copy(
         variant, version, Path(args.dest), store=store, client=None if offline else make_s3_client(store),
         progress=not (args.quiet or args.json), artifacts=args.artifact, refuse_synthetic=args.refuse_synthetic,
-        trusted_keys=keys, require_signature=bool(args.require_signature) or signature_required(), offline=offline,
+        trusted_keys=keys, require_signature=signature_demanded(args), offline=offline,
         verify=args.verify,
     )
     if stale is not None:
@@ -209,12 +219,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_check_release(args: argparse.Namespace) -> int:
     # deferred: a command loads only what it runs
     from mitra_model.release.client import unchecked_signature_notice
-    from mitra_model.release.keys import signature_required
     from mitra_model.release.pull import require_trusted_keys
     from mitra_model.release.recheck import check_release_folder
 
     keys = trusted_keys(args)
-    if args.require_signature or signature_required():
+    if signature_demanded(args):
         require_trusted_keys(str(args.dest), keys)
     found = check_release_folder(args.dest, trusted_keys=keys)
     if found.synthetic:
@@ -370,7 +379,7 @@ def add_release_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                            "online, a store that cannot be reached falls back to it with a warning")
     pull.add_argument("--require-signature", action="store_true", default=None,
                       help="refuse any release whose signature is not checked against a trusted key "
-                           "(default: $MITRA_REQUIRE_SIGNATURE=1)")
+                           "(default: $MITRA_REQUIRE_SIGNATURE=1, or [signing] require_signature)")
     pull.set_defaults(func=cmd_pull)
 
     check = sub.add_parser(
