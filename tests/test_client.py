@@ -932,5 +932,5 @@ def test_a_server_that_stalls_mid_download_ends_the_pull_without_writing_anythin
                               progress=False)
     finally:
         proxy.close()
-    assert time.monotonic() - started < 15  # one stall (2 s) and the blocked read's own timeout, not retries
+    assert time.monotonic() - started < 20  # one stall (2 s) and the blocked read's own timeout; 40 s with retries
     assert not (tmp_path / "dest").exists() and not any((tmp_path / ".dest.mitra").glob("*/model.onnx"))

@@ -195,7 +195,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         signal = result.metrics.err_over_spread
         what = f"task {result.name} ({result.dataset})" if isinstance(result, TaskResult) else f"{result.name} {result.shape}"
         _say(f"[{done}/{len(cells) + len(tasks)}] {what}: max abs {result.metrics.max_abs_err:.2e}, error/spread "
-             f"{'-' if signal is None else format(signal, '.4f')} {status}")
+             f"{'-' if signal is None else format(signal, '.3g')} {status}")
 
     report = verify_onnx(model, args.onnx, cells=cells, tolerance=tolerance, precision=precision,
                          seed=config.verification.seed, on_cell=show, tasks=tasks)

@@ -92,8 +92,12 @@ def verify_cell(snapshot_dir: Path, paths: tuple[Path, ...], cell: Cell, recipe_
     plumbing.attach_log_bridge()  # this task may run in a Dask worker: its library logs reach the UI too
     result = verification.verify_cell(snapshot_dir, paths, cell, kind=kind, tolerance=tolerance, seed=seed,
                                       reference_dir=reference_dir)
-    get_run_logger().info("%s cell %s %s: max abs %.2e %s", recipe_name, cell.name, result.shape,
-                          result.max_abs_err, "ok" if result.passed else "FAIL " + "; ".join(result.failures))
+    metrics = result.metrics
+    signal = "-" if metrics.err_over_spread is None else f"{metrics.err_over_spread:.3g} of spread {metrics.spread:.3g}"
+    get_run_logger().info("%s cell %s %s: max abs %.2e, error/spread %s, batch dependence %s %s", recipe_name,
+                          cell.name, result.shape, result.max_abs_err, signal,
+                          "-" if metrics.batch_dependence is None else f"{metrics.batch_dependence:.1e}",
+                          "ok" if result.passed else "FAIL " + "; ".join(result.failures))
     return result
 
 
@@ -107,7 +111,7 @@ def verify_task(snapshot_dir: Path, paths: tuple[Path, ...], task: TaskCell, rec
                        for k, v in result.scores.items())
     _, synthetic = read_model_config(snapshot_dir)
     get_run_logger().info("%s task %s (%s): error/spread %s, %s%s %s", recipe_name, task.name, task.dataset,
-                          f"{result.metrics.err_over_spread:.4f}" if result.metrics.err_over_spread is not None else "-",
+                          f"{result.metrics.err_over_spread:.3g}" if result.metrics.err_over_spread is not None else "-",
                           scores, f" [{builds.SYNTHETIC_TASKS_NOTE}]" if synthetic else "",
                           "ok" if result.passed else "FAIL " + "; ".join(result.failures))
     return result
