@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import shutil
 import subprocess
@@ -81,7 +80,7 @@ def main() -> None:
     parser.add_argument("--output-prefix", type=Path, default=BENCH_DIR / "results-ci")
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH_DIR))
-    from bench_core import machine, machine_line
+    from bench_core import machine, machine_line, write_results
 
     host = machine()
     order = ("after", "before") if args.order == "after-first" else ("before", "after")
@@ -92,9 +91,8 @@ def main() -> None:
                "order": list(order), "command": " ".join(["bench/bench_ci.py", *sys.argv[1:]]), "runs": runs,
                "ratio": runs["after"]["wall_s"] / runs["before"]["wall_s"], "target_ratio": TARGET_RATIO}
     shutil.rmtree(work, ignore_errors=True)
-    Path(f"{args.output_prefix}.json").write_text(json.dumps(results, indent=2) + "\n")
     report = render(results, machine_line(host))
-    Path(f"{args.output_prefix}.md").write_text(report)
+    write_results(args.output_prefix, results, report)
     print(report)
 
 

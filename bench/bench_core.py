@@ -50,6 +50,12 @@ def machine_line(m: dict) -> str:
             f"onnxruntime {m['onnxruntime']}.")
 
 
+def write_results(prefix: Path | str, results: dict, markdown: str) -> None:
+    """PREFIX.json (the numbers) and PREFIX.md (the report), as every benchmark writes them."""
+    Path(f"{prefix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(f"{prefix}.md").write_text(markdown)
+
+
 def run_child(args: list[str]) -> tuple[float, float]:
     """Run a CLI command in a fresh process; return (seconds, that process's own peak RSS in GiB)."""
     started = time.perf_counter()

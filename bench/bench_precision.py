@@ -225,11 +225,10 @@ def main() -> None:
                 entry["argmax_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).mean())
             else:
                 entry["correlation"] = float(np.corrcoef(out.ravel(), ref.ravel())[0, 1])
-    from bench_core import machine  # same folder
+    from bench_core import machine, write_results  # same folder
 
     results = {"machine": machine(), "task": args.task, "repeats": args.repeats, "engines": engines}
-    Path(f"{args.output_prefix}.json").write_text(json.dumps(results, indent=2) + "\n")
-    Path(f"{args.output_prefix}.md").write_text(render(results))
+    write_results(args.output_prefix, results, render(results))
     print(render(results))
 
 

@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--output-prefix", type=Path, default=BENCH_DIR / "results-signal")
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH_DIR))
-    from bench_core import machine, machine_line
+    from bench_core import machine, machine_line, write_results
 
     host = machine()
     names = args.candidates.split(",")
@@ -169,9 +169,8 @@ def main() -> None:
             row = measure(task, snapshot, name, files[name])
             print(json.dumps(row), flush=True)
             results["tasks"][task].append(row)
-    Path(f"{args.output_prefix}.json").write_text(json.dumps(results, indent=2) + "\n")
     report = render(results, machine_line(host))
-    Path(f"{args.output_prefix}.md").write_text(report)
+    write_results(args.output_prefix, results, report)
     print(report)
 
 

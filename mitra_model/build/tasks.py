@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 
 from mitra_model.build.config import TABLE_TASKS, TableName, TaskCell
 from mitra_model.errors import ConfigError
-from mitra_model.runtime.prepare import TableError, model_inputs, prepare_support
+from mitra_model.runtime.prepare import SupportSet, TableError, model_inputs, prepare_support
 
 _LOADERS: dict[TableName, Callable[..., Any]] = {
     "iris": datasets.load_iris,
@@ -45,19 +45,31 @@ class TaskTable:
         task: the task check it comes from.
         inputs: the four contract inputs (export.INPUT_NAMES): one table (batch 1).
         y_query: the query rows' true labels (encoded 0..n-1) or values (original units).
-        n_classes: classes in the table (classification), else 0.
-        y_range: the support rows' (min, max) target (regression; predictions are scaled back by it).
-        features_dropped: features constant on the support rows, dropped like upstream does.
+        support: the prepared support rows and what their preparation fixed (classes, target range,
+            columns kept).
         digest: SHA-256 of the prepared arrays (what a reference's cache key covers).
     """
 
     task: TaskCell
     inputs: dict[str, np.ndarray]
     y_query: np.ndarray
-    n_classes: int
-    y_range: tuple[float, float] | None
-    features_dropped: int
+    support: SupportSet
     digest: str
+
+    @property
+    def n_classes(self) -> int:
+        """Classes in the table (classification), else 0."""
+        return 0 if self.support.classes is None else len(self.support.classes)
+
+    @property
+    def y_range(self) -> tuple[float, float] | None:
+        """The support rows' (min, max) target (regression; predictions are scaled back by it)."""
+        return self.support.y_range
+
+    @property
+    def features_dropped(self) -> int:
+        """Features constant on the support rows, dropped like upstream does."""
+        return int((~self.support.keep).sum())
 
     @property
     def is_classification(self) -> bool:
@@ -66,10 +78,7 @@ class TaskTable:
     def outputs(self, raw: np.ndarray) -> np.ndarray:
         """A model's raw output for this table as the task reads it: (Q, n_classes) logits, or (Q,)
         predictions in the target's units."""
-        if self.is_classification:
-            return raw[0, :, : self.n_classes]
-        low, high = self.y_range
-        return raw[0] * (high - low) + low
+        return self.support.outputs(raw)
 
 
 def load_table(task: TaskCell, *, seed: int) -> TaskTable:
@@ -101,9 +110,7 @@ def load_table(task: TaskCell, *, seed: int) -> TaskTable:
     inputs = model_inputs(support, support.features(x_query))
     digest = hashlib.sha256(b"".join(inputs[name].tobytes() for name in sorted(inputs))
                             + np.asarray(y_query).tobytes()).hexdigest()
-    return TaskTable(task=task, inputs=inputs, y_query=np.asarray(y_query),
-                     n_classes=0 if support.classes is None else len(support.classes), y_range=support.y_range,
-                     features_dropped=int((~support.keep).sum()), digest=digest)
+    return TaskTable(task=task, inputs=inputs, y_query=np.asarray(y_query), support=support, digest=digest)
 
 
 def task_scores(table: TaskTable, raw: np.ndarray) -> dict[str, float]:

@@ -314,6 +314,18 @@ def cmd_refresh_pointer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_signature_options(parser: argparse.ArgumentParser) -> None:
+    """--trusted-key and --require-signature, the same for every command that reads a release."""
+    parser.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PUB",
+                        help="accept only a release signed by this public key (PEM; repeatable: any one of "
+                             "them). Default: $MITRA_TRUSTED_KEYS, else [signing] trusted_keys of the "
+                             "configuration file in use; none: the signature is not checked (a signed "
+                             "release then gets a notice)")
+    parser.add_argument("--require-signature", action="store_true",
+                        help="refuse any release whose signature is not checked against a trusted key "
+                             "(default: $MITRA_REQUIRE_SIGNATURE=1, or [signing] require_signature)")
+
+
 def add_release_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add `ls`, `pull`, `keygen`, `revert` and `refresh-pointer` to the `mitra-build` subcommands.
 
@@ -366,20 +378,13 @@ def add_release_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     pull.add_argument("--json", action="store_true", help="print one JSON document on stdout (no progress bar)")
     pull.add_argument("--variant", default=None, help="instead of a URL: a variant of the configuration's [store]")
     pull.add_argument("--version", default=None, help="with --variant: 'latest' (default) or a version id")
-    pull.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PUB",
-                      help="accept only releases signed by this public key (PEM; repeatable: any one of "
-                           "them). Default: $MITRA_TRUSTED_KEYS, else [signing] trusted_keys of the "
-                           "configuration file in use; none: signatures are not checked (a signed "
-                           "release then gets a notice)")
     pull.add_argument("--verify", action="store_true",
                       help="re-hash the files DEST already holds (a no-op pull otherwise trusts each file's "
                            "recorded size and mtime); a file that changed is downloaded again")
     pull.add_argument("--offline", action="store_true",
                       help="use the copy DEST last verified, never the store (default: $MITRA_OFFLINE=1); "
                            "online, a store that cannot be reached falls back to it with a warning")
-    pull.add_argument("--require-signature", action="store_true", default=None,
-                      help="refuse any release whose signature is not checked against a trusted key "
-                           "(default: $MITRA_REQUIRE_SIGNATURE=1, or [signing] require_signature)")
+    _add_signature_options(pull)
     pull.set_defaults(func=cmd_pull)
 
     check = sub.add_parser(
@@ -393,11 +398,7 @@ def add_release_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                "  mitra-build check-release ./mitra --json",
     )
     check.add_argument("dest", type=Path, help="the pulled folder")
-    check.add_argument("--trusted-key", action="append", type=Path, default=None, metavar="PUB",
-                       help="check the signature with this public key (repeatable). Default: $MITRA_TRUSTED_KEYS, "
-                            "else [signing] trusted_keys of the configuration file in use")
-    check.add_argument("--require-signature", action="store_true",
-                       help="fail unless the signature is checked with a trusted key ($MITRA_REQUIRE_SIGNATURE=1)")
+    _add_signature_options(check)
     check.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     check.set_defaults(func=cmd_check_release)
 
