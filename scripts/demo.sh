@@ -93,3 +93,8 @@ done
 [ "$broken" = 0 ] || exit 1
 echo "    no traceback in artifacts/logs/prefect-server.log or prefect-worker.log"
 echo "==> done: releases in s3://mitra-build/releases (SeaweedFS data: artifacts/s3), pulled copies in $pulled"
+echo "    release index: http://127.0.0.1:8333/mitra-build/releases/index.html (while the local store runs; pages are also in each pulled folder)"
+echo "    each release's model card is README.md beside its files; its report page (open it in a browser):"
+for report in "$pulled"/*/report.html; do
+  echo "    $(cd "$(dirname "$report")" && pwd -P)/report.html"
+done

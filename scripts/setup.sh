@@ -13,7 +13,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # Every extra (build: torch/ONNX, flow: Prefect + the local S3 store, test), each at the version the
   # lock pins (one resolve: pip refuses a lock that contradicts pyproject.toml's ranges).
-  .venv/bin/python -m pip install --quiet -r requirements.lock -e '.[build,flow,signing,test]'
+  .venv/bin/python -m pip install --quiet -r requirements.lock -e '.[build,flow,signing,report,test]'
   # The reference every build is verified against: upstream AutoGluon Mitra, without AutoGluon's dependency tree.
   .venv/bin/python -m pip install --quiet --no-deps autogluon.tabular==1.6.3
   echo "$want" > "$stamp"

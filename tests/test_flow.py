@@ -183,6 +183,13 @@ def test_publishes_and_the_pointer_is_the_build_record(local_hub, s3_store, s3_c
     assert "GPU" in by_name["fp16"]["purpose"] and "cpu" not in by_name["predict-query"]
     assert {i["name"] for i in by_name["predict-query"]["inputs"]} >= {"quantile_boundaries", "x_query"}
     assert all(manifest["verification"][name]["passed"] for name in by_name)
+    # the release's model card and report page came with it, and the run's manifest card links the report
+    assert set(pulled.documents) == {"README.md", "report.html"}
+    assert "## Which file to take" in pulled.documents["README.md"].read_text()
+    from prefect.artifacts import Artifact
+
+    report_url = s3_store.http_url(f"{s3_store.prefix}/finetuned/{first['version']}/report.html")
+    assert f"[{report_url}]({report_url})" in Artifact.get("finetuned-manifest").data
 
 
 def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, s3_store, s3_client,

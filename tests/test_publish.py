@@ -149,7 +149,9 @@ def test_publish_writes_layout_and_republish_is_noop(s3_store: StoreConfig, s3_c
         f"{base}/_releases/00000001.json",
         f"{base}/latest.json",
     ]
-    assert sorted(first.uploaded) == list_keys(s3_client, s3_store)
+    # beside the release, the bucket's static pages (views of the log, not part of any release)
+    pages = [layout.index_key(s3_store.prefix), layout.index_key(s3_store.prefix, VARIANT)]
+    assert sorted([*first.uploaded, *pages]) == list_keys(s3_client, s3_store)
     pointer = _assert_consistent(s3_client, s3_store, 1)
     assert pointer == {
         "schema": POINTER_SCHEMA_ID,

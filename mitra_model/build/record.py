@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +26,7 @@ from mitra_model import __version__
 from mitra_model.build.export import EXPORTER_SETTINGS, TensorSpec
 from mitra_model.build.recipes import ArtifactFile, Recipe
 from mitra_model.build.source import SourceInfo
-from mitra_model.build.verify import TaskResult, VerificationReport
+from mitra_model.build.verify import CellResult, TaskResult, VerificationReport
 from mitra_model.errors import VerificationError
 from mitra_model.fileutil import PACKAGE_DIR, atomic_directory, sha256_file
 from mitra_model.model.snapshot import Snapshot
@@ -238,11 +240,28 @@ def _verification_entry(a: BuiltArtifact, *, synthetic: bool) -> dict[str, Any]:
     for key in ("max_err_over_spread", "max_batch_dependence"):
         if key in summary:
             entry[key] = summary[key]
+    # per cell, so a report can show where in the matrix an artifact comes close to its bounds
+    entry["matrix"] = [_cell_record(c, a.report.tolerance) for c in a.report.cells]
     if a.report.tasks:
         entry["tasks"] = [_task_record(t) for t in a.report.tasks]
         if synthetic:
             entry["tasks_note"] = SYNTHETIC_TASKS_NOTE
     return entry
+
+
+def _cell_record(cell: CellResult, tolerance: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = cell.metrics
+    used = metrics.tolerance_used(tolerance)
+    return {
+        "cell": cell.name, "shape": list(cell.shape), "passed": cell.passed, "max_abs_err": _finite(metrics.max_abs_err),
+        "err_over_spread": metrics.err_over_spread, "batch_dependence": metrics.batch_dependence,
+        "tolerance_used": _finite(used),
+    }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an infinite error (the candidate raised) is recorded as null."""
+    return value if math.isfinite(value) else None
 
 
 def _task_record(task: TaskResult) -> dict[str, Any]:
@@ -317,6 +336,8 @@ def manifest_markdown(manifest: dict[str, Any], published: dict[str, Any] | None
         if source.get("repo_id") else f"local folder `{source.get('path')}`")
     where = (f"Published: {published['url']} as manifest_version {published['manifest_version']}"
              if published else "Not published (local build)")
+    if published and published.get("report"):
+        where += f"\n\nReport: [{published['report']}]({published['report']}) (plots of this release's verification)"
     lines = [f"# {manifest['variant']} {manifest['version']}", "", f"Source: {origin}", "", where, "",
              "| artifact | precision | size | sha256 |", "|---|---|---|---|"]
     for a in manifest["artifacts"]:

@@ -76,6 +76,26 @@ class Metrics:
         """The metrics of a candidate that produced no output (it raised): infinite errors."""
         return cls(max_abs_err=float("inf"), max_rel_err=float("inf"))
 
+    def tolerance_used(self, tolerance: Mapping[str, float | None]) -> float:
+        """The largest share of its bound any judged metric uses: 0.5 is half the tolerance, above 1 fails.
+
+        An upper bound is used by value / bound; a lower bound (agreement, correlation) by the
+        distance from perfect, (1 - value) / (1 - bound). Metrics not measured, or not bounded by
+        this tolerance, do not count; an infinite error uses infinitely much.
+        """
+        used = 0.0
+        for spec in fields(self):
+            value, meta = getattr(self, spec.name), spec.metadata
+            limit = tolerance.get(meta["bound"]) if meta["bound"] else None
+            if value is None or limit is None:
+                continue
+            if meta["op"] == "<=":
+                share = value / limit if limit > 0 else (0.0 if value <= 0 else float("inf"))
+            else:
+                share = (1 - value) / (1 - limit) if limit < 1 else (0.0 if value >= limit else float("inf"))
+            used = max(used, share)
+        return used
+
     def describe(self, tolerance: Mapping[str, float | None]) -> dict[str, str]:
         """Each metric as tables show it: the value next to its bound, e.g. "2.10e-06 (<= 0.0001)";
         "-" where not measured.

@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_release_commands(sub, common)
 
+    from mitra_model.cli.report_commands import add_report_commands  # `diff` is light; `report` imports plots when run
+
+    add_report_commands(sub, common)
+
     local_s3 = sub.add_parser(
         "local-s3", parents=[common], help="serve the configured bucket from a local SeaweedFS until stopped",
         description=f"Serve [store]'s bucket from SeaweedFS on 127.0.0.1. It needs two ports: S3 on --port N and its "

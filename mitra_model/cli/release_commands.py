@@ -279,6 +279,18 @@ def _pointer_ttl(args: argparse.Namespace) -> timedelta:
     return timedelta(days=load_config(args.config).signing.pointer_ttl_days)
 
 
+def document_renderer() -> Any:
+    """`mitra_model.report.release_documents`, or an error naming the extra that provides it."""
+    try:
+        # deferred: matplotlib is the [report] extra's; the release commands run without it
+        from mitra_model.report import release_documents
+    except ImportError as exc:
+        raise MitraBuildError(
+            f"Rendering a release's model card and report needs the [report] extra ({exc.name} is missing): "
+            "pip install 'mitra-build[report]'") from None
+    return release_documents
+
+
 def cmd_revert(args: argparse.Namespace) -> int:
     # deferred: a command loads only what it runs (boto3 alone costs 0.3 s of start-up)
     from mitra_model.release.maintenance import revert_release
@@ -289,7 +301,8 @@ def cmd_revert(args: argparse.Namespace) -> int:
     if signer is None:
         _say("note: no signing key (--signing-key, MITRA_SIGNING_KEY_FILE or MITRA_SIGNING_KEY): the revert "
              "is published UNSIGNED, and consumers that trust a key will refuse it")
-    result = revert_release(make_s3_client(store), store, args.variant, args.to, signer, _pointer_ttl(args))
+    result = revert_release(make_s3_client(store), store, args.variant, args.to, signer, _pointer_ttl(args),
+                            document_renderer())
     signed = f", signed by key id {signer.key_id[:16]}..." if signer is not None else ", unsigned"
     if result.already_published:
         print(f"{args.variant} already serves the artifacts of {args.to}: release {result.version} "

@@ -38,10 +38,12 @@ from mitra_model.errors import ConfigError, StoreAuthError, VersionConflictError
 from mitra_model.model.snapshot import Snapshot, read_model_config
 from mitra_model.pipeline import plumbing
 from mitra_model.release import keys as signing_keys
+from mitra_model.release import layout
 from mitra_model.release.log import latest_release
 from mitra_model.release.maintenance import refresh_pointer
 from mitra_model.release.publish import PublishResult, publish_build
 from mitra_model.release.store import StoreConfig, make_s3_client
+from mitra_model.report import release_documents
 
 
 @task(name="resolve-revision", cache_policy=NO_CACHE)
@@ -195,7 +197,7 @@ def publish_release(folder: Path, store: StoreConfig, ttl_days: int, signing_key
     signer = signing_keys.signer_from_environment(Path(signing_key) if signing_key else None)
     logger = get_run_logger()
     result = publish_build(folder, client=make_s3_client(store), store=store, signer=signer,
-                           pointer_ttl=timedelta(days=ttl_days))
+                           pointer_ttl=timedelta(days=ttl_days), documents=release_documents)
     logger.info("published %s %s as manifest_version %d (%s)", result.variant, result.version,
                 result.manifest_version, store.url(result.manifest_key))
     if signer is None:
@@ -287,7 +289,8 @@ def finish(variant: Variant, version: str, folder: Path, manifest: dict[str, Any
     logger = get_run_logger()
     published = publish_release(folder, store, ttl_days, signing_key) if store is not None else None
     where = None if published is None or store is None else {
-        "url": store.url(published.manifest_key), "manifest_version": published.manifest_version}
+        "url": store.url(published.manifest_key), "manifest_version": published.manifest_version,
+        "report": store.http_url(layout.artifact_key(store.prefix, variant.name, published.version, layout.REPORT_NAME))}
     # after publishing, so the summary can say where the release is and which manifest_version it got
     board.finished(version, builds.manifest_markdown(manifest, where))
     synthetic = manifest["source"]["synthetic"]

@@ -40,6 +40,7 @@ from mitra_model.errors import (
 )
 from mitra_model.release import layout
 from mitra_model.release.keys import TRUSTED_KEYS_ENV, TrustedKey, signature_required, trusted_keys_from
+from mitra_model.release.local import LocalRelease
 from mitra_model.release.objects import read_document
 from mitra_model.release.pull import PullResult, pull_release, require_trusted_keys, verified_copy
 from mitra_model.release.rules import (
@@ -57,6 +58,7 @@ from mitra_model.release.store import (
     list_objects,
     make_s3_client,
 )
+from mitra_model.release.trust import checked_manifest, fetch_pinned_manifest
 
 DEFAULT_CACHE_DIR = Path("~/.cache/mitra-build")
 
@@ -169,6 +171,7 @@ class ReleaseInfo:
         source_revision: the source's resolved commit (hub) or folder (a local snapshot).
         signed: the release carries a signature (`release.sig`, pinned by its record).
         reverted: this release re-publishes an earlier one (`mitra-build revert`).
+        documents: the release's documents (e.g. README.md, report.html), by file name.
     """
 
     variant: str
@@ -182,6 +185,7 @@ class ReleaseInfo:
     source_revision: str = ""
     signed: bool = False
     reverted: bool = False
+    documents: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,6 +310,7 @@ def _release_info(client: Any, store: StoreConfig, variant: str, listed: dict[st
         latest=pin.manifest_sha256 == latest_sha,
         source_revision=str(manifest["source"].get("resolved_commit") or manifest["source"].get("path") or ""),
         reverted=".revert-" in pin.version,  # maintenance.revert_version_id
+        documents=tuple(str(d.get("file")) for d in manifest.get("documents") or [] if isinstance(d, dict)),
     )
 
 
@@ -504,3 +509,40 @@ def pull_artifact(
                               refuse_synthetic=refuse_synthetic, progress=progress, client=client,
                               trusted_keys=trusted_keys, require_signature=require_signature, offline=offline)
     return result.files[artifact]
+
+
+def read_release_manifest(url: str, *, endpoint_url: str | None = None, client: Any = None
+                          ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The manifest of a published release and of the release before it, checked against the
+    SHA-256 their pointer or release records pin (signatures are not checked: nothing is run).
+
+    Args:
+        url: `s3://BUCKET/PREFIX/VARIANT[@VERSION]` (no version: latest).
+        endpoint_url: the S3 endpoint; None lets boto3 decide.
+        client: a boto3 S3 client to reuse (default: a new one).
+
+    Returns:
+        (manifest, previous): previous is None for the variant's first release.
+
+    Raises:
+        PullError / ChecksumMismatchError: no such release, or a manifest that is not what its record pins.
+        StoreAuthError / StoreUnreachableError: credentials refused / endpoint unreachable.
+    """
+    parsed = parse_release_url(url)
+    store = parsed.store(endpoint_url)
+    client = client or _client(store)
+    variant = parsed.variant or ""
+    nothing_local = LocalRelease(folder=None, record=None)
+
+    def manifest_of(version: str) -> dict[str, Any]:
+        raw, pin = fetch_pinned_manifest(client, store, variant, version, trusted=(), local=nothing_local)
+        return checked_manifest(raw, pin, store)
+
+    manifest = manifest_of(parsed.version)
+    number = manifest["manifest_version"]
+    if number <= 1:
+        return manifest, None
+    record = read_document(client, store, layout.release_record_key(store.prefix, variant, number - 1))
+    if record is None or not isinstance(record[0], dict) or segment_problem(record[0].get("version"), "version"):
+        raise PullError(f"Release {number - 1} of {variant!r} has no readable release record: the log is damaged")
+    return manifest, manifest_of(record[0]["version"])

@@ -7,6 +7,8 @@ Layout under `s3://BUCKET/PREFIX/`:
     <variant>/<version>/release.sig        the release signature (signed releases only)
     <variant>/_releases/<NNNNNNNN>.json    release record of manifest_version N (the commit point)
     <variant>/latest.json                  pointer to the newest release
+    <variant>/<version>/README.md, report.html   the release's model card and report page
+    <variant>/index.html, index.html       static pages: a variant's releases, the variants
     _prefect-results/                      Prefect task results (no variant can be named like
                                            this: variant names start with a letter or digit)
 
@@ -37,6 +39,10 @@ MANIFEST_NAME = "manifest.json"
 POINTER_NAME = "latest.json"
 RELEASES_DIR = "_releases"
 RESULTS_DIR = "_prefect-results"
+# A release's documents (mitra_model.report renders them, the manifest lists them, the signature covers them)
+MODEL_CARD_NAME = "README.md"
+REPORT_NAME = "report.html"
+INDEX_NAME = "index.html"  # the static pages of the bucket and of each variant (release/index.py)
 SIGNATURE_NAME = "release.sig"  # the release signature: in the store's version folder and in DEST
 # A pull's bookkeeping: `.<DEST name><SIDE_SUFFIX>/` beside DEST, holding these and the release folders.
 SIDE_SUFFIX = ".mitra"
@@ -123,6 +129,11 @@ def pointer_key(prefix: str, variant: str) -> str:
 def release_record_key(prefix: str, variant: str, manifest_version: int) -> str:
     """`<prefix>/<variant>/_releases/<NNNNNNNN>.json`: the record that claims `manifest_version` (>= 1)."""
     return join_key(variant_folder(prefix, variant), RELEASES_DIR, f"{manifest_version:0{_RELEASE_DIGITS}d}.json")
+
+
+def index_key(prefix: str, variant: str | None = None) -> str:
+    """`<prefix>/<variant>/index.html` (a variant's releases), or `<prefix>/index.html` (the variants)."""
+    return join_key(variant_folder(prefix, variant) if variant else prefix, INDEX_NAME)
 
 
 def results_folder(prefix: str) -> str:

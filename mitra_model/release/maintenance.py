@@ -14,10 +14,17 @@ from mitra_model.errors import (
     PublishError,
 )
 from mitra_model.release import layout
+from mitra_model.release.index import write_indexes
 from mitra_model.release.keys import Signer
 from mitra_model.release.log import log_tail, newest_record_from
 from mitra_model.release.pointer import DEFAULT_POINTER_TTL, format_time, sign_pointer
-from mitra_model.release.publish import PUBLISH_FIELDS, PublishResult, move_pointer, publish_manifest
+from mitra_model.release.publish import (
+    PUBLISH_FIELDS,
+    DocumentRenderer,
+    PublishResult,
+    move_pointer,
+    publish_manifest,
+)
 from mitra_model.release.rules import (
     segment_problem,
     sha256_bytes,
@@ -90,6 +97,7 @@ def refresh_pointer(
         body = sign_pointer(target, signer, expires=expires)
         if s3.put_if_match(key, sha256_bytes(body), body, etag):
             s3.check_written(key, sha256_bytes(body))
+            write_indexes(s3, variant)
             return PointerResult(
                 variant=variant,
                 version=target["version"],
@@ -120,6 +128,7 @@ def revert_release(
     to_version: str,
     signer: Signer | None,
     ttl: timedelta = DEFAULT_POINTER_TTL,
+    documents: DocumentRenderer | None = None,
 ) -> PublishResult:
     """Make an earlier release's artifacts the latest again, as a NEW release (forward, not back).
 
@@ -189,7 +198,8 @@ def revert_release(
         return move_pointer(s3, store, tail, signer, ttl)  # already serving these artifacts
 
     draft = copy.deepcopy(old)
-    for field in PUBLISH_FIELDS:
+    for field in (*PUBLISH_FIELDS, "documents"):  # the revert's documents are its own (they say it reverts)
         draft.pop(field, None)
     draft["version"] = revert_version_id(to_version, tail["manifest_version"])
-    return publish_manifest(s3, store, draft, signer, ttl)
+    draft["reverts"] = {"version": to_version, "manifest_version": record["manifest_version"]}
+    return publish_manifest(s3, store, draft, signer, ttl, documents)

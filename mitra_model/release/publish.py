@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ from mitra_model.errors import (
 )
 from mitra_model.fileutil import sha256_file
 from mitra_model.release import layout
+from mitra_model.release.index import write_indexes
 from mitra_model.release.keys import Signer
 from mitra_model.release.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, SIGNATURE_NAME
 from mitra_model.release.log import log_tail, record_fields, release_record
@@ -66,6 +68,13 @@ from mitra_model.release.store import (
 from mitra_model.release.writes import MAX_CAS_ATTEMPTS, ConditionalWriter, backoff
 
 PUBLISH_FIELDS = ("manifest_version", "previous_manifest_sha256")
+
+# Renders a release's documents (file name -> bytes: the model card, the report page) from its final
+# manifest, without `documents`, the manifest of the release before it (None for the first) and the
+# variant's URL (s3://BUCKET/PREFIX/VARIANT): `mitra_model.report.release_documents`. Injected, so
+# publishing needs no plotting library.
+DocumentRenderer = Callable[[dict[str, Any], dict[str, Any] | None, str], dict[str, bytes]]
+DOCUMENT_TYPES = {".md": "text/markdown; charset=utf-8", ".html": "text/html; charset=utf-8"}
 
 _MAX_RELEASE_ATTEMPTS = 12  # lost manifest_version claims before giving up
 
@@ -318,8 +327,8 @@ def _unverified_signed_files(bundle: bytes) -> dict[str, str] | None:
 
 
 def _signed_files(doc: dict[str, Any], manifest_sha: str) -> dict[str, str]:
-    """The complete release folder of a manifest: every artifact file, and manifest.json."""
-    files = {a["file"]: a["sha256"] for a in doc["artifacts"]}
+    """The complete release folder of a manifest: every artifact and document, and manifest.json."""
+    files = {a["file"]: a["sha256"] for a in (*doc["artifacts"], *(doc.get("documents") or []))}
     files[MANIFEST_NAME] = manifest_sha
     return files
 
@@ -331,6 +340,7 @@ def publish_build(
     store: StoreConfig,
     signer: Signer | None = None,
     pointer_ttl: timedelta = DEFAULT_POINTER_TTL,
+    documents: DocumentRenderer | None = None,
 ) -> PublishResult:
     """Upload a verified build and make it the variant's latest release.
 
@@ -347,6 +357,9 @@ def publish_build(
             which consumers that trust a key refuse.
         pointer_ttl: how long the signed pointer stays valid; the scheduled `refresh_pointer`
             must run well within it.
+        documents: renders the release's documents (README.md, report.html) from its final
+            manifest; they are published beside the artifacts, listed in the manifest and signed
+            with the release. None: a release without documents.
 
     Returns:
         PublishResult with the manifest key, its SHA-256, `manifest_version` and signature key.
@@ -359,7 +372,7 @@ def publish_build(
     """
     build_dir = Path(build_dir)
     draft, files = _read_draft(build_dir)
-    for field in PUBLISH_FIELDS:
+    for field in (*PUBLISH_FIELDS, "documents"):
         draft.pop(field, None)
     for artifact in draft["artifacts"]:
         artifact.pop("s3_key", None)  # a build's artifacts live under its own version
@@ -373,13 +386,15 @@ def publish_build(
     for artifact, local in files:
         key = layout.artifact_key(store.prefix, draft["variant"], draft["version"], artifact["file"])
         s3.put_immutable(key, artifact["sha256"], local, "application/octet-stream")
-    return publish_manifest(s3, store, draft, signer, pointer_ttl)
+    return publish_manifest(s3, store, draft, signer, pointer_ttl, documents)
 
 
 def publish_manifest(
-    s3: ConditionalWriter, store: StoreConfig, draft: dict[str, Any], signer: Signer | None, ttl: timedelta
+    s3: ConditionalWriter, store: StoreConfig, draft: dict[str, Any], signer: Signer | None, ttl: timedelta,
+    documents: DocumentRenderer | None = None,
 ) -> PublishResult:
-    """Write the manifest of `draft` (artifacts already in place), sign, claim a number, move the pointer."""
+    """Write the manifest of `draft` (artifacts already in place) and its documents, sign, claim a
+    number, move the pointer."""
     variant, version = draft["variant"], draft["version"]
     manifest_key = layout.manifest_key(store.prefix, variant, version)
     identity = _release_identity(draft)
@@ -412,6 +427,7 @@ def publish_manifest(
                 return move_pointer(s3, store, record_fields(record[0]), signer, ttl)
             if record is None:
                 # Written by a publish that stopped before claiming its number: claim it now.
+                _check_documents(s3, doc)
                 signature = _sign(s3, store, doc, sha, signer)
                 if (claimed := _claim(s3, store, release_record(variant, version, manifest_key, sha, mv, signature))):
                     return move_pointer(s3, store, claimed, signer, ttl)
@@ -423,6 +439,10 @@ def publish_manifest(
         mv = tail["manifest_version"] + 1 if tail else 1
         previous = tail["manifest_sha256"] if tail else None
         doc = _final_manifest(draft, store, mv, previous)
+        if signer is not None:  # so the documents can say who signs the release; the signature proves it
+            doc["signed_by"] = signer.key_id
+        if documents is not None:
+            doc["documents"] = _publish_documents(s3, store, doc, _manifest_of(s3, tail), documents)
         if errors := manifest_schema_errors(doc):
             raise PublishError("The final manifest does not match the schema:\n  - " + "\n  - ".join(errors))
         body = canonical_json(doc)
@@ -439,6 +459,56 @@ def publish_manifest(
         f"Gave up publishing {variant}/{version} after {_MAX_RELEASE_ATTEMPTS} lost races for a "
         "manifest_version; other publishers are very busy. Re-run the publish."
     )
+
+
+def _manifest_of(s3: ConditionalWriter, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The released manifest a release record names, checked against the sha256 it pins."""
+    if record is None:
+        return None
+    found = s3.read_json(record["manifest_key"])
+    if found is None or sha256_bytes(found[1]) != record["manifest_sha256"] or not isinstance(found[0], dict):
+        raise PublishError(
+            f"{s3.url(record['manifest_key'])} is missing or does not have the sha256 release "
+            f"{record['manifest_version']} pins: the released manifest was modified in the store. Restore it first."
+        )
+    return found[0]
+
+
+def _publish_documents(s3: ConditionalWriter, store: StoreConfig, doc: dict[str, Any],
+                       previous: dict[str, Any] | None, render: DocumentRenderer) -> list[dict[str, Any]]:
+    """Render and upload the documents of the final manifest `doc`; their entries for its `documents`.
+
+    Written before the manifest that names them, so until then they may be replaced (a renumbered
+    manifest renders them again: its number and predecessor changed).
+    """
+    artifact_files = {a["file"] for a in doc["artifacts"]}
+    entries = []
+    where = store.url(layout.variant_folder(store.prefix, doc["variant"]))
+    for name, body in sorted(render(doc, previous, where).items()):
+        suffix = "." + name.rsplit(".", 1)[-1]
+        problem = (file_name_problem(name) or ("an artifact has that name" if name in artifact_files else None)
+                   or (None if suffix in DOCUMENT_TYPES else f"only {', '.join(DOCUMENT_TYPES)} documents are published"))
+        if problem:
+            raise PublishError(f"Cannot publish the document {name!r}: {problem}")
+        key = layout.artifact_key(store.prefix, doc["variant"], doc["version"], name)
+        sha = sha256_bytes(body)
+        s3.put_unreleased(key, sha, body, DOCUMENT_TYPES[suffix])
+        entries.append({"file": name, "size": len(body), "sha256": sha, "media_type": DOCUMENT_TYPES[suffix],
+                        "s3_key": key})
+    return entries
+
+
+def _check_documents(s3: ConditionalWriter, doc: dict[str, Any]) -> None:
+    """Refuse to release a manifest whose documents are not what it lists (a racing publisher of
+    the same version replaced them between writing them and writing its manifest)."""
+    for entry in doc.get("documents") or []:
+        stored = s3.stored_sha256(entry["s3_key"])
+        if stored != entry["sha256"]:
+            raise PublishError(
+                f"{s3.url(entry['s3_key'])} {'is missing' if stored is None else f'has sha256 {stored}'}, but the "
+                f"unreleased manifest of {doc['variant']} {doc['version']} lists {entry['sha256']} (another "
+                "publisher of this version replaced it). Re-run the publish."
+            )
 
 
 def _sign(
@@ -473,6 +543,7 @@ def move_pointer(
     s3: ConditionalWriter, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
 ) -> PublishResult:
     _advance_pointer(s3, store, target, signer, ttl)
+    write_indexes(s3, target["variant"])
     return PublishResult(
         variant=target["variant"],
         version=target["version"],

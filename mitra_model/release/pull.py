@@ -96,6 +96,9 @@ class PullResult:
         signed: the release carries a signature (its pointer or release record pins one), whether
             or not this pull checked it.
         downloaded_bytes: bytes fetched for artifacts by this call (0: nothing changed).
+        documents: the release's documents in DEST by file name (README.md: the model card,
+            report.html: the report page), verified like the artifacts; empty for a release
+            published without them.
     """
 
     version: str
@@ -107,6 +110,7 @@ class PullResult:
     signed_by: str | None = None
     signed: bool = False
     downloaded_bytes: int = field(default=0, compare=False)
+    documents: dict[str, Path] = field(default_factory=dict)
 
     @property
     def signature_checked(self) -> bool:
@@ -203,13 +207,16 @@ def pull_release(
     if same:  # keep what DEST already holds of this release: repeated single-artifact pulls add up
         wanted += [a for a in manifest["artifacts"]
                    if a not in wanted and local.trusted(target, a["file"], a["sha256"]) is not None]
+    named = list(wanted)
+    wanted += manifest.get("documents") or []  # whichever artifacts are pulled, the card and report come too
     if signature is not None:  # before any byte is downloaded: only what the publisher signed
         for artifact in wanted:
             signature.content.check_file(artifact["file"], artifact["sha256"])
     result = PullResult(
         version=manifest["version"],
         manifest_version=manifest["manifest_version"],
-        files={a["name"]: target.path / a["file"] for a in wanted},
+        files={a["name"]: target.path / a["file"] for a in named},
+        documents=_documents_in(manifest, target.path),
         manifest_path=target.path / MANIFEST_NAME,
         manifest_sha256=manifest_sha,
         synthetic=synthetic,
@@ -274,7 +281,8 @@ def verified_copy(dest: Path, variant: str, *, artifacts: Sequence[str] | None =
         return None
     if sha256_bytes(raw) != local.record.manifest_sha256:
         return None
-    wanted = _select(manifest, artifacts)
+    named = _select(manifest, artifacts)
+    wanted = named + (manifest.get("documents") or [])
     if any(local.trusted(target, a["file"], a["sha256"]) is None for a in wanted):
         return None
     signed_by = None
@@ -288,7 +296,8 @@ def verified_copy(dest: Path, variant: str, *, artifacts: Sequence[str] | None =
         signed_by = content.key_id
     return PullResult(
         version=local.record.version, manifest_version=local.record.manifest_version,
-        files={a["name"]: target.path / a["file"] for a in wanted}, manifest_path=target.path / MANIFEST_NAME,
+        files={a["name"]: target.path / a["file"] for a in named}, manifest_path=target.path / MANIFEST_NAME,
+        documents=_documents_in(manifest, target.path),
         manifest_sha256=local.record.manifest_sha256, synthetic=is_synthetic(manifest), signed_by=signed_by,
         signed=(folder / SIGNATURE_NAME).exists() or signed_by is not None,
     )
@@ -305,29 +314,13 @@ def _cannot_pull(dest: Dest, exc: OSError) -> OutputError:
     )
 
 
-# -- signatures ---------------------------------------------------------------------------------
-
-
-
-
 def _taken(wanted: list[dict[str, Any]], manifest_sha: str) -> dict[str, str]:
     """file name -> SHA-256 of what a pull puts into DEST's release folder (the manifest included)."""
     return {MANIFEST_NAME: manifest_sha, **{a["file"]: a["sha256"] for a in wanted}}
 
 
-
-
-
-
-# -- checks -------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
+def _documents_in(manifest: dict[str, Any], folder: Path) -> dict[str, Path]:
+    return {d["file"]: folder / d["file"] for d in manifest.get("documents") or []}
 
 
 def _select(manifest: dict[str, Any], names: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -409,16 +402,6 @@ def _install(
     return downloaded
 
 
-
-
-
-
-
-
-
-
-
-
 def _stage(
     dest: Dest, local: LocalRelease, staging: Path, wanted: list[dict[str, Any]],
     client: Any, store: StoreConfig, progress: bool, content: SignedContent | None,
@@ -446,11 +429,3 @@ def _stage(
         for artifact in to_fetch:
             records[artifact["file"]] = file_record(staging / artifact["file"], artifact["sha256"])
     return records, sum(a["size"] for a in to_fetch)
-
-
-
-
-
-
-
-

@@ -44,7 +44,8 @@ class FolderCheck:
 
 def check_release_folder(folder: Path, *, trusted_keys: Sequence[bytes] = ()) -> FolderCheck:
     """Re-hash every artifact file in `folder` against its manifest and, with trusted keys, check the
-    manifest and those files against the release signature (a partial folder is fine).
+    manifest and those files against the release signature (a partial folder is fine). The release's
+    documents (model card, report page) must all be there: every pull brings them.
 
     Raises:
         PullError: not a pulled release folder (no or unreadable manifest), or no artifact in it.
@@ -75,6 +76,14 @@ def check_release_folder(folder: Path, *, trusted_keys: Sequence[bytes] = ()) ->
         digests[artifact["file"]] = actual
     if not present:
         raise PullError(f"{folder} holds none of its manifest's artifacts ({', '.join(missing)})")
+    for document in manifest.get("documents") or []:  # every pull brings them: a missing one was removed
+        path = folder / document["file"]
+        actual = sha256_file(path) if path.exists() else None
+        if actual != document["sha256"]:
+            raise ChecksumMismatchError(f"{path} {'is missing' if actual is None else f'has sha256 {actual}'}; the "
+                                        f"manifest says {document['sha256']}: the folder changed after it was pulled. "
+                                        "Pull the release again.")
+        digests[document["file"]] = actual
     signature = folder / SIGNATURE_NAME
     signed_by = None
     if trusted_keys:

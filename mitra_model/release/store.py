@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -161,6 +161,13 @@ class StoreConfig(BaseModel):
     def url(self, key: str = "") -> str:
         """`s3://bucket/key` for messages."""
         return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+
+    def http_url(self, key: str) -> str:
+        """The object's HTTP address, for a browser: path-style on a custom endpoint, AWS's virtual-host
+        style otherwise. It opens where the bucket is readable without credentials (a static site)."""
+        if self.endpoint_url:
+            return f"{self.endpoint_url}/{self.bucket}/{quote(key)}"
+        return f"https://{self.bucket}.s3.{self.region}.amazonaws.com/{quote(key)}"
 
 
 def make_s3_client(config: StoreConfig) -> Any:

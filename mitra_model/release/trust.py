@@ -301,19 +301,20 @@ def checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> dic
             f"{', '.join(map(repr, READABLE_MANIFEST_SCHEMA_IDS))}. Upgrade mitra-build to pull it."
         )
     problems: list[str] = []
-    artifacts = doc.get("artifacts") if isinstance(doc.get("artifacts"), list) else []
-    for index, artifact in enumerate(artifacts):
-        if not isinstance(artifact, dict):
-            continue
-        file = artifact.get("file")
-        if problem := file_name_problem(file):
-            problems.append(f"artifacts[{index}]: {problem}")
-            continue
-        if problem := _key_problem(artifact.get("s3_key")):
-            problems.append(f"artifacts[{index}]: {problem}")
-            continue
-        if problem := _artifact_key_problem(artifact["s3_key"], store, pin["variant"], file):
-            problems.append(f"artifacts[{index}]: {problem}")
+    for section in ("artifacts", "documents"):
+        entries = doc.get(section) if isinstance(doc.get(section), list) else []
+        for index, artifact in enumerate(entries):
+            if not isinstance(artifact, dict):
+                continue
+            file = artifact.get("file")
+            if problem := file_name_problem(file):
+                problems.append(f"{section}[{index}]: {problem}")
+                continue
+            if problem := _key_problem(artifact.get("s3_key")):
+                problems.append(f"{section}[{index}]: {problem}")
+                continue
+            if problem := _artifact_key_problem(artifact["s3_key"], store, pin["variant"], file):
+                problems.append(f"{section}[{index}]: {problem}")
     if problems:
         raise PullError(f"{what} names unsafe files; nothing was pulled:" + _listed(problems))
     if errors := manifest_schema_errors(doc):
@@ -322,7 +323,7 @@ def checked_manifest(raw: bytes, pin: dict[str, Any], store: StoreConfig) -> dic
         if doc[field_name] != pin[field_name]:
             raise PullError(f"{what} says {field_name}={doc[field_name]!r}, but its pointer says {pin[field_name]!r}")
     names = [a["name"] for a in doc["artifacts"]]
-    files = [a["file"] for a in doc["artifacts"]]
+    files = [a["file"] for a in (*doc["artifacts"], *doc.get("documents", []))]
     if len(set(names)) != len(names) or len(set(files)) != len(files):
         raise PullError(f"{what} lists an artifact name or file twice")
     return doc

@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError, FlexibleChecksumError
 from mitra_model.errors import ChecksumMismatchError, PublishError, VersionConflictError
 from mitra_model.release.log import read_record
 from mitra_model.release.objects import read_document, read_object
+from mitra_model.release.rules import sha256_bytes
 from mitra_model.release.store import (
     StoreConfig,
     describe_client_error,
@@ -188,3 +189,25 @@ class ConditionalWriter:
             raise self._put_error(key, exc) from exc
         self.uploaded.append(key)
         return True
+
+    def put_unreleased(self, key: str, sha256: str, body: bytes, content_type: str) -> None:
+        """Write `key` unless it already holds these bytes, replacing what is there.
+
+        Only for objects no release names yet (a release's documents before its manifest is
+        written): replacing them cannot change anything a consumer was promised.
+        """
+        if self.stored_sha256(key) == sha256:
+            return
+        try:
+            self._put(key, sha256, body, content_type)
+        except ClientError as exc:
+            raise self._put_error(key, exc) from exc
+        self.check_written(key, sha256)
+        self.uploaded.append(key)
+
+    def put_view(self, key: str, body: bytes, content_type: str) -> None:
+        """Overwrite a derived page (an index), which names releases but is never pinned by one."""
+        try:
+            self._put(key, sha256_bytes(body), body, content_type)
+        except ClientError as exc:
+            raise self._put_error(key, exc) from exc

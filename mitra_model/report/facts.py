@@ -1,0 +1,113 @@
+"""What the model card and the report page both say about a release, read from its manifest.
+
+A manifest of any schema this package reads (v1 lacks the signal metrics, a build folder's draft
+lacks the publish fields), so every fact tolerates a missing field and says "not recorded".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# The checkpoints every Mitra build descends from: a local folder (a fine-tune) names its task's as base_model.
+UPSTREAM_REPOS = {True: "autogluon/mitra-classifier", False: "autogluon/mitra-regressor"}
+# The sources whose license is known (Hugging Face model pages of the upstream checkpoints).
+KNOWN_LICENSES = {"autogluon/mitra-classifier": "apache-2.0", "autogluon/mitra-regressor": "apache-2.0"}
+VERIFICATION_BOUNDS = (  # (label, manifest verification key, tolerance key)
+    ("max abs err", "max_abs_err", "max_abs"),
+    ("max err/spread", "max_err_over_spread", "max_err_over_spread"),
+    ("batch dependence", "max_batch_dependence", "max_batch_dependence"),
+)
+
+
+@dataclass(frozen=True)
+class ArtifactFacts:
+    name: str
+    file: str
+    precision: str
+    flavour: str
+    use_for: str
+    runtimes: tuple[str, ...]
+    size: int
+    sha256: str
+    relative_cpu_time: float | None  # ONNX Runtime CPU time of the matrix over the portable fp32 file's
+    verification: dict[str, Any]  # the manifest's entry (empty when none was recorded)
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.get("passed") is True
+
+    def metric(self, key: str) -> float | None:
+        value = self.verification.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def bound(self, key: str) -> float | None:
+        value = (self.verification.get("tolerance") or {}).get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def artifacts(manifest: dict[str, Any]) -> list[ArtifactFacts]:
+    """Every artifact of the release, in manifest order, with its verification entry."""
+    verification = manifest.get("verification") or {}
+    found = []
+    for a in manifest.get("artifacts") or []:
+        flavour, precision = str(a.get("flavour") or "portable"), str(a.get("precision") or "?")
+        found.append(ArtifactFacts(
+            name=str(a.get("name")), file=str(a.get("file")), precision=precision, flavour=flavour,
+            use_for=str(a.get("purpose") or ""),  # the recipe's: what the file is for
+            runtimes=tuple(a.get("runtimes") or ()), size=int(a.get("size") or 0), sha256=str(a.get("sha256") or ""),
+            relative_cpu_time=(a.get("cpu") or {}).get("relative_to_fp32"),
+            verification=verification.get(a.get("name")) or verification.get(precision) or {},
+        ))
+    return found
+
+
+def base_model(manifest: dict[str, Any]) -> str:
+    return (manifest.get("source") or {}).get("repo_id") or UPSTREAM_REPOS[is_classifier(manifest)]
+
+
+def reference_file(manifest: dict[str, Any]) -> str:
+    """The file examples run: the portable fp32 graph, else the first artifact."""
+    found = artifacts(manifest)
+    portable = [a for a in found if a.flavour == "portable" and a.precision == "fp32" and a.name == "fp32"]
+    return (portable or found)[0].file if found else "model.onnx"
+
+
+def is_synthetic(manifest: dict[str, Any]) -> bool:
+    return (manifest.get("source") or {}).get("synthetic") is not False
+
+
+def is_classifier(manifest: dict[str, Any]) -> bool:
+    task = (manifest.get("model") or {}).get("task")
+    if task is not None:
+        return str(task).upper().startswith("CLASS")
+    return "regress" not in str(manifest.get("variant"))
+
+
+def origin(manifest: dict[str, Any]) -> str:
+    """Where the weights came from, in one line."""
+    source = manifest.get("source") or {}
+    if source.get("repo_id") and source.get("resolved_commit"):
+        text = f"{source['repo_id']} @ {source.get('requested_revision')} (commit {source['resolved_commit']})"
+    elif source.get("repo_id"):
+        text = f"{source['repo_id']} (built from the local folder {source.get('path')})"
+    else:
+        text = f"the local folder {source.get('path')}"
+    return ("SYNTHETIC snapshot with random weights, shaped like " + text) if is_synthetic(manifest) else text
+
+
+def release_label(manifest: dict[str, Any]) -> str:
+    number = manifest.get("manifest_version")
+    return f"{manifest.get('variant')} {manifest.get('version')}" + (f" (release {number})" if number else " (unpublished build)")
+
+
+def format_size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
+
+
+def format_number(value: float | None, fmt: str = ".3g") -> str:
+    return "not recorded" if value is None else format(value, fmt)
+
+
+SYNTHETIC_WARNING = ("SYNTHETIC: built from random weights, not a trained checkpoint. The files compute what "
+                     "upstream Mitra computes with these weights, but their predictions are meaningless.")
