@@ -253,3 +253,32 @@ def test_pages_render_in_chromium_from_disk_and_from_the_store(
     index = _open((site / layout.index_key(s3_store.prefix, VARIANT)).as_uri(), OUTPUT / "variant-index-file.png")
     for link in index["links"][1:]:  # every release's link resolves to its report in the mirrored site
         assert (site / layout.variant_folder(s3_store.prefix, VARIANT) / link).is_file(), link
+
+
+def test_diff_names_added_removed_and_rebuilt_artifacts_and_refuses_two_variants(
+    builds: tuple[Path, Path], s3_store: StoreConfig, s3_client: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mitra_model.release.diff import manifest_diff
+
+    old = json.loads((builds[0] / layout.MANIFEST_NAME).read_text())
+    new = copy.deepcopy(old)
+    new["artifacts"] = [a for a in new["artifacts"] if a["name"] != "int4"]
+    new["artifacts"].append({**new["artifacts"][0], "name": "int2", "sha256": "0" * 64})
+    new["artifacts"][0]["sha256"] = "1" * 64
+    changes = {a["name"]: a["change"] for a in manifest_diff(old, new)["artifacts"]}
+    assert (changes["int4"], changes["int2"], changes["fp32"], changes["int8"]) == ("removed", "added", "rebuilt", "same")
+
+    publish_build(builds[0], client=s3_client, store=s3_store)
+    other = make_variant_copy(builds[0], "mitra-other")
+    publish_build(other, client=s3_client, store=s3_store)
+    base = f"s3://{s3_store.bucket}/{s3_store.prefix}"
+    assert main(["diff", f"{base}/{VARIANT}", f"{base}/mitra-other", "--endpoint-url", s3_store.endpoint_url]) == 2
+    assert "releases of different variants" in capsys.readouterr().err
+
+
+def make_variant_copy(build: Path, variant: str) -> Path:
+    copied = build.parent / f"{build.name}-{variant}"
+    shutil.copytree(build, copied)
+    manifest = json.loads((copied / layout.MANIFEST_NAME).read_text())
+    (copied / layout.MANIFEST_NAME).write_text(json.dumps({**manifest, "variant": variant}))
+    return copied

@@ -147,6 +147,8 @@ def _pull(manifest: dict[str, Any], where: str) -> list[str]:
     lines = ["```sh", f"mitra-build pull {url} --dest ./mitra --trusted-key release-signing.pub --require-signature",
              "model_signing verify key --public_key release-signing.pub "
              f"--signature ./mitra/{SIGNATURE_NAME} --allow_symlinks ./mitra", "```", ""]
+    lines.append("Add `--endpoint-url URL` for a store other than AWS S3 (e.g. `http://127.0.0.1:8333`, the local one).")
+    lines.append("")
     lines.append(f"This release is signed (key id `{signed}`): `{SIGNATURE_NAME}` beside this card signs every file, this "
                  "card and the report included." if signed else
                  "This release is **not signed**: a pull with `--trusted-key` refuses it. Pull without a key, "
@@ -168,6 +170,13 @@ def model_card(manifest: dict[str, Any], where: str = "s3://BUCKET/PREFIX/VARIAN
     lines = [f"# {facts.release_label(manifest)}: Mitra as ONNX", ""]
     if facts.is_synthetic(manifest):
         lines += [f"> **{facts.SYNTHETIC_WARNING}**", ""]
+    failed = [a.name for a in found if not a.passed]
+    lines += [f"**Take `{facts.reference_file(manifest)}`** unless a row of the table below fits your runtime better: it "
+              "computes what upstream Mitra computes. " + ("Every file passed verification against upstream. " if not failed
+                                                           else f"**Verification FAILED for {', '.join(failed)}.** ")
+              + {"signed": f"Signed (key id `{manifest.get('signed_by')}`).", "unsigned": "**Not signed.**",
+                 "unpublished": "An unpublished build: a release is signed when it is published."}[facts.signing_status(manifest)],
+              ""]
     lines += [f"Mitra ({'classifier' if facts.is_classifier(manifest) else 'regressor'}), the tabular foundation model, "
               f"exported to ONNX by mitra-build from {facts.origin(manifest)}. Every file below was compared with "
               f"upstream AutoGluon Mitra on a matrix of shapes and on real tables; plots are in `{REPORT_NAME}`.", "",

@@ -101,6 +101,13 @@ def release_label(manifest: dict[str, Any]) -> str:
     return f"{manifest.get('variant')} {manifest.get('version')}" + (f" (release {number})" if number else " (unpublished build)")
 
 
+def signing_status(manifest: dict[str, Any]) -> str:
+    """One of "signed", "unsigned" (published without a signature), "unpublished" (a build folder's draft)."""
+    if manifest.get("signed_by"):
+        return "signed"
+    return "unsigned" if manifest.get("manifest_version") else "unpublished"
+
+
 def format_size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 

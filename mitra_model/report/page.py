@@ -49,10 +49,12 @@ def _chart(name: str, svg: str | None, caption: str) -> str:
 def _verdict(manifest: dict[str, Any], found: list[ArtifactFacts]) -> str:
     file = facts.reference_file(manifest)
     failed = [a.name for a in found if not a.passed]
-    signed = manifest.get("signed_by")
-    trust = (f"Signed (key id <code>{_esc(signed)}</code>): <code>{SIGNATURE_NAME}</code> signs every file of the "
-             "release, this page included; pull with <code>--trusted-key</code> to check it." if signed else
-             "<strong>Not signed</strong>: only the SHA-256 digests in the manifest vouch for the files.")
+    trust = {
+        "signed": f"Signed (key id <code>{_esc(manifest.get('signed_by'))}</code>): <code>{SIGNATURE_NAME}</code> signs "
+                  "every file of the release, this page included; pull with <code>--trusted-key</code> to check it.",
+        "unsigned": "<strong>Not signed</strong>: only the SHA-256 digests in the manifest vouch for the files.",
+        "unpublished": "An unpublished build: a release is signed when it is published.",
+    }[facts.signing_status(manifest)]
     checked = ("every file passed verification against upstream" if not failed
                else f'<span class="fail">verification FAILED for {_esc(", ".join(failed))}</span>')
     return (f'<div class="take"><p><strong>Take <code>{_esc(file)}</code></strong> unless a row below fits your '
