@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -36,9 +37,10 @@ from mitra_model.errors import (
 )
 from mitra_model.release import layout
 from mitra_model.release.layout import POINTER_SCHEMA_ID
-from mitra_model.release.publish import PublishResult, publish_build
+from mitra_model.release.publish import DocumentRenderer, PublishResult, publish_build
 from mitra_model.release.pull import pull_release
 from mitra_model.release.store import StoreConfig, ensure_bucket, make_s3_client
+from mitra_model.report import release_documents
 
 pytestmark = pytest.mark.usefixtures("time_limit")
 
@@ -230,22 +232,27 @@ def test_refused_draft_writes_nothing(s3_store: StoreConfig, s3_client: Any, tmp
     assert list_keys(s3_client, s3_store) == []
 
 
-@pytest.mark.parametrize("after", [False, True], ids=["crash-before-call", "crash-after-call"])
-@pytest.mark.parametrize("first_release", [False, True], ids=["second-release", "first-release"])
+@pytest.mark.parametrize(("after", "first_release", "documents"), [
+    (False, False, None), (True, False, None), (False, True, None), (True, True, None),
+    (True, False, release_documents),  # the card and report are written before the manifest that lists them
+], ids=["crash-before-call-second-release", "crash-after-call-second-release", "crash-before-call-first-release",
+        "crash-after-call-first-release", "crash-after-call-second-release-with-documents"])
 def test_publish_interrupted_at_every_call_converges(
-    s3_server: LocalS3Server, s3_store: StoreConfig, s3_client: Any, tmp_path: Path, after: bool, first_release: bool
+    s3_server: LocalS3Server, s3_store: StoreConfig, s3_client: Any, tmp_path: Path, after: bool, first_release: bool,
+    documents: DocumentRenderer | None,
 ) -> None:
     """Crash the N-th S3 call of a publish, for every N: a consumer sees the old release (or, for the
     first one, nothing) or the new one, complete; a plain re-run finishes the publish."""
     v1, v2 = make_build(tmp_path, seed=1), make_build(tmp_path, seed=2)
+    publish = functools.partial(publish_build, documents=documents)
     expected_mv = 1 if first_release else 2
     completed_at = None
     for n in range(1, 100):
         store = store_for(s3_server.endpoint_url, bucket=s3_store.bucket, prefix=f"crash/{n}")
-        first = None if first_release else publish_build(v1, client=s3_client, store=store)
+        first = None if first_release else publish(v1, client=s3_client, store=store)
         crashing = CrashingClient(s3_client, crash_at=n, after=after)
         try:
-            publish_build(v2, client=crashing, store=store)
+            publish(v2, client=crashing, store=store)
             completed_at = n
         except SimulatedCrash:
             pass
@@ -253,7 +260,7 @@ def test_publish_interrupted_at_every_call_converges(
         allowed = (None, _version(v2)) if first_release else (_version(v1), _version(v2), STALE_POINTER)
         assert seen in allowed, f"crash at call {n}: consumer saw {seen}"
 
-        rerun = publish_build(v2, client=s3_client, store=store)
+        rerun = publish(v2, client=s3_client, store=store)
         assert (rerun.version, rerun.manifest_version) == (_version(v2), expected_mv), f"crash at call {n}"
         pointer = _assert_consistent(s3_client, store, expected_mv)
         manifest, _ = read_json_object(s3_client, store, pointer["manifest_key"])
@@ -267,8 +274,8 @@ def test_publish_interrupted_at_every_call_converges(
     counting = CrashingClient(s3_client)
     store = store_for(s3_server.endpoint_url, bucket=s3_store.bucket, prefix="crash/count")
     if not first_release:
-        publish_build(v1, client=s3_client, store=store)
-    publish_build(v2, client=counting, store=store)
+        publish(v1, client=s3_client, store=store)
+    publish(v2, client=counting, store=store)
     assert completed_at == len(counting.calls) + 1 and len(counting.calls) > 5
 
 
@@ -286,6 +293,24 @@ def test_lost_race_for_manifest_version_renumbers(s3_store: StoreConfig, s3_clie
     assert result.manifest_version == 2 and result.version == _version(slow)
     _assert_consistent(s3_client, s3_store, 2)
     _chain(s3_client, s3_store, 2)
+
+
+def test_a_renumbered_release_renders_its_documents_again(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
+    """The documents say which release came before: a manifest that lost its number gets them anew."""
+    slow, fast = make_build(tmp_path, seed=1), make_build(tmp_path, seed=2)
+    record_1 = layout.release_record_key(s3_store.prefix, VARIANT, 1)
+
+    def let_fast_win(n: int, name: str, kwargs: dict[str, Any]) -> None:
+        if name == "put_object" and kwargs.get("Key") == record_1 and not fast_done:
+            fast_done.append(publish_build(fast, client=s3_client, store=s3_store, documents=release_documents))
+
+    fast_done: list[PublishResult] = []
+    result = publish_build(slow, client=CrashingClient(s3_client, hook=let_fast_win), store=s3_store,
+                           documents=release_documents)
+    assert result.manifest_version == 2
+    pulled = pull_release(VARIANT, dest=tmp_path / "dest", client=s3_client, store=s3_store, progress=False)
+    assert f"Compared with {VARIANT} {fast_done[0].version} (release 1)" in pulled.documents["report.html"].read_text()
+    assert f"{_version(slow)} (release 2)" in pulled.documents["README.md"].read_text()
 
 
 def test_slow_racer_never_rolls_the_pointer_back(s3_store: StoreConfig, s3_client: Any, tmp_path: Path) -> None:
