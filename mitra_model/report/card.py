@@ -38,6 +38,11 @@ def _which_file(found: list[ArtifactFacts]) -> list[str]:
     return lines
 
 
+def _by_target(manifest: dict[str, Any]) -> list[str]:
+    return [f"- For {target}: `{a.file}` ({why}; its signal lost: max err/spread "
+            f"{format_number(a.metric('max_err_over_spread'), '.2g')})" for target, a, why in facts.recommendations(manifest)]
+
+
 def _io_contract(manifest: dict[str, Any]) -> list[str]:
     lines = []
     for a in manifest.get("artifacts") or []:
@@ -109,14 +114,14 @@ def _verification(found: list[ArtifactFacts]) -> list[str]:
     tasks = [(a, t) for a in found for t in a.verification.get("tasks") or []]
     if tasks:
         lines += ["", "Real tables (scikit-learn's bundled datasets; support = train split, queries = test split):", "",
-                  "| artifact | table | err/spread (bound) | score | upstream | chance | passed |", "|---|---|---|---|---|---|---|"]
+                  "| artifact | table (score) | err/spread (bound) | score | upstream | chance | passed |", "|---|---|---|---|---|---|---|"]
         for a, t in tasks:
             bound = a.verification.get("tolerance", {}).get("max_task_err_over_spread") or a.bound("max_err_over_spread")
-            metric = next(iter(t.get("scores") or {}), None)
-            score = lambda which: format_number((t.get(which) or {}).get(metric), ".3f")  # noqa: E731
-            lines.append(f"| {a.name} | {t.get('name')} | {format_number(t.get('err_over_spread'), '.3f')} "
-                         f"(<= {format_number(bound, 'g')}) | {score('scores')} | {score('upstream_scores')} | "
-                         f"{score('chance_scores')} | {'yes' if t.get('passed') else 'NO'} |")
+            metric = next(iter(t.get("scores") or {}), None)  # the task's first score (accuracy, RMSE)
+            scores = [format_number((t.get(which) or {}).get(metric), ".3f")
+                      for which in ("scores", "upstream_scores", "chance_scores")]
+            lines.append(f"| {a.name} | {t.get('name')} ({metric}) | {format_number(t.get('err_over_spread'), '.3g')} "
+                         f"(<= {format_number(bound, 'g')}) | {' | '.join(scores)} | {'yes' if t.get('passed') else 'NO'} |")
         notes = {a.verification.get("tasks_note") for a, _ in tasks} - {None}
         lines += ["", *(f"> {note}" for note in sorted(notes))]
     return lines
@@ -180,7 +185,7 @@ def model_card(manifest: dict[str, Any], where: str = "s3://BUCKET/PREFIX/VARIAN
     lines += [f"Mitra ({'classifier' if facts.is_classifier(manifest) else 'regressor'}), the tabular foundation model, "
               f"exported to ONNX by mitra-build from {facts.origin(manifest)}. Every file below was compared with "
               f"upstream AutoGluon Mitra on a matrix of shapes and on real tables; plots are in `{REPORT_NAME}`.", "",
-              "## Which file to take", "", *_which_file(found), "",
+              "## Which file to take", "", *_by_target(manifest), "", *_which_file(found), "",
               "Inputs and outputs (symbolic dimensions are free at run time):", "", *_io_contract(manifest), "",
               "## Run it", "", "Python (`pip install onnxruntime numpy`):", "", "```python", python_example(manifest), "```", "",
               "Node.js:", "", "```js", node_example(manifest), "```", "",

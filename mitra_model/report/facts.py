@@ -73,6 +73,26 @@ def reference_file(manifest: dict[str, Any]) -> str:
     return (portable or found)[0].file if found else "model.onnx"
 
 
+def recommendations(manifest: dict[str, Any]) -> list[tuple[str, ArtifactFacts, str]]:
+    """Which single-file artifact to take per target, chosen from the release's own numbers:
+    (target, artifact, why). Only artifacts that passed verification are candidates."""
+    graphs = [a for a in artifacts(manifest) if a.passed and a.relative_cpu_time is not None]
+    if not graphs:
+        return []
+    exact = next((a for a in graphs if a.file == reference_file(manifest)), graphs[0])
+    fastest = min(graphs, key=lambda a: a.relative_cpu_time)
+    web = [a for a in graphs if any("onnxruntime-web" in r for r in a.runtimes)]
+    smallest = min(graphs, key=lambda a: a.size)
+    found = [("exact, any runtime", exact, "what upstream computes: fp32, standard ops only"),
+             ("a server's CPU", fastest, f"fastest here: {fastest.relative_cpu_time:.2f}x the fp32 file's CPU time")]
+    if web:
+        small_web = min(web, key=lambda a: a.size)
+        found.append(("the browser", small_web, f"smallest file onnxruntime-web runs: {format_size(small_web.size)}"))
+    found.append(("a phone, or the smallest download", smallest, f"{format_size(smallest.size)}, "
+                  f"{smallest.size / exact.size:.0%} of fp32"))
+    return found
+
+
 def is_synthetic(manifest: dict[str, Any]) -> bool:
     return (manifest.get("source") or {}).get("synthetic") is not False
 

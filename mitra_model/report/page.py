@@ -71,6 +71,13 @@ def _files(found: list[ArtifactFacts]) -> str:
     return _table(["file", "for", "runtimes", "size", "CPU time vs fp32", "verification"], rows)
 
 
+def _by_target(manifest: dict[str, Any]) -> str:
+    items = "".join(f"<li>For {_esc(target)}: <code>{_esc(a.file)}</code> ({_esc(why)}; signal lost: max err/spread "
+                    f"{format_number(a.metric('max_err_over_spread'), '.2g')})</li>"
+                    for target, a, why in facts.recommendations(manifest))
+    return f"<ul>{items}</ul>" if items else ""
+
+
 def _bounds(found: list[ArtifactFacts]) -> str:
     rows = []
     for a in found:
@@ -132,7 +139,7 @@ def report_html(manifest: dict[str, Any], previous: dict[str, Any] | None = None
         f"<p>Mitra {'classifier' if facts.is_classifier(manifest) else 'regressor'} as ONNX, from "
         f"{_esc(facts.origin(manifest))}. How to run and pull it: <code>{MODEL_CARD_NAME}</code> beside this page.</p>",
         banner, _verdict(manifest, found),
-        "<h2>Which file to take</h2>", _files(found),
+        "<h2>Which file to take</h2>", _by_target(manifest), _files(found),
         "<h2>Distance from upstream</h2>",
         "<p>Every file was run on a matrix of shapes and compared with upstream AutoGluon Mitra on the same "
         "weights; each number is shown beside its bound, and the build fails past any bound.</p>",
