@@ -183,7 +183,7 @@ def test_the_readme_estimator_snippet_runs_as_written(tiny_artifacts, s3_server,
 GENERIC_CHECKS = ("check_get_params_invariance", "check_set_params", "check_dont_overwrite_parameters",
                   "check_fit2d_predict1d", "check_n_features_in", "check_estimators_dtypes", "check_fit_score_takes_y",
                   "check_methods_sample_order_invariance", "check_methods_subset_invariance", "check_fit_idempotent",
-                  "check_estimators_pickle")
+                  "check_estimators_pickle", "check_estimators_unfitted")
 CLASSIFIER_CHECKS = ("check_classifiers_classes", "check_classifiers_one_label")
 
 
@@ -191,7 +191,7 @@ CLASSIFIER_CHECKS = ("check_classifiers_classes", "check_classifiers_one_label")
 def test_scikit_learns_estimator_checks_that_apply_to_an_in_context_model(tiny_artifacts, tmp_path: Path,
                                                                          task: str) -> None:
     """scikit-learn's own checks, those that make sense for a model that learns in context: not the
-    ones that expect a trained model's accuracy (random weights) or sklearn's NotFittedError class.
+    ones that expect a trained model's accuracy (random weights).
     Row order and subsets not changing a row's prediction is Mitra's batch independence."""
     import sklearn.utils.estimator_checks as checks
 

@@ -34,8 +34,16 @@ PAIR = ("encode-support", "predict-query")  # the support-cache pair's artifact 
 QUERY_BATCH_ROWS = 1024  # upstream's max_samples_query: query rows per call (rows never see each other)
 
 
-class NotFittedError(ValueError, AttributeError):
-    """`predict` before `fit` (the same bases as scikit-learn's NotFittedError)."""
+try:  # where scikit-learn is installed, its checks and `except sklearn.exceptions.NotFittedError` catch ours
+    from sklearn.exceptions import NotFittedError as _NotFittedBase
+except ImportError:  # the [runtime] extra does without scikit-learn: the same bases as its NotFittedError
+    class _NotFittedBase(ValueError, AttributeError):  # type: ignore[no-redef]
+        pass
+
+
+class NotFittedError(_NotFittedBase):
+    """`predict` before `fit`: a ValueError and an AttributeError, and scikit-learn's NotFittedError when
+    scikit-learn is installed."""
 
 
 class _MitraEstimator:
