@@ -282,3 +282,11 @@ def make_variant_copy(build: Path, variant: str) -> Path:
     manifest = json.loads((copied / layout.MANIFEST_NAME).read_text())
     (copied / layout.MANIFEST_NAME).write_text(json.dumps({**manifest, "variant": variant}))
     return copied
+
+
+def test_report_without_the_report_extra_names_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "mitra_model.report", None)  # as if matplotlib were not installed
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    assert "pip install 'mitra-build[report]'" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
