@@ -857,10 +857,12 @@ def test_a_no_op_pull_says_what_it_checked_and_verify_re_hashes(
 
 
 class StallingProxy:
-    """A TCP proxy to the S3 server that forwards everything, except that the response to a GET of an
-    .onnx object stops after its first bytes: the connection stays open and silent, as a hung server's."""
+    """A TCP proxy to the S3 server that forwards everything, except that the response to a GET whose
+    request line holds `stall_on` stops after `first_bytes`: the connection stays open and silent, as a
+    hung server's."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, stall_on: bytes = b".onnx", first_bytes: int = 2000) -> None:
+        self._stall_on, self._first_bytes = stall_on, first_bytes
         import socket
         import threading
         from urllib.parse import urlsplit
@@ -890,7 +892,7 @@ class StallingProxy:
 
     def _requests(self, source: Any, target: Any, stall: Any) -> None:
         while data := self._recv(source):
-            if data.startswith(b"GET ") and b".onnx" in data.split(b"\r\n", 1)[0]:
+            if data.startswith(b"GET ") and self._stall_on in data.split(b"\r\n", 1)[0]:
                 stall.set()
             target.sendall(data)
 
@@ -901,7 +903,7 @@ class StallingProxy:
                 if sent > 0:
                     self._stop.wait()  # silent from here on, the connection open
                     return
-                data = data[:400]  # the headers and a few bytes, then nothing
+                data = data[:self._first_bytes]  # the headers and a few bytes (or nothing), then nothing
             target.sendall(data)
             sent += len(data) if stall.is_set() else 0
 
@@ -934,3 +936,20 @@ def test_a_server_that_stalls_mid_download_ends_the_pull_without_writing_anythin
         proxy.close()
     assert time.monotonic() - started < 20  # one stall (2 s) and the blocked read's own timeout; 40 s with retries
     assert not (tmp_path / "dest").exists() and not any((tmp_path / ".dest.mitra").glob("*/model.onnx"))
+
+
+def test_a_server_that_stalls_before_answering_the_pointer_ends_the_pull_after_one_stall(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path,
+) -> None:
+    _publish(s3_client, s3_store, tmp_path)
+    proxy = StallingProxy(s3_store.endpoint_url or "", stall_on=b"latest.json", first_bytes=0)
+    store = s3_store.model_copy(update={"endpoint_url": proxy.endpoint_url, "read_timeout_s": 3.0, "max_attempts": 4})
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnreachableError, match="stopped answering during reading .*latest.json"):
+            pull.pull_release(VARIANT, dest=tmp_path / "dest", client=make_s3_client(store), store=store,
+                              progress=False)
+    finally:
+        proxy.close()
+    assert time.monotonic() - started < 9  # one stall of 3 s; each of the 3 retries botocore made stalled as long
+    assert not (tmp_path / "dest").exists()

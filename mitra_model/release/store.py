@@ -186,9 +186,20 @@ def make_s3_client(config: StoreConfig) -> Any:
         response_checksum_validation="when_supported",
     )
     session = boto3.session.Session()  # one session per client: boto3's default one is not thread-safe
-    return session.client(
+    client = session.client(
         "s3", endpoint_url=config.endpoint_url, region_name=config.region, config=boto_config
     )
+    client.meta.events.register_first("needs-retry.s3", _one_stall_is_enough)
+    return client
+
+
+def _one_stall_is_enough(caught_exception: Exception | None = None, **_: Any) -> None:
+    """botocore retries a read that timed out like any transient error, each retry as silent as the
+    first: a store that stopped answering held a call for max_attempts x read_timeout_s. A timed-out
+    read ends the call at once (store_errors names it); errors the store answers (5xx, throttling)
+    and dropped connections are still retried."""
+    if isinstance(caught_exception, ReadTimeoutError):
+        raise caught_exception
 
 
 def endpoint_of(client: Any) -> str:
