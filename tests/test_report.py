@@ -290,3 +290,21 @@ def test_report_without_the_report_extra_names_it(monkeypatch: pytest.MonkeyPatc
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
     assert "pip install 'mitra-build[report]'" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_publish_whose_index_pages_cannot_be_written_still_publishes_and_says_so(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from botocore.exceptions import ClientError
+    from s3_fixtures import CrashingClient, make_build
+
+    def refuse_pages(n: int, name: str, kwargs: dict[str, Any]) -> None:
+        if name == "put_object" and kwargs["Key"].endswith(layout.INDEX_NAME):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObject")
+
+    with caplog.at_level("WARNING", logger="mitra_model"):
+        result = publish_build(make_build(tmp_path), client=CrashingClient(s3_client, hook=refuse_pages), store=s3_store)
+    assert result.manifest_version == 1
+    assert pull_release(result.variant, dest=tmp_path / "dest", client=s3_client, store=s3_store,
+                        progress=False).version == result.version
+    assert "is published, but its index pages were not rewritten" in caplog.text

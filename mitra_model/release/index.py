@@ -10,11 +10,15 @@ the same from the bucket over HTTP and from a copy on disk.
 from __future__ import annotations
 
 import html
+import logging
 
+from mitra_model.errors import MitraBuildError
 from mitra_model.release import layout
 from mitra_model.release.client import ReleaseInfo, VariantInfo, list_releases, list_variants
 from mitra_model.release.layout import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
 from mitra_model.release.writes import ConditionalWriter
+
+logger = logging.getLogger(__name__)
 
 _STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; padding: 0 1rem; color: #1b1f24; }
@@ -105,3 +109,14 @@ def write_indexes(s3: ConditionalWriter, variant: str) -> dict[str, str]:
     for which, key in keys.items():
         s3.put_view(key, pages[which].encode(), "text/html; charset=utf-8")
     return keys
+
+
+def rewrite_indexes(s3: ConditionalWriter, variant: str) -> dict[str, str] | None:
+    """`write_indexes` after a release moved, where a failure must not undo it: the release is out
+    whatever happens to its pages, so a failure is logged (the next publish or refresh rewrites them)."""
+    try:
+        return write_indexes(s3, variant)
+    except MitraBuildError as exc:
+        logger.warning("%s is published, but its index pages were not rewritten (the next publish or pointer "
+                       "refresh rewrites them): %s", variant, str(exc).splitlines()[0])
+        return None

@@ -14,7 +14,7 @@ from mitra_model.errors import (
     PublishError,
 )
 from mitra_model.release import layout
-from mitra_model.release.index import write_indexes
+from mitra_model.release.index import rewrite_indexes
 from mitra_model.release.keys import Signer
 from mitra_model.release.log import log_tail, newest_record_from
 from mitra_model.release.pointer import DEFAULT_POINTER_TTL, format_time, sign_pointer
@@ -97,7 +97,7 @@ def refresh_pointer(
         body = sign_pointer(target, signer, expires=expires)
         if s3.put_if_match(key, sha256_bytes(body), body, etag):
             s3.check_written(key, sha256_bytes(body))
-            write_indexes(s3, variant)
+            rewrite_indexes(s3, variant)
             return PointerResult(
                 variant=variant,
                 version=target["version"],

@@ -46,7 +46,7 @@ from mitra_model.errors import (
 )
 from mitra_model.fileutil import sha256_file
 from mitra_model.release import layout
-from mitra_model.release.index import write_indexes
+from mitra_model.release.index import rewrite_indexes
 from mitra_model.release.keys import Signer
 from mitra_model.release.layout import MANIFEST_NAME, MANIFEST_SCHEMA_ID, SIGNATURE_NAME
 from mitra_model.release.log import log_tail, record_fields, release_record
@@ -543,7 +543,7 @@ def move_pointer(
     s3: ConditionalWriter, store: StoreConfig, target: dict[str, Any], signer: Signer | None, ttl: timedelta
 ) -> PublishResult:
     _advance_pointer(s3, store, target, signer, ttl)
-    write_indexes(s3, target["variant"])
+    rewrite_indexes(s3, target["variant"])
     return PublishResult(
         variant=target["variant"],
         version=target["version"],
