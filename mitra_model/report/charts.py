@@ -73,7 +73,8 @@ def size_speed_signal(found: list[ArtifactFacts]) -> str | None:
                     (a.size / 1e6, a.relative_cpu_time), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("CPU time over portable fp32")
-    ax.set_title("Size, speed and signal lost per file (lower left, dark: best)", fontsize=9)
+    ax.set_title("Size, speed and signal lost per file (lower left: smaller and faster; darker: more signal lost)",
+                 fontsize=9)
     ax.margins(0.25)
     figure.colorbar(scatter, ax=ax).set_label("max err/spread over the matrix", fontsize=8)
     return _svg(figure, "size-speed")

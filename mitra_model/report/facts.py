@@ -107,12 +107,15 @@ def is_classifier(manifest: dict[str, Any]) -> bool:
 def origin(manifest: dict[str, Any]) -> str:
     """Where the weights came from, in one line."""
     source = manifest.get("source") or {}
-    if source.get("repo_id") and source.get("resolved_commit"):
-        text = f"{source['repo_id']} @ {source.get('requested_revision')} (commit {source['resolved_commit']})"
-    elif source.get("repo_id"):
-        text = f"{source['repo_id']} (built from the local folder {source.get('path')})"
+    repo, commit, path = source.get("repo_id"), source.get("resolved_commit"), source.get("path")
+    if repo and commit:
+        text = f"{repo} @ {source.get('requested_revision')} (commit {commit})"
+    elif repo and path:
+        text = f"{repo} (built from the local folder {path})"
+    elif repo:
+        text = f"{repo} (no commit of it was resolved)"
     else:
-        text = f"the local folder {source.get('path')}"
+        text = f"the local folder {path}"
     return ("SYNTHETIC snapshot with random weights, shaped like " + text) if is_synthetic(manifest) else text
 
 
