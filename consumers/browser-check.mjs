@@ -10,45 +10,15 @@
 // Exit code 0 when the page reported (the caller judges the numbers), 1 when it did not.
 // mitra_model/consumers/checks.py `check_in_browser` starts the server and runs this.
 
-import { parseArgs } from 'node:util';
+import { launchChromium, pageArgs } from './lib/chromium.mjs';
 
-import { chromium } from 'playwright-core';
-
-// The flags this machine's closed network needs (no background connections, no QUIC, no sync);
-// playwright-core adds --headless, --no-sandbox (it runs as root in CI) and a fresh profile dir.
-const CHROMIUM_ARGS = [
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const LOG_LIMIT = 40;
-
-let args;
-try {
-  ({ values: args } = parseArgs({
-    options: {
-      url: { type: 'string' },
-      chromium: { type: 'string', default: '/usr/bin/chromium' },
-      'timeout-ms': { type: 'string', default: '120000' },
-    },
-    strict: true,
-  }));
-  if (!args.url) throw new Error('--url is required');
-} catch (error) {
-  process.stderr.write(`usage: node browser-check.mjs --url URL [--chromium PATH] [--timeout-ms N]\n${error.message}\n`);
-  process.exit(2);
-}
-
-const timeout = Number(args['timeout-ms']);
+const args = pageArgs('browser-check.mjs', 120000);
+const { timeout } = args;
 const log = [];
 let browser;
 try {
-  browser = await chromium.launch({
-    executablePath: args.chromium, headless: true, args: CHROMIUM_ARGS, timeout, handleSIGTERM: true,
-  });
+  browser = await launchChromium(args.chromium, timeout);
   const page = await browser.newPage();
   page.on('console', (message) => {
     if (['error', 'warning'].includes(message.type()) && log.length < LOG_LIMIT) log.push(`console.${message.type()}: ${message.text()}`);

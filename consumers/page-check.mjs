@@ -9,40 +9,16 @@
 // Exit code 0 when the page loaded (the caller judges what it saw), 1 when it did not.
 // tests/test_report.py runs it on pages from disk and from the local S3 store.
 
-import { parseArgs } from 'node:util';
+import { launchChromium, pageArgs } from './lib/chromium.mjs';
 
-import { chromium } from 'playwright-core';
-
-// Same closed-network flags as browser-check.mjs: nothing but the page may reach the network.
-const CHROMIUM_ARGS = [
-  '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--allow-file-access-from-files',
-];
-
-let args;
-try {
-  ({ values: args } = parseArgs({
-    options: {
-      url: { type: 'string' },
-      chromium: { type: 'string', default: '/usr/bin/chromium' },
-      screenshot: { type: 'string' },
-      'timeout-ms': { type: 'string', default: '60000' },
-    },
-    strict: true,
-  }));
-  if (!args.url) throw new Error('--url is required');
-} catch (error) {
-  process.stderr.write(`usage: node page-check.mjs --url URL [--chromium PATH] [--screenshot PNG] [--timeout-ms N]\n${error.message}\n`);
-  process.exit(2);
-}
-
-const timeout = Number(args['timeout-ms']);
+const args = pageArgs('page-check.mjs', 60000, { screenshot: { type: 'string' } });
+const { timeout } = args;
 const consoleErrors = [];
 const pageErrors = [];
 const requests = [];
 let browser;
 try {
-  browser = await chromium.launch({ executablePath: args.chromium, headless: true, args: CHROMIUM_ARGS, timeout });
+  browser = await launchChromium(args.chromium, timeout);
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text()); });
   page.on('pageerror', (error) => pageErrors.push(error.message));
