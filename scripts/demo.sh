@@ -106,5 +106,5 @@ echo "==> done: releases in s3://mitra-build/releases (SeaweedFS data: artifacts
 echo "    release index: http://127.0.0.1:8333/mitra-build/releases/index.html (while the local store runs; pages are also in each pulled folder)"
 echo "    each release's model card is README.md beside its files; its report page (open it in a browser):"
 for report in "$pulled"/*/report.html; do
-  echo "    $(cd "$(dirname "$report")" && pwd -P)/report.html"
+  echo "    $PWD/$report"
 done
