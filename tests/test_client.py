@@ -921,20 +921,26 @@ class StallingProxy:
                 sock.close()
 
 
+def _pull_through(proxy: StallingProxy, s3_store: StoreConfig, dest: Path, match: str, **store_fields: Any) -> float:
+    """Pull through `proxy` with `store_fields` changed; assert it ends as StoreUnreachableError matching
+    `match`, and return how long it took."""
+    store = s3_store.model_copy(update={"endpoint_url": proxy.endpoint_url, **store_fields})
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnreachableError, match=match):
+            pull.pull_release(VARIANT, dest=dest, client=make_s3_client(store), store=store, progress=False)
+    finally:
+        proxy.close()
+    return time.monotonic() - started
+
+
 def test_a_server_that_stalls_mid_download_ends_the_pull_without_writing_anything(
     s3_store: StoreConfig, s3_client: Any, tmp_path: Path,
 ) -> None:
     _publish(s3_client, s3_store, tmp_path, artifacts=(("fp32", "model.onnx", 300_000, "fp32"),))
-    proxy = StallingProxy(s3_store.endpoint_url or "")
-    store = s3_store.model_copy(update={"endpoint_url": proxy.endpoint_url, "read_timeout_s": 2.0})
-    started = time.monotonic()
-    try:
-        with pytest.raises(StoreUnreachableError, match="sent no byte of .*model.onnx for 2 s: it stalled"):
-            pull.pull_release(VARIANT, dest=tmp_path / "dest", client=make_s3_client(store), store=store,
-                              progress=False)
-    finally:
-        proxy.close()
-    assert time.monotonic() - started < 20  # one stall (2 s) and the blocked read's own timeout; 40 s with retries
+    took = _pull_through(StallingProxy(s3_store.endpoint_url or ""), s3_store, tmp_path / "dest",
+                         "sent no byte of .*model.onnx for 2 s: it stalled", read_timeout_s=2.0)
+    assert took < 20  # one stall (2 s) and the blocked read's own timeout; 40 s with retries
     assert not (tmp_path / "dest").exists() and not any((tmp_path / ".dest.mitra").glob("*/model.onnx"))
 
 
@@ -943,13 +949,7 @@ def test_a_server_that_stalls_before_answering_the_pointer_ends_the_pull_after_o
 ) -> None:
     _publish(s3_client, s3_store, tmp_path)
     proxy = StallingProxy(s3_store.endpoint_url or "", stall_on=b"latest.json", first_bytes=0)
-    store = s3_store.model_copy(update={"endpoint_url": proxy.endpoint_url, "read_timeout_s": 3.0, "max_attempts": 4})
-    started = time.monotonic()
-    try:
-        with pytest.raises(StoreUnreachableError, match="stopped answering during reading .*latest.json"):
-            pull.pull_release(VARIANT, dest=tmp_path / "dest", client=make_s3_client(store), store=store,
-                              progress=False)
-    finally:
-        proxy.close()
-    assert time.monotonic() - started < 9  # one stall of 3 s; each of the 3 retries botocore made stalled as long
+    took = _pull_through(proxy, s3_store, tmp_path / "dest", "stopped answering during reading .*latest.json",
+                         read_timeout_s=3.0, max_attempts=4)
+    assert took < 9  # one stall of 3 s; each of the 3 retries botocore made stalled as long
     assert not (tmp_path / "dest").exists()
