@@ -934,9 +934,12 @@ def _pull_through(proxy: StallingProxy, s3_store: StoreConfig, dest: Path, match
     return time.monotonic() - started
 
 
+@pytest.mark.parametrize("noticed_by", ["stall watch", "socket timeout"])
 def test_a_server_that_stalls_mid_download_ends_the_pull_without_writing_anything(
-    s3_store: StoreConfig, s3_client: Any, tmp_path: Path,
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, noticed_by: str,
 ) -> None:
+    if noticed_by == "socket timeout":  # the race the stall watch can lose on a busy machine
+        monkeypatch.setattr(transfer, "_wait_or_stall", lambda client, store, artifact, future, watch: None)
     _publish(s3_client, s3_store, tmp_path, artifacts=(("fp32", "model.onnx", 300_000, "fp32"),))
     took = _pull_through(StallingProxy(s3_store.endpoint_url or ""), s3_store, tmp_path / "dest",
                          "sent no byte of .*model.onnx for 2 s: it stalled", read_timeout_s=2.0)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
+from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError, ReadTimeoutError
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.subscribers import BaseSubscriber
 from tqdm import tqdm
@@ -151,11 +151,15 @@ def _wait_or_stall(client: Any, store: StoreConfig, artifact: dict[str, Any], fu
     """
     while not future.done():
         if time.monotonic() - watch.last_byte > store.read_timeout_s:
-            raise StoreUnreachableError(
-                f"The S3 store at {endpoint_of(client)} sent no byte of {store.url(artifact['s3_key'])} for "
-                f"{store.read_timeout_s:g} s: it stalled. Nothing was pulled; retry, or raise [store] "
-                "read_timeout_s for very slow links.")
+            raise _stalled(client, store, artifact)
         time.sleep(0.05)
+
+
+def _stalled(client: Any, store: StoreConfig, artifact: dict[str, Any]) -> StoreUnreachableError:
+    return StoreUnreachableError(
+        f"The S3 store at {endpoint_of(client)} sent no byte of {store.url(artifact['s3_key'])} for "
+        f"{store.read_timeout_s:g} s: it stalled. Nothing was pulled; retry, or raise [store] "
+        "read_timeout_s for very slow links.")
 
 
 def _transfer_result(client: Any, store: StoreConfig, artifact: dict[str, Any], future: Any) -> None:
@@ -174,6 +178,10 @@ def _transfer_result(client: Any, store: StoreConfig, artifact: dict[str, Any], 
             raise PullError(f"Downloading {store.url(key)} failed: {describe_client_error(exc, store, client)}") from exc
         except RetriesExceededError as exc:
             last = exc.last_exception
+            # The socket's own read timeout and the stall watch measure the same silence; whichever
+            # notices first, the user reads one message.
+            if isinstance(last, ReadTimeoutError):
+                raise _stalled(client, store, artifact) from None
             if isinstance(last, (BotoCoreError, ClientError)):
                 raise last from None  # store_errors names the endpoint and the fix
             raise PullError(
