@@ -35,6 +35,18 @@ HAS_NODE = shutil.which("node") is not None and shutil.which("npm") is not None
 HAS_CHROMIUM = any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome"))
 
 
+# Modules holding a test of a minute or more (a real Prefect server and worker, flow builds, a Dask
+# cluster, Chromium), first: with --dist loadfile a worker takes whole modules in collection order, and
+# one of these collected last kept a single worker busy for two minutes after the others had finished.
+LONGEST_FIRST = ("test_schedule.py", "test_deployment.py", "test_flow.py", "test_report.py", "test_dask.py",
+                 "test_publish.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if IN_CI:
         return

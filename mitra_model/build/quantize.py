@@ -14,10 +14,10 @@ Each precision is a recipe of the registry (`recipes.reduced_precision`) naming 
 mistyped values are a ConfigError when the configuration loads).
 
 - int8: int8 weights (one scale per tensor, or per output column) and uint8 activations quantized at
-  run time with one scale per row (`_quantize_rows`: QuantizeLinear per row, MatMulInteger,
-  DequantizeLinear per row), so a row's output never depends on the rest of the batch; ONNX Runtime's
-  `quantize_dynamic` (one activation scale per tensor: DynamicQuantizeLinear + MatMulInteger) remains
-  as `activations = "tensor"`. Both standard ONNX ops.
+  run time with one scale per row (`_quantize_rows`: QuantizeLinear per row, once per activation,
+  `com.microsoft.MatMulIntegerToFloat`, the row scale), so a row's output never depends on the rest
+  of the batch; ONNX Runtime's `quantize_dynamic` (one activation scale per tensor:
+  DynamicQuantizeLinear + MatMulInteger, standard ops only) remains as `activations = "tensor"`.
   The TorchScript export feeds most weights through `Identity` nodes, and a quantizer skips a MatMul
   whose weight is not an initializer, leaving every fp32 weight in the file (331 MB from 303 MB); so the
   Identities on initializers are removed first by a small graph pass (no ORT optimizer round trip:
@@ -297,14 +297,16 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
     all_matmuls = sum(node.op_type == "MatMul" for node in graph.node)
     weights = sorted({graph.node[index].input[1] for index in selected})
     _quantize_rows(graph, set(selected), per_channel=options.per_channel, opset=_default_opset(model))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _require_no_fp32_weights(graph, weights, source, "int8")
     details: dict[str, Any] = {
-        "method": "per-row dynamic int8 (QuantizeLinear per row, MatMulInteger, DequantizeLinear per row)",
+        "method": "per-row dynamic int8 (QuantizeLinear per row, MatMulIntegerToFloat, a per-row scale)",
         "activations": "row",
         "weight_type": "QInt8",
         "per_channel": options.per_channel,
         "identities_removed": identities,
-        "quantized_matmuls": sum(node.op_type == "MatMulInteger" for node in graph.node),
+        "quantized_matmuls": sum(node.op_type == "MatMulIntegerToFloat" for node in graph.node),
         "quantized_weights": len(weights),
         "fp32_matmuls": sum(node.op_type == "MatMul" for node in graph.node),
         "matmuls_in_source": all_matmuls,
@@ -314,11 +316,11 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
 
 
 def _reduce(op: str, source: str, out: str, axes: str | None) -> onnx.NodeProto:
-    """ReduceMax / ReduceMin over the last axis of a 2-D tensor: `axes` is the name of a [1] constant
-    from opset 18 on (an input there), None before (an attribute)."""
+    """ReduceMax / ReduceMin over the last axis of a 2-D tensor, keeping it: `axes` is the name of a
+    [1] constant from opset 18 on (an input there), None before (an attribute)."""
     if axes is None:
-        return helper.make_node(op, [source], [out], name=out, axes=[1], keepdims=0)
-    return helper.make_node(op, [source, axes], [out], name=out, keepdims=0)
+        return helper.make_node(op, [source], [out], name=out, axes=[1], keepdims=1)
+    return helper.make_node(op, [source, axes], [out], name=out, keepdims=1)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -329,18 +331,26 @@ def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: b
     """Replace each selected MatMul(x, W) by its per-row int8 form, in place:
 
         x2 = Reshape(x, [-1, K])                            # (M, K): a row is one token's features
-        s  = max(|x2| per row, tiny) / 127                  # (M,) one scale per row, from that row alone
+        s  = max(max(x2), -min(x2), tiny) / 127 per row     # (M, 1) one scale per row, from that row alone
         q  = QuantizeLinear(x2, s, 128, axis=0)             # uint8, symmetric around 128
-        y  = MatMulInteger(q, W_int8, 128)                  # (M, N) int32; MLAS's fast u8 x s8 kernel
-        y  = DequantizeLinear(y, s * s_W, axis=0)           # back to float, per row
-        (y = y * s_W[n]                                     # per-column weight scales only)
+        y  = MatMulIntegerToFloat(q, W_int8, 1, s_W, 128)   # (M, N) float; MLAS's u8 x s8 kernel, s_W applied in it
+        y  = y * s                                          # per row
         out = Reshape(y, [*x.shape[:-1], N])
+
+    The first four steps are made once per activation: the q, k and v projections of an attention
+    read the same x (36 of the full-size model's 146 quantized MatMuls share their input with
+    another). Max and min instead of Abs: two reads of x2 and no (M, K) temporary.
 
     Symmetric, because ONNX Runtime's MatMulInteger takes one activation zero point per call (a
     per-row zero point is refused), so an asymmetric row would need an (M, N) correction pass.
+    `com.microsoft.MatMulIntegerToFloat` (the kernel ONNX Runtime fuses per-tensor dynamic int8 into)
+    takes one activation scale per call too, so the row scale is a Mul after it; against standard
+    MatMulInteger + DequantizeLinear it saves the int32 (M, N) temporary and a pass over it
+    (bench/results-precision-options.md).
     """
     initializers = {t.name: t for t in graph.initializer}
-    made: dict[str, tuple[str, np.ndarray]] = {}  # weight -> (its int8 initializer, its scale)
+    made: dict[str, tuple[str, str]] = {}  # weight -> (its int8 initializer, its scale initializer)
+    rows_made: dict[tuple[str, int], str] = {}  # (activation, K) -> the prefix of its quantized tensors
     new_initializers: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
@@ -351,55 +361,51 @@ def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: b
 
     zero_point = const("mitra_int8_zero_point", np.array(128, dtype=np.uint8))
     levels = const("mitra_int8_levels", np.array(127.0, dtype=np.float32))
+    one = const("mitra_int8_one", np.array(1.0, dtype=np.float32))
     tiny = const("mitra_int8_tiny", np.array(1e-12, dtype=np.float32))  # an all-zero row: scale stays finite
+    flat = const("mitra_int8_flat", np.array([-1], dtype=np.int64))
     axes = const("mitra_int8_axes", np.array([1], dtype=np.int64)) if opset >= 18 else None
     for index, node in enumerate(graph.node):
         if index not in selected:
             nodes.append(node)
             continue
         x, weight_name = node.input
+        k, n = initializers[weight_name].dims
         if weight_name not in made:
             weight = numpy_helper.to_array(initializers[weight_name]).astype(np.float32)
             peak = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
-            scale = np.maximum(peak, 1e-12).astype(np.float32) / np.float32(127.0)
+            scale = (np.maximum(peak, 1e-12).astype(np.float32) / np.float32(127.0)).astype(np.float32)
             quantized = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-            made[weight_name] = (const(f"{weight_name}_int8", quantized), scale.astype(np.float32))
+            made[weight_name] = (const(f"{weight_name}_int8", quantized), const(f"{weight_name}_scale", scale))
+        if (x, k) not in rows_made:
+            r = f"{node.name}_rows"  # named after the first MatMul that reads x
+            rows_made[x, k] = r
+            nodes += [
+                helper.make_node("Reshape", [x, const(f"mitra_int8_shape2d_{k}", np.array([-1, k], dtype=np.int64))],
+                                 [f"{r}_x2"], name=f"{r}_reshape_in"),
+                _reduce("ReduceMax", f"{r}_x2", f"{r}_hi", axes),
+                _reduce("ReduceMin", f"{r}_x2", f"{r}_lo", axes),
+                helper.make_node("Neg", [f"{r}_lo"], [f"{r}_neg_lo"], name=f"{r}_neg_lo"),
+                helper.make_node("Max", [f"{r}_hi", f"{r}_neg_lo", tiny], [f"{r}_amax"], name=f"{r}_amax"),
+                helper.make_node("Div", [f"{r}_amax", levels], [f"{r}_scale"], name=f"{r}_scale"),
+                helper.make_node("Reshape", [f"{r}_scale", flat], [f"{r}_scale1"], name=f"{r}_scale1"),
+                helper.make_node("Shape", [f"{r}_scale1"], [f"{r}_count"], name=f"{r}_count"),
+                helper.make_node("ConstantOfShape", [f"{r}_count"], [f"{r}_zp"], name=f"{r}_zp",
+                                 value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
+                helper.make_node("QuantizeLinear", [f"{r}_x2", f"{r}_scale1", f"{r}_zp"], [f"{r}_q"],
+                                 name=f"{r}_quant", axis=0),
+                helper.make_node("Shape", [x], [f"{r}_lead"], name=f"{r}_lead", end=-1),
+            ]
+        r = rows_made[x, k]
         weight_int8, weight_scale = made[weight_name]
-        k, n = initializers[weight_name].dims
-        p = f"{node.name}_rowq"  # every tensor of this rewrite is named after the MatMul it replaces
-        shape_2d = const(f"{p}_shape2d", np.array([-1, k], dtype=np.int64))
+        p = f"{node.name}_rowq"  # every tensor of this MatMul's rewrite is named after it
         out = node.output[0]
         nodes += [
-            helper.make_node("Reshape", [x, shape_2d], [f"{p}_x2"], name=f"{p}_reshape_in"),
-            helper.make_node("Abs", [f"{p}_x2"], [f"{p}_abs"], name=f"{p}_abs"),
-            _reduce("ReduceMax", f"{p}_abs", f"{p}_max", axes),
-            helper.make_node("Max", [f"{p}_max", tiny], [f"{p}_amax"], name=f"{p}_amax"),
-            helper.make_node("Div", [f"{p}_amax", levels], [f"{p}_scale"], name=f"{p}_scale"),
-            helper.make_node("Shape", [f"{p}_scale"], [f"{p}_rows"], name=f"{p}_rows"),
-            helper.make_node("ConstantOfShape", [f"{p}_rows"], [f"{p}_zp"], name=f"{p}_zp",
-                             value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
-            helper.make_node("QuantizeLinear", [f"{p}_x2", f"{p}_scale", f"{p}_zp"], [f"{p}_q"], name=f"{p}_quant",
-                             axis=0),
-            helper.make_node("MatMulInteger", [f"{p}_q", weight_int8, zero_point], [f"{p}_i32"], name=f"{p}_matmul"),
-        ]
-        if per_channel:
-            column_scale = const(f"{weight_name}_scale", weight_scale)
-            nodes += [
-                helper.make_node("DequantizeLinear", [f"{p}_i32", f"{p}_scale"], [f"{p}_rowf"], name=f"{p}_dequant",
-                                 axis=0),
-                helper.make_node("Mul", [f"{p}_rowf", column_scale], [f"{p}_y2"], name=f"{p}_colscale"),
-            ]
-        else:
-            tensor_scale = const(f"{weight_name}_scale", weight_scale.reshape(()))
-            nodes += [
-                helper.make_node("Mul", [f"{p}_scale", tensor_scale], [f"{p}_outscale"], name=f"{p}_outscale"),
-                helper.make_node("DequantizeLinear", [f"{p}_i32", f"{p}_outscale"], [f"{p}_y2"], name=f"{p}_dequant",
-                                 axis=0),
-            ]
-        columns = const(f"{p}_columns", np.array([n], dtype=np.int64))
-        nodes += [
-            helper.make_node("Shape", [x], [f"{p}_lead"], name=f"{p}_lead", end=-1),
-            helper.make_node("Concat", [f"{p}_lead", columns], [f"{p}_shape_out"], name=f"{p}_shape_out", axis=0),
+            helper.make_node("MatMulIntegerToFloat", [f"{r}_q", weight_int8, one, weight_scale, zero_point],
+                             [f"{p}_colf"], name=f"{p}_matmul", domain="com.microsoft"),
+            helper.make_node("Mul", [f"{p}_colf", f"{r}_scale"], [f"{p}_y2"], name=f"{p}_rowscale"),
+            helper.make_node("Concat", [f"{r}_lead", const(f"mitra_int8_columns_{n}", np.array([n], dtype=np.int64))],
+                             [f"{p}_shape_out"], name=f"{p}_shape_out", axis=0),
             helper.make_node("Reshape", [f"{p}_y2", f"{p}_shape_out"], [out], name=f"{p}_reshape_out"),
         ]
     del graph.node[:]
@@ -724,6 +730,7 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
 
     out = quantized.graph
     _require_no_fp32_weights(out, weights, source, "int4")
+
     details: dict[str, Any] = {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (com.microsoft.MatMulNBits)",
         "bits": 4,
