@@ -205,12 +205,10 @@ def test_repull_is_a_no_op_without_hashing(s3_store: StoreConfig, s3_client: Any
 
     monkeypatch.setattr(transfer, "sha256_file", no_hashing)  # where a pull hashes what it downloads
     counting = CrashingClient(s3_client)
-    start = time.perf_counter()
     again = pull_release_url(_url(s3_store), dest, client=counting, endpoint_url=s3_store.endpoint_url)
-    elapsed = time.perf_counter() - start
     assert again == first and again.downloaded_bytes == 0
-    assert [name for name, _ in counting.calls] == ["get_object", "get_object", "head_object"]  # pointer, manifest, N+1
-    assert elapsed < 0.3, elapsed
+    # pointer, manifest, one HEAD: no GET of an artifact (a wall-clock bound here only measured the machine's load)
+    assert [name for name, _ in counting.calls] == ["get_object", "get_object", "head_object"]
     monkeypatch.undo()
 
     # A file changed on disk (new mtime) is no longer trusted: downloaded and verified again.
