@@ -84,23 +84,8 @@ done
 echo "==> the orchestrator's own logs: a green run over a broken Prefect server or worker is not green"
 # One kind is transient and tolerated, and said: under load, SQLite refuses a worker-heartbeat write
 # ("database is locked"); Prefect writes the next beat anyway. Any other traceback fails the demo.
-.venv/bin/python - artifacts/logs/prefect-server.log artifacts/logs/prefect-worker.log <<'PY' || exit 1
-import re, sys
-broken = 0
-for log in sys.argv[1:]:
-    records = re.split(r"(?m)^(?=\d\d:\d\d:\d\d\.\d+ \| )", open(log, errors="replace").read())
-    failed = [r for r in records if "Traceback (most recent call last)" in r]
-    locked = [r for r in failed if "heartbeat persistence failed" in r and "database is locked" in r]
-    if locked:
-        print(f"    note: {len(locked)} worker heartbeat write(s) in {log} met SQLite's 'database is locked' under load "
-              "(Prefect writes the next beat; a busy server wants PostgreSQL)")
-    for record in (r for r in failed if r not in locked):
-        errors = re.findall(r"(?m)^[A-Za-z_.]+(?:Error|Exception)\b.*$", record)
-        print(f"!! {log}: {record.splitlines()[0][:160]} -> {errors[-1] if errors else '(no exception line)'}",
-              file=sys.stderr)
-        broken += 1
-sys.exit(1 if broken else 0)
-PY
+.venv/bin/python -m mitra_model.pipeline.plumbing check-logs artifacts/logs/prefect-server.log \
+  artifacts/logs/prefect-worker.log || exit 1
 echo "    no failure in artifacts/logs/prefect-server.log or prefect-worker.log"
 echo "==> done: releases in s3://mitra-build/releases (SeaweedFS data: artifacts/s3), pulled copies in $pulled"
 echo "    release index: http://127.0.0.1:8333/mitra-build/releases/index.html (while the local store runs; pages are also in each pulled folder)"

@@ -4,7 +4,6 @@ process group with its log in the test's folder."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from mitra_model.pipeline.plumbing import log_failures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (prefect.yaml and scripts/deploy.sh)
 BIN = Path(sys.executable).parent
@@ -71,9 +72,7 @@ def deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def tracebacks(log: Path) -> list[str]:
-    """Each traceback in a server or worker log, whole (from the log line before it to the line that
-    names its error), so that a failing assertion shows which part of Prefect raised what."""
-    text = log.read_text(errors="replace")
-    return [match.group(0) for match in re.finditer(
-        r"[^\n]*\n(?:.*?\n)??Traceback \(most recent call last\):.*?\n(?=\S)[^\n]*", text, re.DOTALL)]
+def failures(log: Path) -> list[str]:
+    """Each traceback in a server or worker log, as its whole record (so that a failing assertion shows
+    which part of Prefect raised what), but SQLite's transient heartbeat lock (plumbing.log_failures)."""
+    return log_failures(log.read_text(errors="replace")).failures

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from configs import write_config
-from prefect_servers import BIN, REPO_ROOT, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
+from prefect_servers import BIN, REPO_ROOT, deploy, failures, free_port, prefect_env, start_server, start_worker, stop
 
 from mitra_model.model.snapshot import write_synthetic_snapshot
 
@@ -65,4 +65,45 @@ def test_deployment_runs_end_to_end(tmp_path: Path, build_config) -> None:
         if worker is not None:
             stop(worker)
         stop(server)
-    assert not tracebacks(tmp_path / "server.log") and not tracebacks(tmp_path / "worker.log")
+    assert not failures(tmp_path / "server.log") and not failures(tmp_path / "worker.log")
+
+
+HEARTBEAT_LOCKED = """\
+12:49:02.490 | ERROR   | prefect.server.utilities.worker_channel - Worker channel heartbeat persistence failed: work_pool=mitra-build-pool worker_name=ProcessWorker 8d98
+Traceback (most recent call last):
+  File ".../sqlalchemy/engine/base.py", line 1967, in _exec_single_context
+sqlite3.OperationalError: database is locked
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File ".../prefect/server/utilities/worker_channel.py", line 120, in _persist
+sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked
+[SQL: UPDATE worker SET last_heartbeat_time = :param_1]
+"""
+OTHER = """\
+12:49:03.001 | ERROR   | prefect.server.services.scheduler - Unexpected error in: TypeError
+Traceback (most recent call last):
+  File ".../prefect/server/services/scheduler.py", line 88, in run_once
+TypeError: 'NoneType' object is not iterable
+"""
+UNSTAMPED = """\
+ERROR:    Exception in ASGI application
+Traceback (most recent call last):
+  File ".../uvicorn/protocols/http/httptools_impl.py", line 409, in run_asgi
+RuntimeError: no running event loop
+"""
+
+
+def test_the_log_check_tolerates_a_locked_heartbeat_write_and_nothing_else() -> None:
+    """Under load SQLite refuses a worker-heartbeat write (Prefect writes the next beat): the demo and
+    these tests say so and go on; any other traceback, even one printed right after it, fails them."""
+    from mitra_model.pipeline.plumbing import log_failures
+
+    info = "12:49:01.000 | INFO    | prefect.server - started\n"
+    found = log_failures(info + HEARTBEAT_LOCKED + info)
+    assert len(found.tolerated) == 1 and found.failures == []
+    found = log_failures(info + HEARTBEAT_LOCKED + OTHER)
+    assert len(found.tolerated) == 1 and [f.splitlines()[-1] for f in found.failures] == [OTHER.splitlines()[-1]]
+    found = log_failures(HEARTBEAT_LOCKED + UNSTAMPED)  # lands in the heartbeat's record: not hidden by it
+    assert found.tolerated == [] and len(found.failures) == 1 and "no running event loop" in found.failures[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,24 @@ def cell_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return _record_calls(monkeypatch, flow_module.verification, "verify_cell", lambda snapshot, paths, cell: cell.name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_references(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One reference cache for the module's builds, as an artifacts root keeps it across a user's rebuilds:
+    most tests build the same weights (seed 1), and upstream need not run their cells again each time."""
+    global _REFERENCES
+    _REFERENCES = tmp_path_factory.mktemp("references")
+    yield _REFERENCES
+    _REFERENCES = None
+
+
+_REFERENCES: Path | None = None
+
+
 def run(local_hub, config: Path, artifacts: Path, publish: bool = False, **kwargs):
+    references = Path(artifacts) / "cache" / "reference"
+    if _REFERENCES is not None and not references.exists():
+        references.parent.mkdir(parents=True, exist_ok=True)
+        references.symlink_to(_REFERENCES, target_is_directory=True)
     return flow_module.mitra_build(
         config_path=str(config), artifacts_root=str(artifacts), hub_endpoint=local_hub.endpoint, publish=publish,
         **kwargs,

@@ -133,6 +133,21 @@ def test_store_config_keys_and_frozen() -> None:
         store.bucket = "other"  # type: ignore[misc]
 
 
+def test_a_new_client_parses_no_service_description_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pull and publish makes its own client (sessions are not thread-safe); S3's service
+    description is parsed once per process, not once per client (it was most of a no-op pull)."""
+    import botocore.loaders
+
+    store = StoreConfig(bucket="ok-bucket", endpoint_url="http://127.0.0.1:9")
+    make_s3_client(store)
+    parsed: list[str] = []
+    real_load = botocore.loaders.JSONFileLoader.load_file
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file",
+                        lambda self, path: parsed.append(path) or real_load(self, path))
+    first, second = make_s3_client(store), make_s3_client(store)
+    assert parsed == []
+    assert first is not second and first.meta.events is not second.meta.events  # still a session each
+
 # -- publishing ----------------------------------------------------------------------------------
 
 

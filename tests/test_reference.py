@@ -46,6 +46,7 @@ from mitra_model.build.verify import (
     run_cell,
     verify_artifact,
     verify_cell,
+    verify_onnx,
 )
 from mitra_model.errors import MitraBuildError
 from mitra_model.model.snapshot import WEIGHTS_FILE, load_model
@@ -133,6 +134,28 @@ def test_reference_is_computed_once_and_reused_by_every_artifact(
 
     verify((graph,), CELLS[0], kind="graph", reference_dir=None)  # no cache folder: computed again
     assert len(count_upstream) == len(CELLS) + 1
+
+
+def test_a_model_in_memory_computes_each_cell_once_for_every_artifact(
+    tiny_snapshots, tiny_exports, count_upstream: list[int]
+) -> None:
+    """verify_onnx on one model for several artifacts (each precision, the pair) runs upstream once per
+    cell; the same model with other weights is another reference, never a stale one."""
+    model, _ = load_model(tiny_snapshots["classification"].path)
+    graph = tiny_exports["classification"]
+    first = verify_onnx(model, graph, cells=CELLS, tolerance=FP32, seed=13)
+    assert len(count_upstream) == len(CELLS) and not any(c.reference_cached for c in first.cells)
+    again = verify_onnx(model, graph, cells=CELLS, tolerance=FP32, seed=13)
+    assert len(count_upstream) == len(CELLS), "a second artifact of the same model recomputed the reference"
+    assert all(c.reference_cached for c in again.cells)
+    assert [c.metrics for c in again.cells] == [c.metrics for c in first.cells]
+
+    verify_onnx(model, graph, cells=CELLS[:1], tolerance=FP32, seed=14)  # another seed: other inputs
+    assert len(count_upstream) == len(CELLS) + 1
+    with torch.no_grad():
+        model.final_layer.bias.add_(1.0)  # the same object, other weights: the ONNX file no longer matches
+    changed = verify_onnx(model, graph, cells=CELLS[:1], tolerance=FP32, seed=13)
+    assert len(count_upstream) == len(CELLS) + 2 and not changed.passed
 
 
 def test_key_follows_weights_cell_and_seed(tiny_snapshots, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import write_config
-from prefect_servers import BIN, deploy, free_port, prefect_env, start_server, start_worker, stop, tracebacks
+from prefect_servers import BIN, deploy, failures, free_port, prefect_env, start_server, start_worker, stop
 
 from mitra_model.model.snapshot import write_synthetic_snapshot
 from mitra_model.release import layout
@@ -97,4 +97,4 @@ def test_the_server_schedules_the_rebuild_and_a_worker_runs_it(tmp_path: Path, b
             stop(worker)
         stop(server)
     for log in ("server.log", "worker.log"):
-        assert not tracebacks(tmp_path / log), f"{log}: {tracebacks(tmp_path / log)[0]}"
+        assert not failures(tmp_path / log), f"{log}: {failures(tmp_path / log)[0]}"

@@ -15,11 +15,13 @@ weights being published (verify.run_cell judges that difference).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import time
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,8 @@ class CellReference:
         rewrite_vs_upstream_max_abs: max |rewrite - upstream| (inf when shapes differ or values are not finite).
         upstream_seconds, rewrite_seconds: what each forward took when the reference was computed.
         upstream_version: e.g. "autogluon.tabular==1.6.3".
-        cached: read back from the cache folder (computed by an earlier artifact or process).
+        cached: read back from the cache folder (computed by an earlier artifact or process), or
+            kept in memory from an earlier artifact of the same model (model_reference).
     """
 
     key: str
@@ -125,14 +128,51 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def model_reference(model: Tab2D, *, seed: int) -> Callable[[Case], CellReference]:
-    """References for a model in memory (no snapshot folder, so no cache): upstream is built once
-    with `model`'s weights, and each call computes one cell.
+    """References for a model in memory (no snapshot folder, so no file cache): upstream is built
+    with `model`'s weights as they are now, and each call gives one cell's reference.
+
+    A cell's reference is kept in this process per (weights, config, cell, seed), like the build's
+    file cache: verifying several artifacts of one model (each precision, the pair) computes each cell
+    once.
 
     Raises:
         UpstreamMissingError: upstream is not installed.
     """
-    upstream = upstream_from_state(model.config, model.state_dict())
-    return lambda cell: compute_reference(upstream, model, cell, seed=seed)
+    state = model.state_dict()
+    weights = _state_digest(repr(model.config), state)
+    upstream: nn.Module | None = None
+
+    def reference(cell: Case) -> CellReference:
+        nonlocal upstream
+        memo_key = (weights, _kind(cell), json.dumps(cell.model_dump(mode="json"), sort_keys=True), seed)
+        if memo_key in _IN_MEMORY:
+            _IN_MEMORY.move_to_end(memo_key)
+            return dataclasses.replace(_IN_MEMORY[memo_key], cached=True)
+        if upstream is None:
+            upstream = upstream_from_state(model.config, state)
+        computed = _IN_MEMORY[memo_key] = compute_reference(upstream, model, cell, seed=seed)
+        for array in (*computed.inputs.values(), computed.upstream, computed.rewrite):
+            array.setflags(write=False)  # shared by every later artifact: a caller's write would change them all
+        while len(_IN_MEMORY) > _IN_MEMORY_CELLS:
+            _IN_MEMORY.popitem(last=False)
+        return computed
+
+    return reference
+
+
+# References of in-memory models (model_reference), oldest first; a matrix and its task checks are
+# ~40 cells, so this holds a few models' worth (a cell's arrays are kilobytes to a few megabytes).
+_IN_MEMORY: OrderedDict[tuple[str, str, str, int], CellReference] = OrderedDict()
+_IN_MEMORY_CELLS = 128
+
+
+def _state_digest(config: str, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(config.encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name};{tensor.dtype};{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def reference_key(snapshot_dir: Path, cell: Case, *, seed: int) -> str:
