@@ -1,15 +1,17 @@
 """Shared fixtures, registered once for every test module: tiny synthetic snapshots and every recipe's
-files made from them (once per session), the S3 server and the local hub (plugins below), the
-`needs_node` / `needs_chromium` markers."""
+files made from them (once per test run, shared by the pytest workers), the S3 server and the local
+hub (plugins below), the `needs_node` / `needs_chromium` markers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 # Telemetry off and no hub access from any test, before anything imports the clients.
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -90,7 +92,9 @@ def tiny_snapshots(tmp_path_factory: pytest.TempPathFactory, build_config: Build
 
 class TinyArtifacts:
     """Every recipe's files for the tiny classifier and regressor, made as the pipeline makes them, on
-    first use, once per session (an export takes seconds; a dozen modules need the same files).
+    first use, once per test run (an export takes seconds; a dozen modules need the same files): the
+    pytest workers share one folder, and the first to need a file makes it while the others wait.
+    The snapshots are the same bytes in every worker (seeded), so every worker's files are too.
     Tests read them; a test that changes a file works on a copy."""
 
     def __init__(self, root: Path, snapshots: dict[str, Snapshot], config: BuildConfig) -> None:
@@ -101,15 +105,19 @@ class TinyArtifacts:
         """The files of recipe `recipe_name` (e.g. "fp32-ort", "int8", "support-cache") for `task`."""
         key = (task, recipe_name)
         if key not in self._made:
-            recipe = recipes.recipe(recipe_name)
-            work = self.root / task
-            work.mkdir(exist_ok=True)
-            context = BuildContext(
-                snapshot_dir=self.snapshots[task].path, work=work, opset=self.config.export.opset,
-                trace_shape=self.config.export.trace_shape, options=self.config.artifacts.options_for(recipe),
-                parent_files=self.files(task, recipe.derives_from) if recipe.derives_from else (),
-            )
-            self._made[key] = recipe.make(context).files
+            made = self.root / f"{task}-{recipe_name}.json"  # written last: the files are complete
+            with FileLock(self.root / f"{task}-{recipe_name}.lock", timeout=600):
+                if not made.exists():
+                    recipe = recipes.recipe(recipe_name)
+                    work = self.root / task
+                    work.mkdir(exist_ok=True)
+                    context = BuildContext(
+                        snapshot_dir=self.snapshots[task].path, work=work, opset=self.config.export.opset,
+                        trace_shape=self.config.export.trace_shape, options=self.config.artifacts.options_for(recipe),
+                        parent_files=self.files(task, recipe.derives_from) if recipe.derives_from else (),
+                    )
+                    made.write_text(json.dumps([str(path) for path in recipe.make(context).files]))
+            self._made[key] = tuple(Path(path) for path in json.loads(made.read_text()))
         return self._made[key]
 
     def path(self, task: str, recipe_name: str) -> Path:
@@ -120,8 +128,12 @@ class TinyArtifacts:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_snapshots: dict[str, Snapshot],
-                   build_config: BuildConfig) -> TinyArtifacts:
-    return TinyArtifacts(tmp_path_factory.mktemp("tiny-artifacts"), tiny_snapshots, build_config)
+                   build_config: BuildConfig, worker_id: str) -> TinyArtifacts:
+    if worker_id == "master":  # no xdist: this process's own folder
+        return TinyArtifacts(tmp_path_factory.mktemp("tiny-artifacts"), tiny_snapshots, build_config)
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-artifacts"  # this run's folder, above every worker's
+    shared.mkdir(exist_ok=True)
+    return TinyArtifacts(shared, tiny_snapshots, build_config)
 
 
 @pytest.fixture(scope="session")

@@ -34,18 +34,22 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def test_synth_export_verify_round_trip(tmp_path: Path) -> None:
+def test_synth_export_verify_round_trip(tmp_path: Path, capsys) -> None:
+    """The documented commands in a row (test_install runs them as processes of an installed wheel)."""
     snap, model, report = tmp_path / "snap", tmp_path / "model.onnx", tmp_path / "report.json"
-    done = run_cli("synth", "--task", "regression", "--size", "tiny", "--output", str(snap), "--seed", "3")
-    assert done.returncode == 0, done.stderr
-    assert "SYNTHETIC" in done.stdout
-    done = run_cli("export", "--snapshot", str(snap), "--output", str(model))
-    assert done.returncode == 0, done.stderr
-    assert "SYNTHETIC" in done.stderr and "sha256" in done.stdout
-    done = run_cli("verify", "--snapshot", str(snap), "--onnx", str(model), "--report", str(report))
-    assert done.returncode == 0, done.stderr
+    code = main(["synth", "--task", "regression", "--size", "tiny", "--output", str(snap), "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "SYNTHETIC" in out
+    code = main(["export", "--snapshot", str(snap), "--output", str(model)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "SYNTHETIC" in err and "sha256" in out
+    code = main(["verify", "--snapshot", str(snap), "--onnx", str(model), "--report", str(report)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert json.loads(report.read_text())["passed"] is True
-    assert "**PASSED**" in done.stdout
+    assert "**PASSED**" in out
 
 
 def test_verify_exits_non_zero_on_a_corrupted_model(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
@@ -60,9 +64,10 @@ def test_verify_exits_non_zero_on_a_corrupted_model(tiny_exports, tiny_snapshots
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
 
 
-def test_verify_json_is_one_document_on_stdout(tiny_exports, tiny_snapshots, tmp_path: Path) -> None:
-    """`verify --json`: stdout is exactly the report `--report` writes (a script parses it); the
-    progress lines stay on stderr; a failed verification still prints its report, and exits 1."""
+def test_verify_json_is_one_document_on_stdout(tiny_exports, tiny_snapshots, tmp_path: Path, capsys) -> None:
+    """`verify --json`: stdout is exactly the report `--report` writes (a script parses it; a process of
+    its own, so nothing any library prints on import can hide there); the progress lines stay on stderr;
+    a failed verification still prints its report, and exits 1."""
     snapshot, exported = tiny_snapshots["classification"].path, tiny_exports["classification"]
     done = run_cli("verify", "--snapshot", str(snapshot), "--onnx", str(exported), "--json",
                    "--report", str(tmp_path / "r.json"))
@@ -74,18 +79,19 @@ def test_verify_json_is_one_document_on_stdout(tiny_exports, tiny_snapshots, tmp
     init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) * 1.5).astype(np.float32), init.name))
     onnx.save(proto, str(tmp_path / "bad.onnx"))
-    done = run_cli("verify", "--snapshot", str(snapshot), "--onnx", str(tmp_path / "bad.onnx"), "--json")
-    assert done.returncode == 1 and json.loads(done.stdout)["passed"] is False and "failed" in done.stderr
+    capsys.readouterr()
+    code = main(["verify", "--snapshot", str(snapshot), "--onnx", str(tmp_path / "bad.onnx"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1 and json.loads(out)["passed"] is False and "failed" in err
 
 
-def test_bad_snapshot_is_one_paragraph_without_traceback(tmp_path: Path) -> None:
+def test_bad_snapshot_is_one_paragraph_without_traceback(tmp_path: Path, capsys) -> None:
     (tmp_path / "snap").mkdir()
     (tmp_path / "snap" / "config.json").write_text("{not json")
     (tmp_path / "snap" / "model.safetensors").write_bytes(b"x")
-    done = run_cli("export", "--snapshot", str(tmp_path / "snap"), "--output", str(tmp_path / "out.onnx"))
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert "config.json is not valid JSON" in done.stderr
+    code = main(["export", "--snapshot", str(tmp_path / "snap"), "--output", str(tmp_path / "out.onnx")])
+    assert code == 2  # an uncaught error would fail this test with its traceback
+    assert "config.json is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["snap"]
 
@@ -122,13 +128,14 @@ def test_a_failing_run_is_one_paragraph_without_traceback(tiny_snapshots, tmp_pa
     assert "--variant NAME" in done.stderr
 
 
-def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tiny_artifacts) -> None:
+def test_verify_takes_the_precision_from_the_file(tiny_snapshots, tiny_artifacts, capsys) -> None:
     """An int8 file is judged by the int8 tolerances without --precision (fp32's would fail it)."""
     snapshot = tiny_snapshots["classification"]
     int8 = tiny_artifacts.path("classification", "int8")
-    done = run_cli("verify", "--snapshot", str(snapshot.path), "--onnx", str(int8))
-    assert done.returncode == 0, done.stderr
-    assert "says it is int8" in done.stderr and "(int8" in done.stdout
+    code = main(["verify", "--snapshot", str(snapshot.path), "--onnx", str(int8)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "says it is int8" in err and "(int8" in out
 
 
 def _trace_shape():
@@ -137,22 +144,25 @@ def _trace_shape():
     return load_config().export.trace_shape
 
 
-def test_check_and_verify_against_other_weights_is_one_clear_error(tiny_exports, tiny_snapshots) -> None:
+def test_check_and_verify_against_other_weights_is_one_clear_error(tiny_exports, tiny_snapshots, capsys) -> None:
     exported = tiny_exports["classification"]
     for command in ("check", "verify"):
-        done = run_cli(command, "--snapshot", str(tiny_snapshots["regression"].path), "--onnx", str(exported))
-        assert done.returncode == 2, done.stderr
-        assert "not the ones this file was exported from" in done.stderr and "[1/" not in done.stderr
+        code = main([command, "--snapshot", str(tiny_snapshots["regression"].path), "--onnx", str(exported)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "not the ones this file was exported from" in err and "[1/" not in err
 
 
 @pytest.mark.parametrize("content", [b"", b"not an onnx file at all", "truncated"])
-def test_verify_on_a_file_that_is_not_onnx_is_exit_2(tiny_exports, tiny_snapshots, tmp_path: Path, content) -> None:
+def test_verify_on_a_file_that_is_not_onnx_is_exit_2(tiny_exports, tiny_snapshots, tmp_path: Path, content,
+                                                      capsys) -> None:
     bad = tmp_path / "bad.onnx"
     if content == "truncated":
         content = tiny_exports["classification"].read_bytes()[:5000]
     bad.write_bytes(content)
-    done = run_cli("verify", "--snapshot", str(tiny_snapshots["classification"].path), "--onnx", str(bad))
-    assert done.returncode == 2 and "Traceback" not in done.stderr and "bad.onnx" in done.stderr, done.stderr
+    code = main(["verify", "--snapshot", str(tiny_snapshots["classification"].path), "--onnx", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.onnx" in err, err  # an uncaught error would fail this test with its traceback
 
 
 def test_version_lists_the_toolchain_and_what_is_missing(capsys, monkeypatch) -> None:

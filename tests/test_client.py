@@ -819,6 +819,21 @@ def test_files_a_user_saved_in_the_bookkeeping_folder_are_never_deleted(
     assert _cli_pull(capsys, s3_store, tmp_path / "dest")[0] == 0  # its own files are its own
 
 
+@pytest.mark.filterwarnings("ignore::mitra_model.release.client.SyntheticReleaseWarning")
+def test_a_state_file_a_killed_pull_was_writing_is_its_own_and_is_tidied(
+    s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Killed between writing the new state and renaming it over the old (test_killed_pulls met this
+    once in ten kills): the next pulls go ahead and remove the half-written file."""
+    _publish(s3_client, s3_store, tmp_path)
+    assert _cli_pull(capsys, s3_store, tmp_path / "dest")[0] == 0
+    side = tmp_path / ".dest.mitra"
+    (side / ".state-hbmxwcu4.part").write_text('{"half": ')
+    assert _cli_pull(capsys, s3_store, tmp_path / "dest")[0] == 0
+    assert _cli_pull(capsys, s3_store, tmp_path / "dest")[0] == 0
+    assert not (side / ".state-hbmxwcu4.part").exists()
+
+
 def test_a_dest_name_too_long_for_the_filesystem_is_one_paragraph(
     s3_store: StoreConfig, s3_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

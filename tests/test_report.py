@@ -141,10 +141,18 @@ def test_a_tampered_document_is_refused_at_pull(builds: tuple[Path, Path], s3_st
 
 
 def test_documents_are_byte_identical_on_every_render(builds: tuple[Path, Path]) -> None:
-    """A publish re-run after a crash renders them again and must find the same bytes in the store."""
-    manifest = json.loads((builds[0] / layout.MANIFEST_NAME).read_text())
+    """A publish re-run after a crash renders them again and must find the same bytes in the store: in
+    this process (which keeps its charts) and in a new one (which draws them again)."""
+    manifest_path = builds[0] / layout.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
     once = release_documents(manifest, None, "s3://b/p/v")
     assert once == release_documents(copy.deepcopy(manifest), None, "s3://b/p/v")
+    render = ("import json, sys; from mitra_model.report import release_documents; "
+              "documents = release_documents(json.load(open(sys.argv[1])), None, 's3://b/p/v'); "
+              "print(json.dumps({name: body.decode() for name, body in documents.items()}))")
+    done = subprocess.run([sys.executable, "-c", render, str(manifest_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {name: body.encode() for name, body in json.loads(done.stdout).items()} == once
 
 
 def test_a_document_renderer_cannot_overwrite_an_artifact(builds: tuple[Path, Path], s3_store: StoreConfig,

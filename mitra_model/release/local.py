@@ -57,6 +57,8 @@ STAGING_PREFIX = ".staging-"
 
 
 LINK_PREFIX = ".link-"
+# The state file is written to a temporary file and renamed: a pull killed in between leaves this.
+STATE_TEMP_PREFIX, STATE_TEMP_SUFFIX = ".state-", ".part"
 
 
 class FileRecord(BaseModel):
@@ -185,7 +187,7 @@ def read_state(dest: Dest) -> PullState | None:
 
 def write_state(dest: Dest, state: PullState) -> None:
     final = dest.side / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".part", dir=dest.side)
+    fd, tmp = tempfile.mkstemp(prefix=STATE_TEMP_PREFIX, suffix=STATE_TEMP_SUFFIX, dir=dest.side)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(state.dump())
@@ -247,6 +249,7 @@ def refuse_foreign_files(dest: Dest, state: PullState | None) -> None:
     def ours(entry: Path) -> bool:
         return (entry.name in (STATE_FILE, LOCK_FILE) or entry.name in known
                 or entry.name.startswith((STAGING_PREFIX, LINK_PREFIX))
+                or (entry.name.startswith(STATE_TEMP_PREFIX) and entry.name.endswith(STATE_TEMP_SUFFIX))
                 or (entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST_NAME).is_file()))
 
     foreign = sorted(entry.name for entry in dest.side.iterdir() if not ours(entry))

@@ -7,9 +7,14 @@ never share an element id and the same manifest always gives the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
+import json
 import math
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import matplotlib
 from matplotlib.colors import LinearSegmentedColormap
@@ -22,6 +27,37 @@ _USED = LinearSegmentedColormap.from_list("tolerance_used", [(0, "#2da44e"), (0.
                                                               (1, "#82071e")])
 _USED_MAX = 1.5
 
+_Data = TypeVar("_Data")
+_KEPT_CHARTS = 32
+
+
+def _kept(chart: Callable[[_Data], str | None]) -> Callable[[_Data], str | None]:
+    """`chart`, rendering each distinct input once per process and keeping the last few.
+
+    A chart is a function of its data alone (byte-identical on every render), and the same release's
+    pages are rendered again by every publish attempt after an interruption, and by index refreshes:
+    matplotlib's layout and SVG writer were most of a publish's CPU time.
+    """
+    rendered: OrderedDict[str, str | None] = OrderedDict()
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        raise TypeError(type(value).__name__)
+
+    @functools.wraps(chart)
+    def render(data: _Data) -> str | None:
+        key = json.dumps(data, sort_keys=True, default=plain)
+        if key in rendered:
+            rendered.move_to_end(key)
+            return rendered[key]
+        svg = rendered[key] = chart(data)
+        if len(rendered) > _KEPT_CHARTS:
+            rendered.popitem(last=False)
+        return svg
+
+    return render
+
 
 def _svg(figure: Figure, chart: str) -> str:
     buffer = io.StringIO()
@@ -32,6 +68,7 @@ def _svg(figure: Figure, chart: str) -> str:
     return text[text.index("<svg"):]  # inline: no XML declaration or DOCTYPE inside HTML
 
 
+@_kept
 def tolerance_heatmap(found: list[ArtifactFacts]) -> str | None:
     """Artifact x matrix cell: the share of its tolerance each cell uses (None: no per-cell record)."""
     rows = [a for a in found if a.verification.get("matrix")]
@@ -57,6 +94,7 @@ def tolerance_heatmap(found: list[ArtifactFacts]) -> str | None:
     return _svg(figure, "heatmap")
 
 
+@_kept
 def size_speed_signal(found: list[ArtifactFacts]) -> str | None:
     """Each graph artifact as a point: size against CPU time, coloured by the signal it loses."""
     points = [a for a in found if a.relative_cpu_time is not None]
@@ -80,6 +118,7 @@ def size_speed_signal(found: list[ArtifactFacts]) -> str | None:
     return _svg(figure, "size-speed")
 
 
+@_kept
 def task_checks(found: list[ArtifactFacts]) -> str | None:
     """Per real table: each artifact's score beside upstream's and chance's, and the signal it loses."""
     with_tasks = [a for a in found if a.verification.get("tasks")]
@@ -122,6 +161,7 @@ def task_checks(found: list[ArtifactFacts]) -> str | None:
     return _svg(figure, "tasks")
 
 
+@_kept
 def metric_changes(diff: dict[str, Any]) -> str | None:
     """Since the previous release: each shared metric's value before and after, per artifact."""
     shown = [m for m in diff["metrics"] if m["metric"] in ("max err/spread", "max abs err", "size")]
