@@ -34,19 +34,27 @@ WORK = REPO_ROOT / "artifacts" / "bench"
 LATENCY_SHAPES = [(1, 256, 32, 8), (1, 512, 64, 16), (4, 128, 16, 8)]
 
 
+# The instruction sets ONNX Runtime's MLAS picks its GEMM kernels by: two hosts both named "AMD EPYC"
+# differed 1.6x in fp32 GEMM rate, and int8's speed-up over fp32 depends on VNNI.
+GEMM_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
 def machine() -> dict[str, str | int]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
     mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
     return {
-        "cpu": cpu, "cores": torch.get_num_threads(), "memory_gib": round(mem_kb / 2**20, 1),
+        "cpu": cpu, "isa": " ".join(f for f in GEMM_ISA if f in flags),
+        "cores": torch.get_num_threads(), "memory_gib": round(mem_kb / 2**20, 1),
         "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
     }
 
 
 def machine_line(m: dict) -> str:
     """How a results file names the machine and runtimes its figures were measured on."""
-    return (f"Machine: {m['cpu']}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
+    isa = f" ({m['isa']})" if m.get("isa") else ""  # results written before it was recorded lack it
+    return (f"Machine: {m['cpu']}{isa}, {m['cores']} threads, {m['memory_gib']} GiB RAM; torch {m['torch']}, "
             f"onnxruntime {m['onnxruntime']}.")
 
 

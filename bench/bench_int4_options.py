@@ -1,12 +1,14 @@
 """Where int4's error comes from and what each option buys, on the full-size model and real tables.
 Writes bench/results-int4-options.json (bench/results-int4-options.md reads it).
 
-    .venv/bin/python bench/bench_int4_options.py [--roles] [--options]
+    .venv/bin/python bench/bench_int4_options.py [--roles] [--options] [--bits]
 
 --roles: every weight role (e.g. each layer's feature-attention value projection) rounded alone to 4
 bits (block 32, asymmetric, fp32 compute: the same rounding MatMulNBits stores), the rest fp32: the
 role's share of int4's error. --options: real int4 files made by the pipeline's converter with each
-option. Both report err/spread (RMS error over upstream's spread across the query rows) against the
+option. --bits: every weight rounded the same way at 4 to 8 bits, and the size a file storing them
+so would have (b bits a weight, one fp32 scale and one b-bit zero point a block, the rest as the fp32
+file stores it): how many bits the err/spread goal needs. All report err/spread (RMS error over upstream's spread across the query rows) against the
 optimized fp32 file on three classification tables (iris, wine, breast-cancer), and the file size.
 Synthetic full-size weights (seed 0), the same snapshot as bench_signal.py.
 """
@@ -36,15 +38,20 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def fake_int4(weight: np.ndarray, block: int = 32) -> np.ndarray:
-    """Round-to-nearest 4-bit, asymmetric, one scale and zero point per `block` input rows."""
+BITS = (4, 5, 6, 7, 8)
+BLOCK = 32
+
+
+def fake_quantize(weight: np.ndarray, bits: int = 4, block: int = BLOCK) -> np.ndarray:
+    """Round-to-nearest, asymmetric, one scale and zero point per `block` input rows (MatMulNBits' layout)."""
     k, n = weight.shape
+    top = 2**bits - 1
     padded = np.pad(weight, ((0, (-k) % block), (0, 0))).reshape(-1, block, n)
     low = np.minimum(padded.min(1, keepdims=True), 0)
     high = np.maximum(padded.max(1, keepdims=True), 0)
-    scale = np.maximum(high - low, 1e-12) / 15
-    zero = np.clip(np.round(-low / scale), 0, 15)
-    levels = np.clip(np.round(padded / scale) + zero, 0, 15)
+    scale = np.maximum(high - low, 1e-12) / top
+    zero = np.clip(np.round(-low / scale), 0, top)
+    levels = np.clip(np.round(padded / scale) + zero, 0, top)
     return ((levels - zero) * scale).reshape(-1, n)[:k].astype(np.float32)
 
 
@@ -64,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--roles", action="store_true")
     parser.add_argument("--options", action="store_true")
+    parser.add_argument("--bits", action="store_true")
     args = parser.parse_args()
     config = load_config()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -88,25 +96,40 @@ def main() -> None:
         return [round(signal_metrics(t.outputs(r)[None], t.outputs(o)[None], is_classifier=True).err_over_spread, 4)
                 for t, r, o in zip(tables, reference, got, strict=True)]
 
-    results: dict[str, Any] = {"tables": [t.task.name for t in tables], "roles": {}, "options": {}}
+    saved = BENCH_DIR / "results-int4-options.json"
+    results: dict[str, Any] = {"roles": {}, "options": {}, "bits": {}}
+    if saved.exists():  # a run of some parts keeps the others' last numbers
+        results.update(json.loads(saved.read_text()))
+    results["tables"] = [t.task.name for t in tables]
+    source = onnx.load(str(base))
+    quantize._drop_weight_identities(source.graph)
+    quantize._name_nodes(source.graph)
+    roles: dict[str, set[str]] = {}
+    for index in quantize._weight_matmuls(source.graph):
+        node = source.graph.node[index]
+        roles.setdefault(re.sub(r"layers\.\d+", "layers.#", re.sub(r"_\d+/", "_#/", node.name)), set()).add(node.input[1])
+
+    def rounded(weights: set[str], bits: int) -> list[float]:
+        trial = onnx.ModelProto()
+        trial.CopyFrom(source)
+        for tensor in trial.graph.initializer:
+            if tensor.name in weights:
+                tensor.CopyFrom(numpy_helper.from_array(fake_quantize(numpy_helper.to_array(tensor), bits), tensor.name))
+        return err_over_spread(outputs(trial.SerializeToString()))
+
     if args.roles:
-        source = onnx.load(str(base))
-        graph = source.graph
-        quantize._drop_weight_identities(graph)
-        quantize._name_nodes(graph)
-        roles: dict[str, set[str]] = {}
-        for index in quantize._weight_matmuls(graph):
-            node = graph.node[index]
-            roles.setdefault(re.sub(r"layers\.\d+", "layers.#", re.sub(r"_\d+/", "_#/", node.name)), set()).add(node.input[1])
         for role, weights in sorted(roles.items()):
             started = time.perf_counter()
-            trial = onnx.ModelProto()
-            trial.CopyFrom(source)
-            for tensor in trial.graph.initializer:
-                if tensor.name in weights:
-                    tensor.CopyFrom(numpy_helper.from_array(fake_int4(numpy_helper.to_array(tensor)), tensor.name))
-            results["roles"][role] = err_over_spread(outputs(trial.SerializeToString()))
+            results["roles"][role] = rounded(weights, 4)
             print(f"{role:36s} {results['roles'][role]} {time.perf_counter() - started:.0f}s", flush=True)
+    if args.bits:
+        every = set().union(*roles.values())
+        count = sum(int(np.prod(t.dims)) for t in source.graph.initializer if t.name in every)
+        rest = sum(t.ByteSize() for t in source.graph.initializer if t.name not in every)
+        for bits in BITS:
+            mb = (rest + count * (bits + 32 / BLOCK + bits / BLOCK) / 8) / 1e6
+            results["bits"][str(bits)] = {"file_mb": round(mb, 1), "err_over_spread": rounded(every, bits)}
+            print(f"every weight at {bits} bits: {results['bits'][str(bits)]}", flush=True)
     if args.options:
         for name, chosen in OPTIONS.items():
             path = WORK / f"int4-{hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]}.onnx"
@@ -115,7 +138,7 @@ def main() -> None:
             results["options"][name] = {"options": chosen, "file_mb": round(path.stat().st_size / 1e6, 1),
                                         "err_over_spread": err_over_spread(outputs(str(path)))}
             print(name, results["options"][name], flush=True)
-    (BENCH_DIR / "results-int4-options.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

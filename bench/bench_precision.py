@@ -298,6 +298,11 @@ def render(r: dict) -> str:
         cells = " | ".join(f"{paired_ratio(engines, slow, fast, i):.2f}x" if slow in engines and fast in engines else "-"
                            for slow, fast in pairs)
         lines.append(f"| {'x'.join(map(str, shape))} | {cells} |")
+    lines += ["", "Each option measured for a reduced precision, with its size, speed and error: "
+              "`results-precision-options.md` (int8 activation schemes, MatMulNBits at 8 bits, static scales), "
+              "`results-ceiling-int8.md` (where int8's time goes, and the most any int8 graph can gain here), "
+              "`results-int4-options.md` (int4's weight roles, blocks, HQQ, GPTQ, bits per weight), "
+              "`results-signal.md` (what each artifact keeps of the signal, on the matrix and the real tables)."]
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ class Int4Options(RecipeOptions):
     is_symmetric: bool = False
     # Weights kept at 8 bits (MatMulNBits bits=8, same blocks): those of every MatMul whose node name
     # contains one of these (e.g. "attention2/v" is every layer's feature-attention value projection).
-    # The sensitive few cost little: bench/results-precision.md measures each role's share of the error.
+    # The sensitive few cost little: bench/results-int4-options.md measures each role's share of the error.
     eight_bit: tuple[str, ...] = Field(default=(), strict=False)
 
     @field_validator("block_size")
