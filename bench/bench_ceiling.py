@@ -59,28 +59,10 @@ def best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001
     return min(timed(run) for _ in range(repeats))
 
 
-def gemm_rate_ort() -> float:
-    """Best GFLOP/s of one ONNX Runtime MatMul with a constant (prepacked) weight, like the model's."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rates = []
-    for m, k, n in GEMM_SHAPES:
-        weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "w")
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm",
-                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [weight])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
-        rates.append(2 * m * k * n / best_seconds(lambda: session.run(None, {"a": a})) / 1e9)
-    return max(rates)
-
-
-def gemm_rate_int8() -> float:
-    """Best GOP/s of MLAS's u8 x s8 GEMM as the int8 graphs call it: MatMulIntegerToFloat on uint8
-    activations with a constant (prepacked) int8 weight, the scales applied inside the kernel."""
+def gemm_rate_ort(int8: bool = False) -> float:
+    """Best GFLOP/s of one ONNX Runtime MatMul with a constant (prepacked) weight, like the model's; with
+    `int8`, GOP/s of MLAS's u8 x s8 GEMM as the int8 graphs call it (MatMulIntegerToFloat on uint8
+    activations, an int8 weight, the scales applied inside the kernel)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -88,16 +70,23 @@ def gemm_rate_int8() -> float:
     rng = np.random.default_rng(0)
     rates = []
     for m, k, n in GEMM_SHAPES:
-        constants = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "w"),
-                     numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
-                     numpy_helper.from_array(np.array(128, np.uint8), "zero")]
-        node = helper.make_node("MatMulIntegerToFloat", ["a", "w", "scale", "scale", "zero"], ["y"], domain="com.microsoft")
-        graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+        if int8:
+            constants = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "w"),
+                         numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
+                         numpy_helper.from_array(np.array(128, np.uint8), "zero")]
+            node = helper.make_node("MatMulIntegerToFloat", ["a", "w", "scale", "scale", "zero"], ["y"],
+                                    domain="com.microsoft")
+            a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        else:
+            constants = [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")]
+            node = helper.make_node("MatMul", ["a", "w"], ["y"])
+            a = rng.standard_normal((m, k), dtype=np.float32)
+        a_type = helper.np_dtype_to_tensor_dtype(a.dtype)
+        graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", a_type, [m, k])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], constants)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                                   ir_version=9)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        a = rng.integers(0, 256, (m, k)).astype(np.uint8)
         rates.append(2 * m * k * n / best_seconds(lambda: session.run(None, {"a": a})) / 1e9)
     return max(rates)
 
@@ -194,9 +183,9 @@ def worker(engine: str, folder: Path) -> None:
         return profile_torch(run, inputs[int(index)])
 
     def gemm_rate() -> dict:
-        if engine.startswith("int8"):
-            return {"gflops": gemm_rate_int8()}
-        return {"gflops": gemm_rate_ort() if engine in FILES else gemm_rate_torch()}
+        if engine in FILES:
+            return {"gflops": gemm_rate_ort(int8=engine.startswith("int8"))}
+        return {"gflops": gemm_rate_torch()}
 
     serve(engine, {
         "time": lambda index: {"seconds": timed(lambda: run(inputs[int(index)]))},
@@ -254,16 +243,19 @@ def efficiency(profile: dict) -> float:
     return (profile["gemm_gflop"] + profile["attention_gflop"]) / rate / profile["profiled_s"]
 
 
+def method(r: dict) -> str:
+    return (f"Full-size synthetic classifier. Each engine in a process of its own; {r['repeats']} repeats in which every "
+            "engine runs one forward of a shape back to back (order turning): wall = median, speed-up = median of "
+            "per-repeat ratios. The split comes from one profiled forward per engine and shape")
+
+
 def render(r: dict) -> str:
     from bench_core import machine_line
 
     m, engines = r["machine"], r["engines"]
     lines = [
         "# Where fp32 time goes, and the ceiling for optimized fp32 vs PyTorch", "",
-        f"{machine_line(m)} Full-size synthetic classifier. Each engine in a process of its own; {r['repeats']} repeats "
-        "in which every engine runs one forward of a shape back to back (order turning): wall = median, speed-up = "
-        "median of per-repeat ratios. The split comes from one profiled forward per engine and shape (operator self "
-        "times; other = everything else). GEMM = linear layers (ORT MatMul; torch addmm/mm/bmm), attention = ORT "
+        f"{machine_line(m)} {method(r)} (operator self times; other = everything else). GEMM = linear layers (ORT MatMul; torch addmm/mm/bmm), attention = ORT "
         "MultiHeadAttention / torch scaled_dot_product_attention; GFLOP counted from the operators' shapes.", "",
         "Best fp32 GEMM rate of each runtime on this CPU (M,K,N = "
         + ", ".join("x".join(map(str, g)) for g in GEMM_SHAPES) + "): "
@@ -306,10 +298,7 @@ def render_int8(r: dict) -> str:
     m, engines = r["machine"], r["engines"]
     lines = [
         "# Where int8 time goes, and the ceiling for int8 vs portable fp32", "",
-        f"{machine_line(m)} Full-size synthetic classifier. Each engine in a process of its own; {r['repeats']} repeats "
-        "in which every engine runs one forward of a shape back to back (order turning): wall = median, speed-up = "
-        "median of per-repeat ratios. The split comes from one profiled forward per engine and shape (operator self "
-        "times). GEMM = linear layers (MatMul; int8: MatMulIntegerToFloat, and per-tensor's DynamicQuantizeMatMul, "
+        f"{machine_line(m)} {method(r)} (operator self times). GEMM = linear layers (MatMul; int8: MatMulIntegerToFloat, and per-tensor's DynamicQuantizeMatMul, "
         "whose activation quantization is inside it); quantize = activation quantization outside the GEMM kernel "
         "(per-row: ReduceMax, ReduceMin, the scale arithmetic, QuantizeLinear and the row-scale Mul; per-tensor: "
         "DynamicQuantizeLinear); attention = MultiHeadAttention (portable's attention is MatMul-Softmax-MatMul, "

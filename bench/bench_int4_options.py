@@ -8,8 +8,9 @@ bits (block 32, asymmetric, fp32 compute: the same rounding MatMulNBits stores),
 role's share of int4's error. --options: real int4 files made by the pipeline's converter with each
 option. --bits: every weight rounded the same way at 4 to 8 bits, and the size a file storing them
 so would have (b bits a weight, one fp32 scale and one b-bit zero point a block, the rest as the fp32
-file stores it): how many bits the err/spread goal needs. All report err/spread (RMS error over upstream's spread across the query rows) against the
-optimized fp32 file on three classification tables (iris, wine, breast-cancer), and the file size.
+file stores it): how many bits the err/spread goal needs. All report err/spread (RMS error over
+upstream's spread across the query rows) against the optimized fp32 file on three classification
+tables (iris, wine, breast-cancer), and the file size.
 Synthetic full-size weights (seed 0), the same snapshot as bench_signal.py.
 """
 
@@ -127,7 +128,7 @@ def main() -> None:
         count = sum(int(np.prod(t.dims)) for t in source.graph.initializer if t.name in every)
         rest = sum(t.ByteSize() for t in source.graph.initializer if t.name not in every)
         for bits in BITS:
-            mb = (rest + count * (bits + 32 / BLOCK + bits / BLOCK) / 8) / 1e6
+            mb = (rest + count * (bits + (32 + bits) / BLOCK) / 8) / 1e6  # a weight's bits; a block's fp32 scale, zero point
             results["bits"][str(bits)] = {"file_mb": round(mb, 1), "err_over_spread": rounded(every, bits)}
             print(f"every weight at {bits} bits: {results['bits'][str(bits)]}", flush=True)
     if args.options:
