@@ -249,6 +249,10 @@ def method(r: dict) -> str:
             "per-repeat ratios. The split comes from one profiled forward per engine and shape")
 
 
+def table_head(*cells: str) -> list[str]:
+    return ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
+
+
 def render(r: dict) -> str:
     from bench_core import machine_line
 
@@ -260,8 +264,8 @@ def render(r: dict) -> str:
         "Best fp32 GEMM rate of each runtime on this CPU (M,K,N = "
         + ", ".join("x".join(map(str, g)) for g in GEMM_SHAPES) + "): "
         + ", ".join(f"{name} {e['gemm_rate_gflops']:.0f} GFLOP/s" for name, e in engines.items()) + ".", "",
-        "| shape | engine | wall s | profiled s | GEMM s | GEMM GFLOP | GEMM GFLOP/s | attention s | attention GFLOP | other s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_head("shape", "engine", "wall s", "profiled s", "GEMM s", "GEMM GFLOP", "GEMM GFLOP/s", "attention s",
+                    "attention GFLOP", "other s"),
     ]
     for i, shape in enumerate(r["shapes"]):
         for name, e in engines.items():
@@ -273,8 +277,8 @@ def render(r: dict) -> str:
     lines += ["", "Ceiling: ORT efficiency = its GEMM + attention FLOPs at the rate its GEMMs reached in the same forward, "
               "over that forward's time; a graph doing ORT's work at that rate with nothing else would be 1/efficiency "
               "faster. Target: optimized >= 1.3x PyTorch.", "",
-              "| shape | ORT efficiency | optimized vs our PyTorch: measured / ceiling | vs upstream: measured / ceiling |",
-              "|---|---|---|---|"]
+              *table_head("shape", "ORT efficiency", "optimized vs our PyTorch: measured / ceiling",
+                          "vs upstream: measured / ceiling")]
     for i, shape in enumerate(r["shapes"]):
         e = efficiency(engines["optimized"]["shapes"][i])
         torch_x, upstream_x = (engines[n]["shapes"][i]["optimized_speedup"] for n in ("torch", "upstream"))
@@ -298,8 +302,8 @@ def render_int8(r: dict) -> str:
     m, engines = r["machine"], r["engines"]
     lines = [
         "# Where int8 time goes, and the ceiling for int8 vs portable fp32", "",
-        f"{machine_line(m)} {method(r)} (operator self times). GEMM = linear layers (MatMul; int8: MatMulIntegerToFloat, and per-tensor's DynamicQuantizeMatMul, "
-        "whose activation quantization is inside it); quantize = activation quantization outside the GEMM kernel "
+        f"{machine_line(m)} {method(r)} (operator self times). GEMM = linear layers (MatMul; int8: "
+        "MatMulIntegerToFloat, and per-tensor's DynamicQuantizeMatMul, whose activation quantization is inside it); quantize = activation quantization outside the GEMM kernel "
         "(per-row: ReduceMax, ReduceMin, the scale arithmetic, QuantizeLinear and the row-scale Mul; per-tensor: "
         "DynamicQuantizeLinear); attention = MultiHeadAttention (portable's attention is MatMul-Softmax-MatMul, "
         "counted in its GEMM).", "",
@@ -307,8 +311,8 @@ def render_int8(r: dict) -> str:
         f"MatMul {engines['optimized']['gemm_rate_gflops']:.0f} GFLOP/s, u8 x s8 MatMulIntegerToFloat "
         f"{engines['int8']['gemm_rate_gflops']:.0f} GOP/s "
         f"({engines['int8']['gemm_rate_gflops'] / engines['optimized']['gemm_rate_gflops']:.2f}x).", "",
-        "| shape | engine | wall s | profiled s | GEMM s | GEMM GOP/s | quantize s | attention s | other s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table_head("shape", "engine", "wall s", "profiled s", "GEMM s", "GEMM GOP/s", "quantize s", "attention s",
+                    "other s"),
     ]
     for i, shape in enumerate(r["shapes"]):
         for name, e in engines.items():
@@ -320,8 +324,7 @@ def render_int8(r: dict) -> str:
     lines += ["", "Ceiling: the int8 graph's GEMM work at the best u8 x s8 rate above, activation quantization free, "
               "and the optimized fp32 graph's attention and other work (its fusions kept); portable's profiled "
               "forward over that. Target: int8 >= 2.30x portable, goal 3x.", "",
-              "| shape | int8 (per-row) x portable | int8-tensor x portable | ceiling s | ceiling x portable |",
-              "|---|---|---|---|---|"]
+              *table_head("shape", "int8 (per-row) x portable", "int8-tensor x portable", "ceiling s", "ceiling x portable")]
     for i, shape in enumerate(r["shapes"]):
         seconds, ratio = int8_ceiling(r, i)
         lines.append(f"| {'x'.join(map(str, shape))} | {engines['int8']['shapes'][i]['speedup_vs_portable']:.2f}x "
