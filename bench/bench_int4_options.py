@@ -1,14 +1,15 @@
 """Where int4's error comes from and what each option buys, on the full-size model and real tables.
 Writes bench/results-int4-options.json (bench/results-int4-options.md reads it).
 
-    .venv/bin/python bench/bench_int4_options.py [--roles] [--options] [--bits]
+    .venv/bin/python bench/bench_int4_options.py [--roles] [--options] [--bits] [--gptq]
 
 --roles: every weight role (e.g. each layer's feature-attention value projection) rounded alone to 4
 bits (block 32, asymmetric, fp32 compute: the same rounding MatMulNBits stores), the rest fp32: the
 role's share of int4's error. --options: real int4 files made by the pipeline's converter with each
 option. --bits: every weight rounded the same way at 4 to 8 bits, and the size a file storing them
 so would have (b bits a weight, one fp32 scale and one b-bit zero point a block, the rest as the fp32
-file stores it): how many bits the err/spread goal needs. All report err/spread (RMS error over
+file stores it): how many bits the err/spread goal needs. --gptq: real files with GPTQ rounding and
+the configured calibration ([artifacts.options.int4]), for each allocation of bits. All report err/spread (RMS error over
 upstream's spread across the query rows) against the optimized fp32 file on three classification
 tables (iris, wine, breast-cancer), and the file size.
 Synthetic full-size weights (seed 0), the same snapshot as bench_signal.py.
@@ -28,14 +29,21 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORK = BENCH_DIR.parent / "artifacts" / "bench" / "int4-options"
+NEAREST = {"rounding": "nearest"}
 OPTIONS: dict[str, dict[str, Any]] = {
-    "every weight at 4 bits (block 32, accuracy_level 4)": {"eight_bit": []},
-    "... accuracy_level 0 (fp32 activations)": {"eight_bit": [], "accuracy_level": 0},
-    "... block 16": {"eight_bit": [], "block_size": 16},
-    "feature-attention v at 8 bits": {"eight_bit": ["attention2/v"]},
-    "feature-attention v, o at 8 bits": {"eight_bit": ["attention2/v", "attention2/o"]},
-    "feature-attention v, o and row-attention o at 8 bits": {"eight_bit": ["attention2/v", "attention2/o", "/o/"]},
-    "every v and feature-attention o at 8 bits (configured)": {"eight_bit": ["/v", "attention2/o"]},
+    "every weight at 4 bits (block 32, accuracy_level 4)": {**NEAREST, "eight_bit": []},
+    "... accuracy_level 0 (fp32 activations)": {**NEAREST, "eight_bit": [], "accuracy_level": 0},
+    "... block 16": {**NEAREST, "eight_bit": [], "block_size": 16},
+    "feature-attention v at 8 bits": {**NEAREST, "eight_bit": ["attention2/v"]},
+    "feature-attention v, o at 8 bits": {**NEAREST, "eight_bit": ["attention2/v", "attention2/o"]},
+    "feature-attention v, o and row-attention o at 8 bits": {**NEAREST, "eight_bit": ["attention2/v", "attention2/o", "/o/"]},
+    "every v and feature-attention o at 8 bits": {**NEAREST, "eight_bit": ["/v", "attention2/o"]},
+}
+# GPTQ rounding with the configured calibration tables (config/mitra-build.toml), each allocation of bits
+GPTQ_OPTIONS: dict[str, dict[str, Any]] = {
+    "GPTQ, every weight at 4 bits": {"eight_bit": []},
+    "GPTQ, every v and feature-attention o at 8 bits (configured)": {},
+    "GPTQ, every weight at 4 bits, accuracy_level 0": {"eight_bit": [], "accuracy_level": 0},
 }
 
 
@@ -64,7 +72,7 @@ def main() -> None:
     from mitra_model.build import quantize
     from mitra_model.build.config import load_config
     from mitra_model.build.export import export_onnx
-    from mitra_model.build.recipes import quantize_onnx
+    from mitra_model.build.recipes import quantize_onnx, recipe
     from mitra_model.build.tasks import load_table
     from mitra_model.build.verify import signal_metrics
     from mitra_model.model.snapshot import load_model, write_synthetic_snapshot
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--roles", action="store_true")
     parser.add_argument("--options", action="store_true")
     parser.add_argument("--bits", action="store_true")
+    parser.add_argument("--gptq", action="store_true")
     args = parser.parse_args()
     config = load_config()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -98,7 +107,7 @@ def main() -> None:
                 for t, r, o in zip(tables, reference, got, strict=True)]
 
     saved = BENCH_DIR / "results-int4-options.json"
-    results: dict[str, Any] = {"roles": {}, "options": {}, "bits": {}}
+    results: dict[str, Any] = {"roles": {}, "options": {}, "bits": {}, "gptq": {}}
     if saved.exists():  # a run of some parts keeps the others' last numbers
         results.update(json.loads(saved.read_text()))
     results["tables"] = [t.task.name for t in tables]
@@ -131,14 +140,19 @@ def main() -> None:
             mb = (rest + count * (bits + (32 + bits) / BLOCK) / 8) / 1e6  # a weight's bits; a block's fp32 scale, zero point
             results["bits"][str(bits)] = {"file_mb": round(mb, 1), "err_over_spread": rounded(every, bits)}
             print(f"every weight at {bits} bits: {results['bits'][str(bits)]}", flush=True)
-    if args.options:
-        for name, chosen in OPTIONS.items():
-            path = WORK / f"int4-{hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]}.onnx"
-            if not path.exists():
-                quantize_onnx(base, path, precision="int4", options=chosen)
-            results["options"][name] = {"options": chosen, "file_mb": round(path.stat().st_size / 1e6, 1),
-                                        "err_over_spread": err_over_spread(outputs(str(path)))}
-            print(name, results["options"][name], flush=True)
+    configured = config.artifacts.options_for(recipe("int4")).model_dump(mode="json")
+    chosen_options = {**(OPTIONS if args.options else {}),
+                      **({name: {**configured, **change} for name, change in GPTQ_OPTIONS.items()} if args.gptq else {})}
+    for name, chosen in chosen_options.items():
+        path = WORK / f"int4-{hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]}.onnx"
+        started = time.perf_counter()
+        if not path.exists():
+            quantize_onnx(base, path, precision="int4", options=chosen)
+        entry = {"options": chosen, "file_mb": round(path.stat().st_size / 1e6, 1),
+                 "err_over_spread": err_over_spread(outputs(str(path))),
+                 "build_seconds": round(time.perf_counter() - started)}
+        results["gptq" if name in GPTQ_OPTIONS else "options"][name] = entry
+        print(name, entry, flush=True)
     saved.write_text(json.dumps(results, indent=2) + "\n")
 
 

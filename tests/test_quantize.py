@@ -317,7 +317,7 @@ def test_int4_matches_pytorch(int4, tiny_snapshots, task: str, record_property) 
 def test_int4_options_reach_the_file(sources, tmp_path: Path) -> None:
     source = sources["classification", "optimized"]
     result = quantize_onnx(source, tmp_path / "sym.onnx", precision="int4",
-                           options={"block_size": 64, "is_symmetric": True, "accuracy_level": 0})
+                           options={"block_size": 64, "is_symmetric": True, "accuracy_level": 0, "rounding": "nearest"})
     assert {k: result.details[k] for k in ("block_size", "is_symmetric", "accuracy_level")} == {
         "block_size": 64, "is_symmetric": True, "accuracy_level": 0}
     nbits = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "MatMulNBits"]

@@ -46,7 +46,7 @@ class ExportConfig(_Strict):
     trace_shape: Shape
 
 
-OptionValue = int | float | bool | str | list[str]
+OptionValue = int | float | bool | str | list[str] | list[list[int]]  # the recipe checks what its option takes
 
 
 class ArtifactsConfig(_Strict):

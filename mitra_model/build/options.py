@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mitra_model.errors import ConfigError
 
@@ -33,6 +33,14 @@ class Int8Options(RecipeOptions):
     # dynamic quantization, one scale per tensor (set by the largest value anywhere in the call, support
     # rows and other tables included). bench/results-precision.md compares the two.
     activations: Literal["row", "tensor"] = "row"
+    # Weight levels: 7 bits ([-63, 63]) or 8 ([-127, 127]). ONNX Runtime's u8 x s8 GEMM on x86 CPUs without
+    # VNNI (AVX2, AVX-512 without VNNI) sums pairs of products in saturating int16 (VPMADDUBSW): with
+    # 8-bit weights a pair overflows and the result depends on the consumer's CPU. Measured (full-size
+    # classifier, err/spread on iris / wine / breast-cancer / digits): on an AVX2-only EPYC 8-bit weights
+    # gave 0.75 / 1.27 / 1.86 / 2.98, 7-bit 0.072 / 0.104 / 0.094 / 0.191; on an AVX-512 VNNI EPYC 8-bit
+    # gave 0.044 / 0.069 / 0.088 / 0.125. 7 bits cannot overflow (255 * 63 * 2 < 2**15) on any CPU:
+    # ONNX Runtime's own remedy (`reduce_range`). Same size and speed.
+    weight_bits: Literal[7, 8] = 7
 
 
 class Fp16Options(RecipeOptions):
@@ -53,12 +61,46 @@ class Int4Options(RecipeOptions):
     # contains one of these (e.g. "attention2/v" is every layer's feature-attention value projection).
     # The sensitive few cost little: bench/results-int4-options.md measures each role's share of the error.
     eight_bit: tuple[str, ...] = Field(default=(), strict=False)
+    # How the 4-bit weights are rounded onto their grid: "nearest" (ONNX Runtime's quantizer), or
+    # "gptq", which moves each weight's rounding error where calibration inputs do not reach
+    # (mitra_model/build/gptq.py; bench/results-int4-options.md measures both).
+    rounding: Literal["nearest", "gptq"] = "gptq"
+    # GPTQ's calibration: one synthetic table (mixed column types) per (n_support, n_query, n_features),
+    # drawn with this seed, never the verification's tables.
+    calibration: tuple[tuple[int, int, int], ...] = Field(default=((256, 32, 8), (96, 24, 30)), strict=False)
+    calibration_seed: int = 0
+    # Added to the calibration Hessian's diagonal, as a share of its mean (GPTQ's dampening).
+    gptq_damp: float = Field(default=0.01, gt=0, le=1)
 
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, value: int) -> int:
         if value & (value - 1):
             raise ValueError(f"must be a power of two >= 16 (MatMulNBits), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _gptq_grid(self) -> Int4Options:
+        if self.rounding == "gptq" and self.is_symmetric:
+            raise ValueError("rounding 'gptq' rounds onto the asymmetric grid (zero points): set is_symmetric = false "
+                             "or rounding = 'nearest'")
+        return self
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _shapes_from_lists(cls, value: Any) -> Any:  # TOML gives arrays of arrays; strict mode wants tuples
+        if isinstance(value, list | tuple):
+            return tuple(tuple(shape) if isinstance(shape, list) else shape for shape in value)
+        return value
+
+    @field_validator("calibration")
+    @classmethod
+    def _table_shapes(cls, value: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+        if not value:
+            raise ValueError("needs at least one (n_support, n_query, n_features) table")
+        for shape in value:
+            if min(shape) < 1:
+                raise ValueError(f"every (n_support, n_query, n_features) must be >= 1, got {list(shape)}")
         return value
 
 

@@ -66,6 +66,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mitra_model import __version__
+from mitra_model.build import gptq
 from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions
 from mitra_model.errors import ExportError, OnnxCheckError
 from mitra_model.fileutil import atomic_file, sha256_file
@@ -81,6 +82,7 @@ FP32_OPS = frozenset({
 })
 FP16_CONTRIB_OPS = frozenset({"MultiHeadAttention"})  # com.microsoft, fp16 kernels on CPU and CUDA
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,8 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
         raise _nothing_to_reduce(source, "quantize")
     all_matmuls = sum(node.op_type == "MatMul" for node in graph.node)
     weights = sorted({graph.node[index].input[1] for index in selected})
-    _quantize_rows(graph, set(selected), per_channel=options.per_channel, opset=_default_opset(model))
+    _quantize_rows(graph, set(selected), per_channel=options.per_channel, opset=_default_opset(model),
+                   weight_levels=2 ** (options.weight_bits - 1) - 1)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _require_no_fp32_weights(graph, weights, source, "int8")
@@ -304,6 +307,7 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
         "method": "per-row dynamic int8 (QuantizeLinear per row, MatMulIntegerToFloat, a per-row scale)",
         "activations": "row",
         "weight_type": "QInt8",
+        "weight_bits": options.weight_bits,
         "per_channel": options.per_channel,
         "identities_removed": identities,
         "quantized_matmuls": sum(node.op_type == "MatMulIntegerToFloat" for node in graph.node),
@@ -327,13 +331,15 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS)
 
 
-def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: bool, opset: int) -> None:
+def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: bool, opset: int,
+                   weight_levels: int) -> None:
     """Replace each selected MatMul(x, W) by its per-row int8 form, in place:
 
         x2 = Reshape(x, [-1, K])                            # (M, K): a row is one token's features
         s  = max(max(x2), -min(x2), tiny) / 127 per row     # (M, 1) one scale per row, from that row alone
         q  = QuantizeLinear(x2, s, 128, axis=0)             # uint8, symmetric around 128
         y  = MatMulIntegerToFloat(q, W_int8, 1, s_W, 128)   # (M, N) float; MLAS's u8 x s8 kernel, s_W applied in it
+                                                            # W_int8 in [-weight_levels, weight_levels] (Int8Options.weight_bits)
         y  = y * s                                          # per row
         out = Reshape(y, [*x.shape[:-1], N])
 
@@ -374,8 +380,8 @@ def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: b
         if weight_name not in made:
             weight = numpy_helper.to_array(initializers[weight_name]).astype(np.float32)
             peak = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
-            scale = (np.maximum(peak, 1e-12).astype(np.float32) / np.float32(127.0)).astype(np.float32)
-            quantized = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+            scale = (np.maximum(peak, 1e-12).astype(np.float32) / np.float32(weight_levels)).astype(np.float32)
+            quantized = np.clip(np.rint(weight / scale), -weight_levels, weight_levels).astype(np.int8)
             made[weight_name] = (const(f"{weight_name}_int8", quantized), const(f"{weight_name}_scale", scale))
         if (x, k) not in rows_made:
             r = f"{node.name}_rows"  # named after the first MatMul that reads x
@@ -432,7 +438,7 @@ def _to_int8_per_tensor(model: onnx.ModelProto, tmp: Path, source: Path, options
         with _quiet_quantizer():
             quantize_dynamic(
                 model, tmp, op_types_to_quantize=["MatMul"], nodes_to_quantize=[node.name for node in selected],
-                per_channel=options.per_channel, reduce_range=False, weight_type=QuantType.QInt8,
+                per_channel=options.per_channel, reduce_range=options.weight_bits == 7, weight_type=QuantType.QInt8,
                 # DefaultTensorType: the quantizer cannot type the outputs of contrib ops (MultiHeadAttention)
                 extra_options={"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True},
             )
@@ -446,8 +452,9 @@ def _to_int8_per_tensor(model: onnx.ModelProto, tmp: Path, source: Path, options
     details: dict[str, Any] = {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "weight_type": "QInt8",
+        "weight_bits": options.weight_bits,
         "per_channel": options.per_channel,
-        "reduce_range": False,
+        "reduce_range": options.weight_bits == 7,
         "identities_removed": identities,
         "quantized_matmuls": sum(node.op_type in integer_ops for node in out.node),
         "quantized_weights": len(weights),
@@ -703,6 +710,10 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
     if options.eight_bit and not eight_bit_weights:
         raise ExportError(f"int4 option eight_bit {list(options.eight_bit)} matches no quantized MatMul of {source}")
     eight_bit = {node.name for node in graph.node if node.name in selected and node.input[1] in eight_bit_weights}
+    gptq_rounded = _gptq_round(model, source, options, {
+        weight: [node.input[0] for node in graph.node if node.name in selected and node.input[1] == weight]
+        for weight in weights if weight not in eight_bit_weights
+    }) if options.rounding == "gptq" else {}
     try:
         with _contained_logging("onnxruntime.quantization.matmul_nbits_quantizer"):
             # deferred: only the precision that uses it loads onnxruntime's quantizer
@@ -730,12 +741,15 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
 
     out = quantized.graph
     _require_no_fp32_weights(out, weights, source, "int4")
+    _replace_initializers(out, gptq_rounded, source)
 
     details: dict[str, Any] = {
-        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (com.microsoft.MatMulNBits)",
+        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer (com.microsoft.MatMulNBits)"
+                  + (", 4-bit weights rounded by GPTQ (mitra_model.build.gptq)" if gptq_rounded else ""),
         "bits": 4,
         **options.model_dump(mode="json"),
         "eight_bit_matmuls": len(eight_bit),
+        "gptq_weights": len(gptq_rounded),
         "identities_removed": identities,
         "quantized_matmuls": sum(node.op_type == "MatMulNBits" for node in out.node),
         "quantized_weights": len(weights),
@@ -744,6 +758,38 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
         "initializer_bytes": _initializer_bytes(out),
     }
     return quantized, details
+
+
+def _gptq_round(model: onnx.ModelProto, source: Path, options: Int4Options, activations: dict[str, list[str]]
+                ) -> dict[str, np.ndarray]:
+    """GPTQ's B, scales and zero_points for each 4-bit weight, named as the quantizer names them."""
+    config = gptq.config_from_metadata(model, source)
+    tables = gptq.calibration_inputs(config, options.calibration, seed=options.calibration_seed)
+    log.info("int4: calibrating GPTQ on %d synthetic tables (%d MatMul weights)", len(tables), len(activations))
+    hessians = gptq.activation_hessians(model, activations, tables)
+    arrays = {t.name: t for t in model.graph.initializer if t.name in activations}
+    rounded: dict[str, np.ndarray] = {}
+    started = time.perf_counter()
+    for done, name in enumerate(sorted(activations), 1):
+        levels, scales, zeros = gptq.gptq_levels(numpy_helper.to_array(arrays[name]), hessians[name], bits=4,
+                                                 block=options.block_size, damp=options.gptq_damp)
+        packed, packed_zeros = gptq.pack(levels, zeros, block=options.block_size)
+        rounded |= {f"{name}_Q4": packed, f"{name}_scales": scales, f"{name}_zero_points": packed_zeros}
+        if done % 16 == 0 or done == len(activations):
+            log.info("int4: GPTQ rounded %d/%d weights (%.0f s)", done, len(activations), time.perf_counter() - started)
+    return rounded
+
+
+def _replace_initializers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray], source: Path) -> None:
+    """Put `arrays` in place of the quantizer's initializers of the same names, which must have their shapes."""
+    found = {tensor.name: tensor for tensor in graph.initializer if tensor.name in arrays}
+    for name, array in arrays.items():
+        tensor = found.get(name)
+        if tensor is None or tuple(tensor.dims) != array.shape:
+            raise ExportError(f"int4 of {source}: the quantizer wrote no {name} of shape {list(array.shape)} "
+                              f"(found {list(tensor.dims) if tensor is not None else 'none'}) for the GPTQ-rounded "
+                              "weights; its naming or layout changed")
+        tensor.CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(tensor).dtype, copy=False), name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import zlib
 
 import numpy as np
 
+from mitra_model.model.architecture import MitraConfig
 from mitra_model.model.kinds import DataKind
-from mitra_model.model.tab2d import MitraConfig
 
 # Column generators for "mixed" data, in rotation: what real tables hold.
 _MIXED_COLUMNS: tuple[DataKind, ...] = ("continuous", "integer_ties", "categorical", "constant", "large_magnitude")

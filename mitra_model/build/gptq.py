@@ -1,0 +1,153 @@
+"""GPTQ rounding of the int4 recipe's 4-bit weights, in MatMulNBits' layout.
+
+Round-to-nearest rounds each weight on its own. GPTQ (Frantar et al. 2022, arXiv:2210.17323) rounds
+a weight matrix one input row at a time and moves the rows not yet rounded so that, on calibration
+activations X of that MatMul, the error of the rounded rows is cancelled as far as the rest can
+cancel it: it minimises |X (W - Q)|^2, weighted by H = X^T X, instead of |W - Q|^2. On Mitra the
+activations are far from isotropic (a table's cells are embedded from one scalar each), so most
+rounding error can be moved where no input reaches it; bench/results-int4-options.md measures it.
+
+The grid is MatMulNBits' (`block` input rows of one output column share a scale and a zero point,
+asymmetric, the range always holding 0) and is taken from the unrounded weights, as round-to-nearest
+takes it ("static groups"). Rows are visited in order of decreasing activation energy (GPTQ's act
+order): with static groups the order changes no stored tensor, so the file needs no permutation
+(MatMulNBits' `g_idx`, which onnxruntime-web does not implement).
+
+The calibration tables are synthetic (`model.inputs.make_inputs`, mixed column types) and never the
+verification's tables, so the task checks judge the rounding on tables it has not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from mitra_model.errors import ExportError
+from mitra_model.model.architecture import MitraConfig, Task
+from mitra_model.model.inputs import make_inputs
+
+_CALIBRATION_SALT = "gptq-calibration"  # keeps calibration tables apart from the matrix's (salted by cell name)
+
+
+def grid(weight: np.ndarray, *, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' asymmetric grid of a (K, N) weight: scales and zero points, each (N, ceil(K / block))."""
+    k, n = weight.shape
+    top = 2**bits - 1
+    blocks = np.pad(weight.astype(np.float64), ((0, (-k) % block), (0, 0))).reshape(-1, block, n)
+    low = np.minimum(blocks.min(axis=1), 0.0)
+    high = np.maximum(blocks.max(axis=1), 0.0)
+    scales = (high - low) / top
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)  # an all-zero block: any scale, level = zero point
+    zeros = np.clip(np.round(-low / scales), 0, top).astype(np.uint8)
+    return scales.T.copy(), zeros.T.copy()
+
+
+def gptq_levels(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block: int, damp: float,
+                lazy: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round a (K, N) MatMul weight (y = x @ weight) to `bits` with GPTQ.
+
+    Args:
+        weight: the fp32 weight.
+        hessian: (K, K) sum of x^T x over the calibration activations of the MatMul's input.
+        bits, block: the grid (`grid`).
+        damp: added to H's diagonal as a share of its mean, so a direction no calibration input
+            reaches is rounded to nearest instead of absorbing everything.
+        lazy: rows updated together (speed only; the result is the same for any value).
+
+    Returns:
+        levels (K rounded up to whole blocks, N) uint8 in [0, 2**bits), scales (N, K / block) float32, zero points (N, K / block)
+        uint8: weight ~ (levels - zero) * scale of its block.
+    """
+    pad = (-weight.shape[0]) % block  # MatMulNBits pads K to whole blocks with zero weights, never multiplied
+    weight = np.pad(weight, ((0, pad), (0, 0)))
+    k = weight.shape[0]
+    scales, zeros = grid(weight, bits=bits, block=block)
+    top = 2**bits - 1
+    h = np.pad(np.asarray(hessian, dtype=np.float64), ((0, pad), (0, pad)))
+    w = weight.astype(np.float64).T.copy()  # (N, K): the paper's orientation, a row per output
+    dead = np.diag(h) == 0  # an input never non-zero in calibration: round it to nearest, move nothing
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[:, order], h[np.ix_(order, order)]
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    # GPTQ's Cholesky form of the inverse: row i of U holds what rounding input i moves in the rest
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    row_scale = scales.T.astype(np.float64)[order // block]  # (K, N): each visited input's block grid
+    row_zero = zeros.T.astype(np.float64)[order // block]
+    levels = np.empty((k, w.shape[0]), dtype=np.uint8)
+    for start in range(0, k, lazy):
+        stop = min(start + lazy, k)
+        part = w[:, start:stop].copy()
+        errors = np.empty_like(part)
+        for i in range(stop - start):
+            row = start + i
+            level = np.clip(np.round(part[:, i] / row_scale[row]) + row_zero[row], 0, top)
+            levels[order[row]] = level.astype(np.uint8)
+            error = (part[:, i] - (level - row_zero[row]) * row_scale[row]) / upper[row, row]
+            part[:, i:] -= np.outer(error, upper[row, row:stop])
+            errors[:, i] = error
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    levels[k - pad:] = 0  # what ONNX Runtime's quantizer stores there
+    return levels, scales, zeros
+
+
+def pack(levels: np.ndarray, zeros: np.ndarray, *, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit levels (K, N; K whole blocks) and zero points (N, K / block) in MatMulNBits' tensors: B (N, K / block,
+    block / 2) and zero_points (N, ceil(K / block / 2)), two values a byte, the first in the low nibble
+    (ONNX Runtime's own quantizer writes the same bytes for the same levels)."""
+    k, n = levels.shape
+    by_column = levels.T.reshape(n, k // block, block // 2, 2)
+    packed = (by_column[..., 0] | (by_column[..., 1] << 4)).astype(np.uint8)
+    padded = np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2)), constant_values=8)  # ONNX Runtime's filler: the midpoint
+    packed_zeros = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+    return packed, packed_zeros
+
+
+def config_from_metadata(model: onnx.ModelProto, source: object) -> MitraConfig:
+    """The model config an exported Mitra file records in its metadata (`export.pin_volatile_fields`)."""
+    props = {entry.key: entry.value for entry in model.metadata_props}
+    try:
+        return MitraConfig(dim=int(props["mitra.dim"]), dim_output=int(props["mitra.dim_output"]),
+                           n_layers=int(props["mitra.n_layers"]), n_heads=int(props["mitra.n_heads"]),
+                           task=Task(props["mitra.task"]))
+    except (KeyError, ValueError) as exc:
+        raise ExportError(f"GPTQ rounding calibrates on tables shaped for the model, but {source} lacks valid "
+                          f"mitra.* metadata ({type(exc).__name__}: {exc}); export it with mitra-build export") from None
+
+
+def calibration_inputs(config: MitraConfig, shapes: Sequence[Sequence[int]], *, seed: int
+                       ) -> list[dict[str, np.ndarray]]:
+    """One synthetic table (batch 1, mixed column types) per (n_support, n_query, n_features)."""
+    return [make_inputs((1, *shape), config=config, seed=seed, salt=f"{_CALIBRATION_SALT}-{index}")
+            for index, shape in enumerate(shapes)]
+
+
+def activation_hessians(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]],
+                        tables: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """H = sum of x^T x over every row x of each weight's MatMul inputs, on the calibration tables.
+
+    Args:
+        model: the fp32 model (not modified).
+        activations: weight name -> the tensors its MatMuls multiply it with (a weight read by a
+            support and a query path sums both).
+        tables: contract inputs to run.
+    """
+    import onnxruntime as ort  # deferred: the slim install reads this package without onnxruntime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = sorted({name for names in activations.values() for name in names})
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    hessians: dict[str, np.ndarray] = {}
+    for table in tables:
+        got = dict(zip(outputs, session.run(outputs, dict(table)), strict=True))
+        for weight, names in activations.items():
+            for name in names:
+                x = got[name].reshape(-1, got[name].shape[-1])
+                gram = (x.T @ x).astype(np.float64)
+                hessians[weight] = hessians[weight] + gram if weight in hessians else gram
+    return hessians

@@ -1,0 +1,157 @@
+"""GPTQ rounding of int4's 4-bit weights: the file computes what GPTQ's weights compute, GPTQ keeps more of
+what the calibration inputs see than rounding to nearest does, and on a real table more of the signal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mitra_model.build import gptq
+from mitra_model.build.config import load_config
+from mitra_model.build.recipes import quantize_onnx
+from mitra_model.build.tasks import load_table
+from mitra_model.build.verify import signal_metrics
+from mitra_model.errors import ConfigError, ExportError
+
+BLOCK = 32
+
+
+def _nearest(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    weight = np.pad(weight, ((0, (-weight.shape[0]) % BLOCK), (0, 0)))
+    scales, zeros = gptq.grid(weight, bits=4, block=BLOCK)
+    by_row_scale = np.repeat(scales.T, BLOCK, axis=0)
+    by_row_zero = np.repeat(zeros.T, BLOCK, axis=0).astype(np.float64)
+    levels = np.clip(np.round(weight / by_row_scale) + by_row_zero, 0, 15).astype(np.uint8)
+    return levels, scales, zeros
+
+
+def _dequantize(levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    return ((levels.astype(np.float64) - np.repeat(zeros.T, BLOCK, axis=0)) * np.repeat(scales.T, BLOCK, axis=0))
+
+
+def _activations(rng: np.random.Generator, rows: int, basis: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Like a table's embeddings: a few strong directions (basis), a little noise, a shared offset."""
+    return rng.normal(size=(rows, len(basis))) @ basis + 0.05 * rng.normal(size=(rows, basis.shape[1])) + offset
+
+
+@pytest.mark.parametrize("k", [96, 72])  # 72: the last block padded
+def test_packed_tensors_are_what_matmulnbits_multiplies_by(k: int) -> None:
+    """pack() writes MatMulNBits' layout: ONNX Runtime's kernel on the packed tensors computes x @ the
+    dequantized weights (a wrong nibble order or block layout would scramble them)."""
+    rng = np.random.default_rng(0)
+    n = 40
+    weight = rng.normal(size=(k, n)).astype(np.float32)
+    levels, scales, zeros = gptq.gptq_levels(weight, np.eye(k), bits=4, block=BLOCK, damp=0.01)
+    assert levels.shape == (k + (-k) % BLOCK, n) and np.array_equal(levels[:k], _nearest(weight)[0][:k])  # H = I: nearest
+    packed, packed_zeros = gptq.pack(levels, zeros, block=BLOCK)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=BLOCK)
+    graph = helper.make_graph(
+        [node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales"),
+         numpy_helper.from_array(packed_zeros, "zp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=8)
+    x = rng.normal(size=(7, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ _dequantize(levels, scales, zeros)[:k], rtol=1e-4, atol=1e-4)
+    # ...and the grid is ONNX Runtime's own: its round-to-nearest quantizer picks the same levels
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    ort_packed, ort_scales, ort_zeros = DefaultWeightOnlyQuantizer(
+        DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=False)).qbits_block_quant(weight)
+    np.testing.assert_allclose(ort_scales, scales, rtol=1e-6)
+    assert np.array_equal(ort_zeros, packed_zeros)
+    assert np.mean(ort_packed == packed) > 0.999  # a tie at .5 may round the other way
+
+
+def test_gptq_keeps_the_calibration_outputs_better_than_rounding_to_nearest() -> None:
+    rng = np.random.default_rng(1)
+    k, n = 128, 48
+    weight = rng.normal(size=(k, n)).astype(np.float32)
+    basis, offset = rng.normal(size=(6, k)), rng.normal(size=k)
+    x = _activations(rng, 2000, basis, offset)
+    levels, scales, zeros = gptq.gptq_levels(weight, x.T @ x, bits=4, block=BLOCK, damp=0.01)
+    near_levels, near_scales, near_zeros = _nearest(weight)
+    # the same grid as rounding to nearest (only the levels differ), within the 4-bit range
+    assert np.array_equal(scales, near_scales) and np.array_equal(zeros, near_zeros)
+    assert levels.dtype == np.uint8 and levels.max() <= 15 and levels.shape == (k, n)
+    held_out = _activations(np.random.default_rng(2), 500, basis, offset)
+    errors = {name: np.sqrt(np.mean((held_out @ (_dequantize(*q) - weight)) ** 2))
+              for name, q in (("gptq", (levels, scales, zeros)), ("nearest", (near_levels, near_scales, near_zeros)))}
+    assert errors["gptq"] < 0.5 * errors["nearest"], errors
+    # ...while the weights themselves move further from the fp32 ones: the error went where x does not reach
+    assert np.abs(_dequantize(levels, scales, zeros) - weight).mean() > np.abs(_dequantize(near_levels, near_scales, near_zeros) - weight).mean()
+
+
+def test_an_input_calibration_never_reaches_is_rounded_to_nearest() -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(64, 16)).astype(np.float32)
+    x = rng.normal(size=(300, 64))
+    x[:, 5] = 0.0
+    levels, _, _ = gptq.gptq_levels(weight, x.T @ x, bits=4, block=BLOCK, damp=0.01)
+    assert np.array_equal(levels[5], _nearest(weight)[0][5])
+
+
+@pytest.fixture(scope="module")
+def classifier_int4(tiny_artifacts, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    source = tiny_artifacts.path("classification", "fp32-ort")
+    root = tmp_path_factory.mktemp("gptq")
+    return {"source": source, **{rounding: quantize_onnx(source, root / f"{rounding}.onnx", precision="int4",
+                                                         options={"rounding": rounding}).path
+                                 for rounding in ("nearest", "gptq")}}
+
+
+def test_gptq_int4_keeps_more_of_a_real_tables_signal(classifier_int4) -> None:
+    """On wine (a table calibration never saw), the GPTQ-rounded tiny classifier's error over upstream's
+    spread is well under round-to-nearest's. Measured (seed 7): 0.15 against 0.55."""
+    config = load_config()
+    table = load_table(next(t for t in config.verification.tasks_for("classification") if t.name == "wine"),
+                       seed=config.verification.seed)
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return table.outputs(session.run(None, table.inputs)[0])[None]
+
+    reference = run(classifier_int4["source"])
+    kept = {rounding: signal_metrics(reference, run(classifier_int4[rounding]), is_classifier=True).err_over_spread
+            for rounding in ("nearest", "gptq")}
+    assert kept["gptq"] < 0.6 * kept["nearest"], kept
+
+
+def test_gptq_file_records_how_it_was_rounded(classifier_int4) -> None:
+    nbits = [n for n in onnx.load(str(classifier_int4["gptq"])).graph.node if n.op_type == "MatMulNBits"]
+    near = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(classifier_int4["nearest"])).graph.initializer}
+    rounded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(classifier_int4["gptq"])).graph.initializer}
+    assert nbits and set(near) == set(rounded)  # the same tensors, names and shapes: only levels differ
+    assert any(not np.array_equal(near[n.input[1]], rounded[n.input[1]]) for n in nbits)
+
+
+def test_gptq_refuses_a_file_without_the_model_config(classifier_int4, tmp_path: Path) -> None:
+    model = onnx.load(str(classifier_int4["source"]))
+    kept = [p for p in model.metadata_props if p.key != "mitra.dim_output"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(model, str(stripped))
+    with pytest.raises(ExportError, match=r"stripped\.onnx lacks valid mitra\.\* metadata.*mitra\.dim_output"):
+        quantize_onnx(stripped, tmp_path / "out.onnx", precision="int4", options={"rounding": "gptq"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stripped.onnx"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"rounding": "best"}, r"rounding.*'nearest' or 'gptq'"),
+    ({"calibration": []}, r"calibration.*at least one"),
+    ({"calibration": [[64, 0, 8]]}, r"calibration.*>= 1, got \[64, 0, 8\]"),
+    ({"gptq_damp": 0}, r"gptq_damp.*greater than 0"),
+    ({"is_symmetric": True}, r"rounding 'gptq'.*asymmetric.*is_symmetric = false"),
+])
+def test_bad_gptq_options_name_the_field(classifier_int4, tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        quantize_onnx(classifier_int4["source"], tmp_path / "out.onnx", precision="int4", options=options)
