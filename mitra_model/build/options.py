@@ -39,7 +39,7 @@ class Int8Options(RecipeOptions):
     # classifier, err/spread on iris / wine / breast-cancer / digits): on an AVX2-only EPYC 8-bit weights
     # gave 0.75 / 1.27 / 1.86 / 2.98, 7-bit 0.072 / 0.104 / 0.094 / 0.191; on an AVX-512 VNNI EPYC 8-bit
     # gave 0.044 / 0.069 / 0.088 / 0.125. 7 bits cannot overflow (255 * 63 * 2 < 2**15) on any CPU:
-    # ONNX Runtime's own remedy (`reduce_range`). Same size and speed.
+    # ONNX Runtime's own remedy (`reduce_range`). The same size and kernel, so the same speed.
     weight_bits: Literal[7, 8] = 7
 
 
