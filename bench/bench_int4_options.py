@@ -52,16 +52,15 @@ BLOCK = 32
 
 
 def fake_quantize(weight: np.ndarray, bits: int = 4, block: int = BLOCK) -> np.ndarray:
-    """Round-to-nearest, asymmetric, one scale and zero point per `block` input rows (MatMulNBits' layout)."""
-    k, n = weight.shape
-    top = 2**bits - 1
-    padded = np.pad(weight, ((0, (-k) % block), (0, 0))).reshape(-1, block, n)
-    low = np.minimum(padded.min(1, keepdims=True), 0)
-    high = np.maximum(padded.max(1, keepdims=True), 0)
-    scale = np.maximum(high - low, 1e-12) / top
-    zero = np.clip(np.round(-low / scale), 0, top)
-    levels = np.clip(np.round(padded / scale) + zero, 0, top)
-    return ((levels - zero) * scale).reshape(-1, n)[:k].astype(np.float32)
+    """Round-to-nearest on MatMulNBits' grid (gptq.grid), dequantized back to fp32."""
+    from mitra_model.build.gptq import grid
+
+    k, _ = weight.shape
+    padded = np.pad(weight, ((0, (-k) % block), (0, 0)))
+    scales, zeros = grid(padded, bits=bits, block=block)
+    scale, zero = np.repeat(scales.T, block, axis=0), np.repeat(zeros.T, block, axis=0).astype(np.float64)
+    levels = np.clip(np.round(padded / scale) + zero, 0, 2**bits - 1)
+    return ((levels - zero) * scale)[:k].astype(np.float32)
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ class Candidate:
 CANDIDATES = {c.name: c for c in (
     Candidate("fp32-ort", "fp32-ort", note="the optimized fp32 every reduced precision is made from"),
     Candidate("fp16", "fp16"),
-    Candidate("int8", "int8", note="per-row activation scales (the default)"),
+    Candidate("int8", "int8", note="the configured int8: per-row activation scales, 7-bit weights rounded by GPTQ"),
+    Candidate("int8-nearest", "int8", {"rounding": "nearest"}, "7-bit weights rounded to nearest (before GPTQ)"),
     Candidate("int8-tensor", "int8", {"activations": "tensor"}, "ONNX Runtime's per-tensor dynamic int8 (before)"),
     Candidate("int4", "int4", note="the configured int4 (config/mitra-build.toml)"),
     Candidate("int4-b32-acc4", "int4", {"block_size": 32, "accuracy_level": 4, "eight_bit": []},

@@ -184,14 +184,16 @@ def test_int8_rows_are_the_same_alone_and_in_any_batch(tiny_artifacts, tiny_snap
 
 def test_the_int8_pair_is_the_int8_full_model(tiny_snapshots, build_config, tmp_path: Path, task: str) -> None:
     """Encode-support and predict-query quantized like the full model give its numbers: per-row
-    scales let the support rows' int8 projections be the same whether the query rows are there."""
+    scales let the support rows' int8 projections be the same whether the query rows are there.
+    Rounded to nearest: GPTQ's levels come from the activations of the graph quantized, and a half of
+    the pair cannot be calibrated like the full model (test_gptq: it is refused)."""
     model, _ = load_model(tiny_snapshots[task].path)
     shape, opset = build_config.export.trace_shape, build_config.export.opset
     from mitra_model.build.export import export_onnx
 
     full = export_onnx(model, tmp_path / "model.onnx", opset=opset, trace_shape=shape).path
     pair = export_support_cache(model, tmp_path / "pair", opset=opset, trace_shape=shape)
-    int8 = {name: quantize_onnx(path, tmp_path / f"{name}-int8.onnx", precision="int8").path
+    int8 = {name: quantize_onnx(path, tmp_path / f"{name}-int8.onnx", precision="int8", options={"rounding": "nearest"}).path
             for name, path in (("full", full), ("encode", pair.encode.path), ("predict", pair.predict.path))}
     whole = graph_candidate(int8["full"])
     split = pair_candidate(int8["encode"], int8["predict"], model.config.n_layers)
@@ -205,9 +207,14 @@ def test_the_configured_bounds_hold_what_was_measured_at_full_size() -> None:
     a bound tightened below its measurement, or a measurement that got worse, is caught here."""
     recorded = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results-signal.json").read_text())
     config = load_config()
+    assert set(recorded["tasks"]) == {"classification", "regression"}
     for task, rows in recorded["tasks"].items():
+        assert {"fp32-ort", *config.artifacts.precisions} <= {row["candidate"] for row in rows}, task  # none unmeasured
         for row in rows:
-            tolerance = config.verification.tolerance("fp32" if row["candidate"] == "fp32-ort" else row["candidate"])
+            key = "fp32" if row["candidate"] == "fp32-ort" else row["candidate"]
+            if key not in config.verification.tolerances:  # an option measured beside the configured one (int8-nearest)
+                continue
+            tolerance = config.verification.tolerance(key)
             where = f"{task} {row['candidate']}"
             assert row["matrix"]["max_err_over_spread"] <= tolerance.max_err_over_spread, where
             assert row["matrix"]["max_batch_dependence"] <= tolerance.max_batch_dependence, where

@@ -1,4 +1,4 @@
-"""GPTQ rounding of the int4 recipe's 4-bit weights, in MatMulNBits' layout.
+"""GPTQ rounding of quantized weights: int4's 4-bit weights in MatMulNBits' layout, int8's symmetric levels.
 
 Round-to-nearest rounds each weight on its own. GPTQ (Frantar et al. 2022, arXiv:2210.17323) rounds
 a weight matrix one input row at a time and moves the rows not yet rounded so that, on calibration
@@ -46,15 +46,13 @@ def grid(weight: np.ndarray, *, bits: int, block: int) -> tuple[np.ndarray, np.n
 
 def gptq_levels(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block: int, damp: float,
                 lazy: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round a (K, N) MatMul weight (y = x @ weight) to `bits` with GPTQ.
+    """Round a (K, N) MatMul weight (y = x @ weight) to `bits` on MatMulNBits' grid with GPTQ.
 
     Args:
         weight: the fp32 weight.
         hessian: (K, K) sum of x^T x over the calibration activations of the MatMul's input.
         bits, block: the grid (`grid`).
-        damp: added to H's diagonal as a share of its mean, so a direction no calibration input
-            reaches is rounded to nearest instead of absorbing everything.
-        lazy: rows updated together (speed only; the result is the same for any value).
+        damp, lazy: as `gptq_round`.
 
     Returns:
         levels (K rounded up to whole blocks, N) uint8 in [0, 2**bits), scales (N, K / block) float32, zero points (N, K / block)
@@ -62,10 +60,41 @@ def gptq_levels(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block: in
     """
     pad = (-weight.shape[0]) % block  # MatMulNBits pads K to whole blocks with zero weights, never multiplied
     weight = np.pad(weight, ((0, pad), (0, 0)))
-    k = weight.shape[0]
     scales, zeros = grid(weight, bits=bits, block=block)
-    top = 2**bits - 1
-    h = np.pad(np.asarray(hessian, dtype=np.float64), ((0, pad), (0, pad)))
+    hessian = np.pad(np.asarray(hessian, dtype=np.float64), ((0, pad), (0, pad)))
+    levels = gptq_round(weight, hessian, scales=scales, zeros=zeros, block=block, low=0, high=2**bits - 1,
+                        damp=damp, lazy=lazy).astype(np.uint8)
+    levels[weight.shape[0] - pad:] = 0  # what ONNX Runtime's quantizer stores there
+    return levels, scales, zeros
+
+
+def gptq_symmetric(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, levels: int, damp: float,
+                   lazy: int = 128) -> np.ndarray:
+    """Round a (K, N) MatMul weight onto the symmetric int8 grid (level * scale, |level| <= `levels`;
+    `scale` one per tensor or one per output column) with GPTQ: the int8 (K, N) levels."""
+    k, n = weight.shape
+    scales = np.broadcast_to(np.asarray(scale, dtype=np.float32).reshape(-1, 1), (n, 1))
+    return gptq_round(weight, hessian, scales=scales, zeros=np.zeros((n, 1)), block=k, low=-levels, high=levels,
+                      damp=damp, lazy=lazy).astype(np.int8)
+
+
+def gptq_round(weight: np.ndarray, hessian: np.ndarray, *, scales: np.ndarray, zeros: np.ndarray, block: int,
+               low: int, high: int, damp: float, lazy: int = 128) -> np.ndarray:
+    """GPTQ (the loop of Frantar et al.'s Algorithm 1) onto a fixed grid: weight[k, n] ~ (level - zeros[n, k // block])
+    * scales[n, k // block], level in [low, high].
+
+    Args:
+        weight: (K, N), K a whole number of blocks.
+        hessian: (K, K) sum of x^T x over the calibration activations of the MatMul's input.
+        damp: added to H's diagonal as a share of its mean, so a direction no calibration input
+            reaches is rounded to nearest instead of absorbing everything.
+        lazy: rows updated together (speed only; the result is the same for any value).
+
+    Returns:
+        The levels, (K, N) float64 holding integers.
+    """
+    k = weight.shape[0]
+    h = np.array(hessian, dtype=np.float64)
     w = weight.astype(np.float64).T.copy()  # (N, K): the paper's orientation, a row per output
     dead = np.diag(h) == 0  # an input never non-zero in calibration: round it to nearest, move nothing
     h[dead, dead] = 1.0
@@ -74,23 +103,22 @@ def gptq_levels(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block: in
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     # GPTQ's Cholesky form of the inverse: row i of U holds what rounding input i moves in the rest
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
-    row_scale = scales.T.astype(np.float64)[order // block]  # (K, N): each visited input's block grid
-    row_zero = zeros.T.astype(np.float64)[order // block]
-    levels = np.empty((k, w.shape[0]), dtype=np.uint8)
+    row_scale = np.asarray(scales, dtype=np.float64).T[order // block]  # (K, N): each visited input's block grid
+    row_zero = np.asarray(zeros, dtype=np.float64).T[order // block]
+    levels = np.empty((k, w.shape[0]))
     for start in range(0, k, lazy):
         stop = min(start + lazy, k)
         part = w[:, start:stop].copy()
         errors = np.empty_like(part)
         for i in range(stop - start):
             row = start + i
-            level = np.clip(np.round(part[:, i] / row_scale[row]) + row_zero[row], 0, top)
-            levels[order[row]] = level.astype(np.uint8)
+            level = np.clip(np.round(part[:, i] / row_scale[row]) + row_zero[row], low, high)
+            levels[order[row]] = level
             error = (part[:, i] - (level - row_zero[row]) * row_scale[row]) / upper[row, row]
             part[:, i:] -= np.outer(error, upper[row, row:stop])
             errors[:, i] = error
         w[:, stop:] -= errors @ upper[start:stop, stop:]
-    levels[k - pad:] = 0  # what ONNX Runtime's quantizer stores there
-    return levels, scales, zeros
+    return levels
 
 
 def pack(levels: np.ndarray, zeros: np.ndarray, *, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +171,9 @@ def activation_hessians(model: onnx.ModelProto, activations: Mapping[str, Sequen
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     hessians: dict[str, np.ndarray] = {}
+    fed = [i.name for i in session.get_inputs()]  # encode-support takes the support inputs only
     for table in tables:
-        got = dict(zip(outputs, session.run(outputs, dict(table)), strict=True))
+        got = dict(zip(outputs, session.run(outputs, {name: table[name] for name in fed}), strict=True))
         for weight, names in activations.items():
             for name in names:
                 x = got[name].reshape(-1, got[name].shape[-1])

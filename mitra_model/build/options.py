@@ -22,7 +22,42 @@ class RecipeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class Int8Options(RecipeOptions):
+class GptqCalibration(RecipeOptions):
+    """The calibration of GPTQ rounding (mitra_model/build/gptq.py), for the recipes that can round with it."""
+
+    # GPTQ's calibration: one synthetic table (mixed column types) per (n_support, n_query, n_features),
+    # drawn with this seed, never the verification's tables. The default's 24 shapes span the support
+    # sizes, query counts and widths of the matrix; 12 of them instead left int4's breast-cancer
+    # err/spread at 0.30 against 0.13: fewer tables make the rounding fit them (bench/results-int4-options.md).
+    calibration: tuple[tuple[int, int, int], ...] = Field(default=(
+        (256, 32, 8), (128, 32, 12), (300, 40, 5), (200, 20, 16), (96, 24, 30), (64, 16, 4),
+        (400, 50, 3), (150, 30, 24), (80, 20, 40), (500, 60, 6), (120, 24, 20), (60, 12, 64),
+        (100, 20, 10), (350, 40, 7), (50, 10, 50), (220, 30, 14), (40, 10, 20), (600, 64, 4),
+        (180, 36, 18), (70, 14, 36), (300, 30, 9), (130, 26, 26), (90, 18, 45), (450, 50, 11),
+    ), strict=False)
+    calibration_seed: int = 0
+    # Added to the calibration Hessian's diagonal, as a share of its mean (GPTQ's dampening).
+    gptq_damp: float = Field(default=0.01, gt=0, le=1)
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _shapes_from_lists(cls, value: Any) -> Any:  # TOML gives arrays of arrays; strict mode wants tuples
+        if isinstance(value, list | tuple):
+            return tuple(tuple(shape) if isinstance(shape, list) else shape for shape in value)
+        return value
+
+    @field_validator("calibration")
+    @classmethod
+    def _table_shapes(cls, value: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+        if not value:
+            raise ValueError("needs at least one (n_support, n_query, n_features) table")
+        for shape in value:
+            if min(shape) < 1:
+                raise ValueError(f"every (n_support, n_query, n_features) must be >= 1, got {list(shape)}")
+        return value
+
+
+class Int8Options(GptqCalibration):
     # Weight scales per tensor, not per output channel. Measured on the synthetic full-size classifier
     # (random weights): per-tensor max logit error 0.017-0.022 vs 0.021-0.025 per-channel, same speed,
     # 77.3 vs 77.8 MB; on the tiny models the two were within noise. Random uniform weights have no
@@ -41,13 +76,33 @@ class Int8Options(RecipeOptions):
     # gave 0.044 / 0.069 / 0.088 / 0.125. 7 bits cannot overflow (255 * 63 * 2 < 2**15) on any CPU:
     # ONNX Runtime's own remedy (`reduce_range`). The same size and kernel, so the same speed.
     weight_bits: Literal[7, 8] = 7
+    # How the weights are rounded onto their levels: "nearest", or "gptq" (as int4's `rounding`; per-row
+    # activations only: ONNX Runtime's per-tensor path rounds the weights itself). 7-bit weights cost
+    # int8 a share of its signal that GPTQ wins back: full-size classifier, err/spread on iris / wine /
+    # breast-cancer / digits 0.072 / 0.104 / 0.094 / 0.191 to nearest, 0.046 / 0.066 / 0.108 / 0.120 with
+    # GPTQ on the default calibration (bench/results-signal.md). Costs ~5 min a full-size int8 on 2 vCPUs.
+    rounding: Literal["nearest", "gptq"] = "gptq"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_tensor_rounds_to_nearest(cls, data: Any) -> Any:  # unless told otherwise (then refused below)
+        if isinstance(data, Mapping) and data.get("activations") == "tensor" and "rounding" not in data:
+            return {**data, "rounding": "nearest"}
+        return data
+
+    @model_validator(mode="after")
+    def _gptq_rows(self) -> Int8Options:
+        if self.rounding == "gptq" and self.activations == "tensor":
+            raise ValueError("rounding 'gptq' needs activations = 'row' (with 'tensor' ONNX Runtime's quantizer "
+                             "rounds the weights)")
+        return self
 
 
 class Fp16Options(RecipeOptions):
     pass
 
 
-class Int4Options(RecipeOptions):
+class Int4Options(GptqCalibration):
     # Weights per block of this many input rows (K) share one scale (and zero point); MatMulNBits
     # needs a power of two >= 16. Measured (full-size synthetic classifier, verification matrix):
     # 32: 49.5 MB, argmax 99.4%; 64: 44.1 MB, 95.5%; 128: 41.5 MB, 96.6%; same speed within noise.
@@ -65,12 +120,6 @@ class Int4Options(RecipeOptions):
     # "gptq", which moves each weight's rounding error where calibration inputs do not reach
     # (mitra_model/build/gptq.py; bench/results-int4-options.md measures both).
     rounding: Literal["nearest", "gptq"] = "gptq"
-    # GPTQ's calibration: one synthetic table (mixed column types) per (n_support, n_query, n_features),
-    # drawn with this seed, never the verification's tables.
-    calibration: tuple[tuple[int, int, int], ...] = Field(default=((256, 32, 8), (96, 24, 30)), strict=False)
-    calibration_seed: int = 0
-    # Added to the calibration Hessian's diagonal, as a share of its mean (GPTQ's dampening).
-    gptq_damp: float = Field(default=0.01, gt=0, le=1)
 
     @field_validator("block_size")
     @classmethod
@@ -85,23 +134,6 @@ class Int4Options(RecipeOptions):
             raise ValueError("rounding 'gptq' rounds onto the asymmetric grid (zero points): set is_symmetric = false "
                              "or rounding = 'nearest'")
         return self
-
-    @field_validator("calibration", mode="before")
-    @classmethod
-    def _shapes_from_lists(cls, value: Any) -> Any:  # TOML gives arrays of arrays; strict mode wants tuples
-        if isinstance(value, list | tuple):
-            return tuple(tuple(shape) if isinstance(shape, list) else shape for shape in value)
-        return value
-
-    @field_validator("calibration")
-    @classmethod
-    def _table_shapes(cls, value: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
-        if not value:
-            raise ValueError("needs at least one (n_support, n_query, n_features) table")
-        for shape in value:
-            if min(shape) < 1:
-                raise ValueError(f"every (n_support, n_query, n_features) must be >= 1, got {list(shape)}")
-        return value
 
 
 def validate_options(recipe: str, model: type[RecipeOptions], options: Mapping[str, Any] | None = None

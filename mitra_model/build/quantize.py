@@ -67,7 +67,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mitra_model import __version__
 from mitra_model.build import gptq
-from mitra_model.build.options import Fp16Options, Int4Options, Int8Options, RecipeOptions
+from mitra_model.build.options import Fp16Options, GptqCalibration, Int4Options, Int8Options, RecipeOptions
 from mitra_model.errors import ExportError, OnnxCheckError
 from mitra_model.fileutil import atomic_file, sha256_file
 
@@ -298,8 +298,13 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
         raise _nothing_to_reduce(source, "quantize")
     all_matmuls = sum(node.op_type == "MatMul" for node in graph.node)
     weights = sorted({graph.node[index].input[1] for index in selected})
+    weight_levels = 2 ** (options.weight_bits - 1) - 1
+    rounded = _gptq_round_int8(model, source, options, weight_levels, {
+        weight: [graph.node[index].input[0] for index in selected if graph.node[index].input[1] == weight]
+        for weight in weights
+    }) if options.rounding == "gptq" else {}
     _quantize_rows(graph, set(selected), per_channel=options.per_channel, opset=_default_opset(model),
-                   weight_levels=2 ** (options.weight_bits - 1) - 1)
+                   weight_levels=weight_levels, rounded=rounded)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _require_no_fp32_weights(graph, weights, source, "int8")
@@ -309,6 +314,8 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
         "weight_type": "QInt8",
         "weight_bits": options.weight_bits,
         "per_channel": options.per_channel,
+        "rounding": options.rounding,
+        "gptq_weights": len(rounded),
         "identities_removed": identities,
         "quantized_matmuls": sum(node.op_type == "MatMulIntegerToFloat" for node in graph.node),
         "quantized_weights": len(weights),
@@ -317,6 +324,27 @@ def to_int8(model: onnx.ModelProto, tmp: Path, source: Path, options: Int8Option
         "initializer_bytes": _initializer_bytes(graph),
     }
     return model, details
+
+
+def _symmetric_scale(weight: np.ndarray, *, levels: int, per_channel: bool) -> np.ndarray:
+    """int8's weight scale (per tensor: a scalar; per channel: one per output column): the largest |w| on `levels`."""
+    peak = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
+    return (np.maximum(peak, 1e-12).astype(np.float32) / np.float32(levels)).astype(np.float32)
+
+
+def _gptq_round_int8(model: onnx.ModelProto, source: Path, options: Int8Options, weight_levels: int,
+                     activations: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """GPTQ's int8 levels of each weight, on `_symmetric_scale`'s grid."""
+    hessians = _calibration_hessians(model, source, options, "int8", activations)
+    arrays = {t.name: t for t in model.graph.initializer if t.name in activations}
+    rounded: dict[str, np.ndarray] = {}
+    started = time.perf_counter()
+    for done, name in enumerate(sorted(activations), 1):
+        weight = numpy_helper.to_array(arrays[name]).astype(np.float32)
+        scale = _symmetric_scale(weight, levels=weight_levels, per_channel=options.per_channel)
+        rounded[name] = gptq.gptq_symmetric(weight, hessians[name], scale, levels=weight_levels, damp=options.gptq_damp)
+        _gptq_log("int8", done, len(activations), started)
+    return rounded
 
 
 def _reduce(op: str, source: str, out: str, axes: str | None) -> onnx.NodeProto:
@@ -332,7 +360,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: bool, opset: int,
-                   weight_levels: int) -> None:
+                   weight_levels: int, rounded: Mapping[str, np.ndarray]) -> None:
     """Replace each selected MatMul(x, W) by its per-row int8 form, in place:
 
         x2 = Reshape(x, [-1, K])                            # (M, K): a row is one token's features
@@ -379,9 +407,9 @@ def _quantize_rows(graph: onnx.GraphProto, selected: set[int], *, per_channel: b
         k, n = initializers[weight_name].dims
         if weight_name not in made:
             weight = numpy_helper.to_array(initializers[weight_name]).astype(np.float32)
-            peak = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
-            scale = (np.maximum(peak, 1e-12).astype(np.float32) / np.float32(weight_levels)).astype(np.float32)
-            quantized = np.clip(np.rint(weight / scale), -weight_levels, weight_levels).astype(np.int8)
+            scale = _symmetric_scale(weight, levels=weight_levels, per_channel=per_channel)
+            quantized = rounded[weight_name] if weight_name in rounded else np.clip(
+                np.rint(weight / scale), -weight_levels, weight_levels).astype(np.int8)
             made[weight_name] = (const(f"{weight_name}_int8", quantized), const(f"{weight_name}_scale", scale))
         if (x, k) not in rows_made:
             r = f"{node.name}_rows"  # named after the first MatMul that reads x
@@ -760,13 +788,30 @@ def to_int4(model: onnx.ModelProto, tmp: Path, source: Path, options: Int4Option
     return quantized, details
 
 
+def _calibration_hessians(model: onnx.ModelProto, source: Path, options: GptqCalibration, precision: str,
+                          activations: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """GPTQ's H for each weight, on the calibration tables `options` names."""
+    config = gptq.config_from_metadata(model, source)
+    tables = gptq.calibration_inputs(config, options.calibration, seed=options.calibration_seed)
+    # The support-cache pair's predict-query reads a cache no table holds; its levels, calibrated on one
+    # half's activations alone, would not be the full model's anyway (different levels: other numbers).
+    unfed = [i.name for i in model.graph.input if i.name not in tables[0]]
+    if unfed:
+        raise ExportError(f"{precision} GPTQ rounding calibrates on the full model's inputs, but {source} takes "
+                          f"{unfed}; quantize it with rounding = 'nearest'")
+    log.info("%s: calibrating GPTQ on %d synthetic tables (%d MatMul weights)", precision, len(tables), len(activations))
+    return gptq.activation_hessians(model, activations, tables)
+
+
+def _gptq_log(precision: str, done: int, total: int, started: float) -> None:
+    if done % 16 == 0 or done == total:
+        log.info("%s: GPTQ rounded %d/%d weights (%.0f s)", precision, done, total, time.perf_counter() - started)
+
+
 def _gptq_round(model: onnx.ModelProto, source: Path, options: Int4Options, activations: dict[str, list[str]]
                 ) -> dict[str, np.ndarray]:
     """GPTQ's B, scales and zero_points for each 4-bit weight, named as the quantizer names them."""
-    config = gptq.config_from_metadata(model, source)
-    tables = gptq.calibration_inputs(config, options.calibration, seed=options.calibration_seed)
-    log.info("int4: calibrating GPTQ on %d synthetic tables (%d MatMul weights)", len(tables), len(activations))
-    hessians = gptq.activation_hessians(model, activations, tables)
+    hessians = _calibration_hessians(model, source, options, "int4", activations)
     arrays = {t.name: t for t in model.graph.initializer if t.name in activations}
     rounded: dict[str, np.ndarray] = {}
     started = time.perf_counter()
@@ -775,8 +820,7 @@ def _gptq_round(model: onnx.ModelProto, source: Path, options: Int4Options, acti
                                                  block=options.block_size, damp=options.gptq_damp)
         packed, packed_zeros = gptq.pack(levels, zeros, block=options.block_size)
         rounded |= {f"{name}_Q4": packed, f"{name}_scales": scales, f"{name}_zero_points": packed_zeros}
-        if done % 16 == 0 or done == len(activations):
-            log.info("int4: GPTQ rounded %d/%d weights (%.0f s)", done, len(activations), time.perf_counter() - started)
+        _gptq_log("int4", done, len(activations), started)
     return rounded
 
 
