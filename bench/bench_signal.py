@@ -2,7 +2,7 @@
 reduced-precision artifact (and each option of one) keeps, on the verification matrix and on the real
 tables of the task checks, with its batch dependence and size. Writes bench/results-signal.{json,md}.
 
-    .venv/bin/python bench/bench_signal.py [--tasks classification,regression] [--candidates fp32-ort,int8,...]
+    .venv/bin/python bench/bench_signal.py [--tasks classification,regression] [--candidates fp32-ort,int8,...] [--keep-rows]
 
 Each candidate is verified exactly as a build verifies it (verify.verify_artifact against upstream
 AutoGluon Tab2D with the same weights, references cached under artifacts/bench/signal/), with bounds
@@ -58,8 +58,8 @@ CANDIDATES = {c.name: c for c in (
 )}
 
 
-def prepare(task: str, names: list[str]) -> tuple[Path, dict[str, Path]]:
-    """The full-size synthetic snapshot and each candidate's file (built once, reused)."""
+def prepare(task: str, names: list[str], *, rebuild: bool = False) -> tuple[Path, dict[str, Path]]:
+    """The full-size synthetic snapshot and each candidate's file (built once, reused unless `rebuild`)."""
     from mitra_model.build.config import load_config
     from mitra_model.build.export import export_onnx
     from mitra_model.build.recipes import quantize_onnx
@@ -79,7 +79,7 @@ def prepare(task: str, names: list[str]) -> tuple[Path, dict[str, Path]]:
     for name in names:
         candidate = CANDIDATES[name]
         path = folder / f"{name}.onnx"
-        if candidate.recipe != "fp32-ort" and not path.exists():
+        if candidate.recipe != "fp32-ort" and (rebuild or not path.exists()):
             options = candidate.options or config.artifacts.options.get(candidate.recipe)
             quantize_onnx(optimized, path, precision=candidate.recipe, options=options)
         files[name] = optimized if candidate.recipe == "fp32-ort" else path
@@ -108,7 +108,8 @@ def measure(task: str, snapshot: Path, name: str, path: Path) -> dict[str, Any]:
         return fn(values) if values else None
 
     return {
-        "candidate": name, "file_mb": round(path.stat().st_size / 1e6, 1), "seconds": round(time.perf_counter() - started, 1),
+        "candidate": name, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "file_mb": round(path.stat().st_size / 1e6, 1), "seconds": round(time.perf_counter() - started, 1),
         "matrix": {"max_err_over_spread": worst(judged, "err_over_spread"),
                    agreement_key: worst(judged, agreement_key, min),
                    "max_abs_err": worst(report.cells, "max_abs_err"),
@@ -118,6 +119,19 @@ def measure(task: str, snapshot: Path, name: str, path: Path) -> dict[str, Any]:
     }
 
 
+def _row_dates(results: dict[str, Any]) -> str:
+    """Where rows were kept from an earlier run (--keep-rows): when each was measured."""
+    by_hour: dict[str, list[str]] = {}
+    for task, rows in results["tasks"].items():
+        for row in rows:
+            by_hour.setdefault(row.get("date", "")[:13], []).append(f"{task} {row['candidate']}")
+    if len(by_hour) <= 1:
+        return ""
+    return " (rows measured at different times: " + "; ".join(
+        f"{', '.join(names)} at {hour.replace('T', ' ')}h UTC" if hour else f"{', '.join(names)} undated"
+        for hour, names in sorted(by_hour.items())) + ")"
+
+
 def render(results: dict[str, Any], machine_text: str) -> str:
     def f(value: float | None, fmt: str = ".4f") -> str:
         if value is None:
@@ -125,7 +139,7 @@ def render(results: dict[str, Any], machine_text: str) -> str:
         return format(value, ".1e" if fmt == ".4f" and 0 < abs(value) < 1e-3 else fmt)
 
     lines = ["# Signal benchmark: what each artifact keeps of upstream's input-dependent output (full size)", "",
-             f"{machine_text} Date: {results['date']}. Synthetic full-size weights (seed 0); references are upstream "
+             f"{machine_text} Date: {results['date']}{_row_dates(results)}. Synthetic full-size weights (seed 0); references are upstream "
              "AutoGluon Tab2D with the same weights. err/spread = RMS(artifact − upstream) / upstream's spread across "
              "a table's query rows (matrix: worst cell with ≥ 8 query rows); batch dependence = max |a query row "
              "alone − in its batch| over the matrix and the tables.", ""]
@@ -155,6 +169,10 @@ def main() -> None:
     parser.add_argument("--tasks", default="classification,regression")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--output-prefix", type=Path, default=BENCH_DIR / "results-signal")
+    parser.add_argument("--keep-rows", action="store_true",
+                        help="keep the rows of candidates this run does not measure from OUTPUT_PREFIX.json")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rebuild the candidates' files under artifacts/bench/signal (after a recipe changed)")
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH_DIR))
     from bench_core import machine, machine_line, write_results
@@ -163,13 +181,19 @@ def main() -> None:
     names = args.candidates.split(",")
     results: dict[str, Any] = {"machine": host, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                                "command": " ".join(["bench/bench_signal.py", *sys.argv[1:]]), "tasks": {}}
+    saved = Path(f"{args.output_prefix}.json")
+    kept = json.loads(saved.read_text())["tasks"] if args.keep_rows and saved.exists() else {}
     for task in args.tasks.split(","):
-        snapshot, files = prepare(task, names)
-        results["tasks"][task] = []
+        snapshot, files = prepare(task, names, rebuild=args.rebuild)
+        measured = {}
         for name in names:
-            row = measure(task, snapshot, name, files[name])
-            print(json.dumps(row), flush=True)
-            results["tasks"][task].append(row)
+            measured[name] = measure(task, snapshot, name, files[name])
+            print(json.dumps(measured[name]), flush=True)
+        earlier = [row for row in kept.get(task, []) if row["candidate"] not in measured]
+        order = list(CANDIDATES)
+        results["tasks"][task] = sorted([*earlier, *measured.values()], key=lambda row: order.index(row["candidate"]))
+    results["tasks"] = {task: results["tasks"][task] if task in results["tasks"] else kept[task]
+                        for task in dict.fromkeys([*kept, *results["tasks"]])}  # the saved file's order first
     report = render(results, machine_line(host))
     write_results(args.output_prefix, results, report)
     print(report)

@@ -25,10 +25,11 @@ class RecipeOptions(BaseModel):
 class GptqCalibration(RecipeOptions):
     """The calibration of GPTQ rounding (mitra_model/build/gptq.py), for the recipes that can round with it."""
 
-    # GPTQ's calibration: one synthetic table (mixed column types) per (n_support, n_query, n_features),
-    # drawn with this seed, never the verification's tables. The default's 24 shapes span the support
-    # sizes, query counts and widths of the matrix; 12 of them instead left int4's breast-cancer
-    # err/spread at 0.30 against 0.13: fewer tables make the rounding fit them (bench/results-int4-options.md).
+    # GPTQ's calibration: one synthetic table per (n_support, n_query, n_features), drawn like a real
+    # table and prepared as the wrapper prepares one (gptq.calibration_table), with this seed; never the
+    # verification's tables. The default's 24 shapes span the support sizes, query counts and widths of
+    # the matrix; 12 of them instead left int4's breast-cancer err/spread at 0.30 against 0.13: fewer
+    # tables make the rounding fit them (bench/results-int4-options.md).
     calibration: tuple[tuple[int, int, int], ...] = Field(default=(
         (256, 32, 8), (128, 32, 12), (300, 40, 5), (200, 20, 16), (96, 24, 30), (64, 16, 4),
         (400, 50, 3), (150, 30, 24), (80, 20, 40), (500, 60, 6), (120, 24, 20), (60, 12, 64),
@@ -52,8 +53,9 @@ class GptqCalibration(RecipeOptions):
         if not value:
             raise ValueError("needs at least one (n_support, n_query, n_features) table")
         for shape in value:
-            if min(shape) < 1:
-                raise ValueError(f"every (n_support, n_query, n_features) must be >= 1, got {list(shape)}")
+            if len(shape) != 3 or min(shape) < 1 or shape[0] < 2:
+                raise ValueError(f"every (n_support, n_query, n_features) must be >= 1, with n_support >= 2 "
+                                 f"(a support set needs 2 rows), got {list(shape)}")
         return value
 
 
@@ -79,7 +81,7 @@ class Int8Options(GptqCalibration):
     # How the weights are rounded onto their levels: "nearest", or "gptq" (as int4's `rounding`; per-row
     # activations only: ONNX Runtime's per-tensor path rounds the weights itself). 7-bit weights cost
     # int8 a share of its signal that GPTQ wins back: full-size classifier, err/spread on iris / wine /
-    # breast-cancer / digits 0.072 / 0.104 / 0.094 / 0.191 to nearest, 0.046 / 0.066 / 0.108 / 0.120 with
+    # breast-cancer / digits 0.072 / 0.104 / 0.094 / 0.191 to nearest, 0.042 / 0.064 / 0.077 / 0.121 with
     # GPTQ on the default calibration (bench/results-signal.md). Costs ~5 min a full-size int8 on 2 vCPUs.
     rounding: Literal["nearest", "gptq"] = "gptq"
 
