@@ -17,13 +17,16 @@ SMALL_CELLS = [
 ]
 
 # The signal bounds in config/mitra-build.toml were set on the full-size models (bench/results-signal.md).
-# The tests' tiny models (2 layers, dim 64, random weights) have int4 bounds of their own, set the same
+# The tests' tiny models (2 layers, dim 64, random weights) have int4 and int8 bounds of their own, set the same
 # way from their own measurements (seed 7, the configured 8-bit roles): err/spread up to 1.21 on the
-# matrix and 0.97 on digits for the classifier, 0.66 on diabetes for the regressor. Every other bound
-# is the configured one.
+# matrix and 0.97 on digits for the classifier, 0.66 on diabetes for the regressor. int8 on the real
+# tables: up to 0.157 (per-tensor scales) and 0.205 (per-channel, wine) on the seed-4 classifier with
+# the calibration drawn like real tables, against 0.13 with the matrix's generator: the tiny models'
+# rounding fits it less well than the full-size one does (2026-12-08). Every other bound is the configured one.
 TINY_BOUNDS: dict[str, dict[str, float]] = {
     "int4": {"max_err_over_spread": 2.0, "max_task_err_over_spread": 1.5, "min_centered_argmax_agreement": 0.5,
              "min_centered_correlation": 0.9},
+    "int8": {"max_task_err_over_spread": 0.3},
 }
 
 

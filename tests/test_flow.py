@@ -229,7 +229,7 @@ def test_a_registered_recipe_is_planned_built_verified_and_published(local_hub, 
     try:
         store = {"bucket": s3_store.bucket, "prefix": s3_store.prefix, "endpoint_url": s3_store.endpoint_url}
         # one flip among the 4 rows of the 2-row padded cell, between near-tied random-weight classes, is 0.75
-        bounds = {**load_config().verification.tolerances["int8"].model_dump(exclude_none=True), "min_argmax_agreement": 0.75}
+        bounds = {**build_config.verification.tolerances["int8"].model_dump(exclude_none=True), "min_argmax_agreement": 0.75}
         config = write_config(
             tmp_path / "config.toml", store=store,
             variants=[{"name": "finetuned", "repo_id": REPO, "revision": "main", "task": "classification"}],

@@ -18,7 +18,7 @@ the rounding on tables it has not seen. They are drawn like real tables (correla
 kinds real tables hold, labels that depend on the features) and prepared by the wrapper's own code
 (`runtime.prepare`: constant columns dropped, labels 0..k-1, targets scaled to [0, 1]), so GPTQ moves
 the rounding error away from what a user's table reaches: the matrix's tables (random labels over all
-ten classes, constant columns kept) reach other directions (bench/results-signal.md measures both).
+ten classes, constant columns kept) reach other directions (bench/results-int4-options.md measures both).
 """
 
 from __future__ import annotations
